@@ -1,0 +1,27 @@
+"""Where nbflow keeps its state. Everything comes from the environment so that several isolated
+instances (tests, users, CI jobs) can run side by side on one machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    log_limit_bytes: int
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+
+def get_settings() -> Settings:
+    """Read the settings afresh each time: tests and child processes change the environment."""
+    home = Path(os.environ.get("NBFLOW_HOME") or ".nbflow").expanduser().resolve()
+    url = os.environ.get("NBFLOW_DATABASE_URL") or f"sqlite:///{home / 'nbflow.db'}"
+    limit = int(os.environ.get("NBFLOW_LOG_LIMIT_BYTES") or 1_000_000)
+    return Settings(home=home, database_url=url, log_limit_bytes=limit)

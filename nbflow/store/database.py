@@ -1,0 +1,182 @@
+"""Opening the database: one ``Store`` per process and URL, migrated on first use.
+
+SQLite is tuned so that the CLI, a runner and the run processes can write at once: WAL journal, a busy
+timeout, and write transactions that take the write lock up front (``BEGIN IMMEDIATE``). Without the
+last, two read-then-write transactions can deadlock and one fails at once with "database is locked"
+whatever the busy timeout says.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from nbflow.errors import DatabaseError
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The newest migration. tests/test_store.py checks it against Alembic's head, so it cannot drift;
+# keeping it here lets every process skip loading the migration scripts when the schema is current.
+SCHEMA_REVISION = "0001"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy (below) decide how each transaction begins, instead of pysqlite.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("nbflow_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Store:
+    """The process's handle on the database: an engine plus read and write sessions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise DatabaseError(f"cannot open database {url!r}: not a database URL ({exc})") from None
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        elif self.dialect == "postgresql" and parsed.get_driver_name() in ("psycopg2", "postgresql"):
+            # psycopg 3 is the driver we ship; a bare postgresql:// URL means it.
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        try:
+            self.engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise DatabaseError(f"cannot open database {_redact(url)!r}: {exc}") from None
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            self.engine.execution_options(nbflow_write=True), expire_on_commit=False
+        )
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self._write() as session, session.begin():
+            yield session
+
+    # -- migrations ---------------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            try:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            except SQLAlchemyError:
+                return None
+
+    def upgrade(self) -> None:
+        """Apply pending migrations, safely when several processes start at once on a new database."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self._migration_lock() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[Any]:
+        if self.dialect == "sqlite":
+            database = self.engine.url.database
+            lock_path = Path(f"{database}.migrate.lock") if database and database != ":memory:" else None
+            with self.engine.connect() as conn:
+                if lock_path is None:
+                    yield conn
+                    return
+                with open(lock_path, "a") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                    try:
+                        yield conn
+                    finally:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+        else:
+            with self.engine.connect() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_lock(727001)"))
+                try:
+                    yield conn
+                finally:
+                    if self.dialect == "postgresql":
+                        conn.rollback()
+                        conn.execute(text("SELECT pg_advisory_unlock(727001)"))
+                        conn.commit()
+
+    def ensure_schema(self) -> None:
+        """Migrate on first use; a current schema costs one small query."""
+        try:
+            if self.current_revision() != SCHEMA_REVISION:
+                self.upgrade()
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise DatabaseError(f"cannot open database {_redact(self.url)!r}: {reason}") from None
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_stores: dict[str, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(url: str | None = None) -> Store:
+    """The shared, migrated ``Store`` for ``url`` (default: the settings' database)."""
+    if url is None:
+        from nbflow.settings import get_settings
+
+        url = get_settings().database_url
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None:
+            store = Store(url)
+            store.ensure_schema()
+            _stores[url] = store
+        return store
+
+
+def reset_stores() -> None:
+    """Forget cached engines (after a fork, or between tests that change the environment)."""
+    with _stores_lock:
+        for store in _stores.values():
+            store.dispose()
+        _stores.clear()

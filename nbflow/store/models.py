@@ -1,0 +1,226 @@
+"""The tables. Typed SQLAlchemy 2 models; the Alembic migrations in ``migrations/`` create them.
+
+Times are stored in UTC and always come back timezone-aware, on SQLite as on PostgreSQL, so no caller
+ever compares a naive and an aware datetime.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always UTC-aware in Python whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass a timezone-aware one")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL (indexable, compact), plain JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Flow(Base):
+    """A named notebook flow. Its content lives in versions (the newest is the highest ``version``);
+    the flow row holds what a user configures."""
+
+    __tablename__ = "flow"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20), default="notebook")
+    source_path: Mapped[str | None] = mapped_column(Text)
+    kernel_name: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    retry_delay: Mapped[float] = mapped_column(Float, default=0.0)
+    retry_backoff: Mapped[float] = mapped_column(Float, default=2.0)
+    timeout: Mapped[float | None] = mapped_column(Float)
+    cell_timeout: Mapped[float | None] = mapped_column(Float)
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class FlowVersion(Base):
+    """An immutable snapshot of a flow's notebook: what a run executed is always recoverable."""
+
+    __tablename__ = "flow_version"
+    __table_args__ = (UniqueConstraint("flow_id", "version"), UniqueConstraint("flow_id", "content_hash"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    has_parameters_cell: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    flow: Mapped[Flow] = relationship(foreign_keys=[flow_id])
+
+
+class Schedule(Base):
+    """Created empty by the core; the scheduler issue fills it."""
+
+    __tablename__ = "schedule"
+    __table_args__ = (UniqueConstraint("flow_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    trigger: Mapped[str] = mapped_column(String(20))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    catch_up: Mapped[str] = mapped_column(String(20), default="skip")
+    max_lateness: Mapped[float | None] = mapped_column(Float)
+    next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Run(Base):
+    __tablename__ = "run"
+    __table_args__ = (
+        # The slot key: one run per (schedule, slot), whichever process fires it.
+        UniqueConstraint("schedule_id", "scheduled_for", name="uq_run_schedule_slot"),
+        Index("ix_run_flow_created", "flow_id", "created_at"),
+        Index("ix_run_state_created", "state", "created_at"),
+        Index("ix_run_created", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"))
+    flow_version_id: Mapped[int] = mapped_column(ForeignKey("flow_version.id"))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    kernel_name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20))
+    state_name: Mapped[str] = mapped_column(String(40))
+    state_message: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    retry_delay: Mapped[float] = mapped_column(Float, default=0.0)
+    retry_backoff: Mapped[float] = mapped_column(Float, default=2.0)
+    timeout: Mapped[float | None] = mapped_column(Float)
+    cell_timeout: Mapped[float | None] = mapped_column(Float)
+    trigger: Mapped[str] = mapped_column(String(20), default="manual")
+    schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedule.id", ondelete="SET NULL"))
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expected_start_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    parent_run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("run.id"))
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    process_id: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    output_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    log_bytes: Mapped[int] = mapped_column(Integer, default=0)
+
+    flow: Mapped[Flow] = relationship(foreign_keys=[flow_id])
+    flow_version: Mapped[FlowVersion] = relationship(foreign_keys=[flow_version_id])
+
+
+class RunStateEvent(Base):
+    """Append-only history: every transition of every run, never rewritten."""
+
+    __tablename__ = "run_state_event"
+    __table_args__ = (Index("ix_run_state_event_run", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("run.id", ondelete="CASCADE"))
+    from_state: Mapped[str | None] = mapped_column(String(20))
+    to_state: Mapped[str] = mapped_column(String(20))
+    to_name: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    message: Mapped[str | None] = mapped_column(Text)
+
+
+class CellRun(Base):
+    """One executed code cell of one attempt: the task level of a notebook flow."""
+
+    __tablename__ = "cell_run"
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "cell_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("run.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    cell_index: Mapped[int] = mapped_column(Integer)
+    cell_id: Mapped[str | None] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(20))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    execution_count: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class Log(Base):
+    __tablename__ = "log"
+    __table_args__ = (Index("ix_log_run", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("run.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stream: Mapped[str] = mapped_column(String(10))
+    cell_index: Mapped[int | None] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class ApiKey(Base):
+    """Created empty by the core; the REST API issue fills it. Only a hash of the key is kept."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
