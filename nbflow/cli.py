@@ -1,0 +1,355 @@
+"""The ``nbflow`` command line.
+
+Scripts and agents are first-class users: every listing command takes ``--json`` and then prints one
+JSON document on stdout and nothing else. Exit codes: 0 success (a run COMPLETED), 1 a run ended in any
+other state, 2 bad input (one line ``nbflow: error: ...`` on stderr; nothing was written).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from nbflow import __version__
+from nbflow.errors import NbflowError
+
+EXIT_RUN_NOT_COMPLETED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"nbflow: error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn nbflow's own errors into one clear line and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NbflowError as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _store() -> Any:
+    from nbflow.store import open_store
+
+    return open_store()
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+             for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nbflow")
+def cli() -> None:
+    """nbflow: run Jupyter notebooks as parameterized, versioned workflows.
+
+    State lives in NBFLOW_HOME (default ./.nbflow), in SQLite unless NBFLOW_DATABASE_URL names
+    another database (e.g. postgresql+psycopg://user@host/db).
+    """
+
+
+param_option = click.option(
+    "-p", "--parameter", "parameters", type=(str, str), multiple=True, metavar="NAME VALUE",
+    help="Set a notebook parameter; converted to the parameter's type (repeatable).",
+)
+
+
+@cli.command()
+@click.argument("target")
+@param_option
+@click.option("--kernel", help="Kernel to run with (default: the flow's, else the notebook's kernelspec).")
+@click.option("--json", "as_json", is_flag=True, help="Print the ended run as one JSON document.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar of cells on stderr (default: when stderr is a terminal).")
+@handle_errors
+def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None, as_json: bool,
+        progress: bool | None) -> None:
+    """Run a notebook or a registered flow now, in a fresh kernel, and wait for it to end.
+
+    TARGET is a notebook path (registered on the fly as a flow named after the file) or a flow name.
+    Exits 0 when the run COMPLETED, 1 when it ended otherwise, 2 on bad input (no run is created).
+    Ctrl-C cancels the run.
+    """
+    from nbflow import launcher, states
+    from nbflow.runs import create_run, parse_cli_parameters, run_document
+
+    store = _store()
+    run_ = create_run(store, target, parse_cli_parameters(parameters), kernel=kernel)
+    if not as_json:
+        click.echo(f"run {run_.id} started (flow {target})", err=True)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    try:
+        ended = launcher.execute_run(store, run_.id, progress=show_progress)
+    except KeyboardInterrupt:
+        _cancel_now(store, run_.id)
+        with store.read() as session:
+            ended = session.get(type(run_), run_.id)
+    with store.read() as session:
+        doc = run_document(session, ended)
+    if as_json:
+        _emit_json(doc)
+    else:
+        _print_outcome(doc)
+    sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+def _cancel_now(store: Any, run_id: Any) -> None:
+    from nbflow import states
+
+    with store.write() as session:
+        r = states.lock_run(session, run_id)
+        if states.StateType(r.state) not in states.TERMINAL:
+            if r.state != states.S.CANCELLING:
+                states.transition(session, r, states.S.CANCELLING, message="cancelled by the user (interrupt)")
+            states.transition(session, r, states.S.CANCELLED, message="cancelled by the user (interrupt)")
+
+
+def _print_outcome(doc: dict[str, Any]) -> None:
+    duration = f" in {doc['duration']:.2f}s" if doc.get("duration") is not None else ""
+    name = f" ({doc['state_name']})" if doc["state_name"].upper() != doc["state"] else ""
+    click.echo(f"run {doc['id']} {doc['state']}{name}{duration}")
+    if doc.get("error"):
+        err = doc["error"]
+        where = f" in cell {err['cell_index']}" if err.get("cell_index") is not None else ""
+        click.echo(f"error{where}: {err['ename']}: {err['evalue']}")
+    if doc.get("result"):
+        click.echo("result: " + json.dumps(doc["result"], default=str))
+    click.echo(f"output: {doc['output_path']}")
+
+
+@cli.command()
+@click.argument("notebook")
+@click.option("--name", help="Flow name (default: the notebook's file name without .ipynb).")
+@click.option("--retries", type=click.IntRange(min=0), help="Retries after a failed attempt (default 0).")
+@click.option("--retry-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Delay before the first retry; doubles each time (see --retry-backoff).")
+@click.option("--retry-backoff", type=click.FloatRange(min=1), metavar="FACTOR",
+              help="Multiplier of the delay between successive retries (default 2).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Whole-run timeout: the run ends FAILED (TimedOut).")
+@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Per-cell timeout: a cell running longer fails the run (TimedOut).")
+@click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
+@click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
+@click.option("--json", "as_json", is_flag=True, help="Print the flow as one JSON document.")
+@handle_errors
+def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
+             retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
+             kernel: str | None, tags: tuple[str, ...], as_json: bool) -> None:
+    """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
+    from nbflow.flows import FlowOptions
+    from nbflow.flows import register as do_register
+
+    store = _store()
+    options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
+                          timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
+                          tags=tags or None)
+    flow, version = do_register(store, notebook, name=name, options=options)
+    doc = _flow_doc(store, flow.name)
+    if as_json:
+        _emit_json(doc)
+    else:
+        params = ", ".join(doc["parameters"]) or "none"
+        click.echo(f"flow {flow.name} v{version.version} registered from {flow.source_path} "
+                   f"(parameters: {params})")
+
+
+def _flow_doc(store: Any, name: str) -> dict[str, Any]:
+    from nbflow.flows import get_flow
+
+    with store.read() as session:
+        return _flows_docs(session, [get_flow(session, name)])[0]
+
+
+def _flows_docs(session: Any, flows: list[Any]) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from nbflow.flows import latest_version
+    from nbflow.store.models import Run
+
+    docs = []
+    for flow in flows:
+        version = latest_version(session, flow.id)
+        last = session.execute(
+            select(Run).where(Run.flow_id == flow.id).order_by(Run.created_at.desc()).limit(1)
+        ).scalar_one_or_none()
+        docs.append({
+            "name": flow.name, "version": version.version if version else None, "kind": flow.kind,
+            "source_path": flow.source_path, "kernel_name": flow.kernel_name, "tags": flow.tags,
+            "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
+            "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
+            "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
+                           for k, v in (version.parameters if version else {}).items()},
+            "last_run": None if last is None else {
+                "id": str(last.id), "state": last.state, "state_name": last.state_name,
+                "created_at": last.created_at.isoformat()},
+        })
+    return docs
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print {\"flows\": [...]} as JSON.")
+@handle_errors
+def flows(as_json: bool) -> None:
+    """List registered flows: name, version, parameters and last run."""
+    from sqlalchemy import select
+
+    from nbflow.store.models import Flow
+
+    store = _store()
+    with store.read() as session:
+        docs = _flows_docs(session, list(session.execute(select(Flow).order_by(Flow.name)).scalars()))
+    if as_json:
+        _emit_json({"flows": docs})
+        return
+    if not docs:
+        click.echo("no flows yet: `nbflow register NOTEBOOK` or `nbflow run NOTEBOOK`")
+        return
+    rows = []
+    for d in docs:
+        params = ", ".join(f"{k}:{v['type']}={json.dumps(v['default'])}" for k, v in d["parameters"].items())
+        last = d["last_run"]
+        rows.append([d["name"], f"v{d['version']}", params or "-",
+                     f"{last['state']} {_ago(last['created_at'])}" if last else "-"])
+    click.echo(_table(["NAME", "VERSION", "PARAMETERS", "LAST RUN"], rows))
+
+
+@cli.command()
+@click.option("--flow", "flow_name", help="Only runs of this flow.")
+@click.option("--state", help="Only runs in this state (e.g. FAILED).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {\"runs\": [...]} as JSON.")
+@handle_errors
+def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) -> None:
+    """Run history, newest first."""
+    from nbflow.runs import list_runs, run_document
+
+    store = _store()
+    with store.read() as session:
+        docs = [run_document(session, r, cells=False)
+                for r in list_runs(session, flow=flow_name, state=state, limit=limit)]
+    if as_json:
+        _emit_json({"runs": docs})
+        return
+    if not docs:
+        click.echo("no runs")
+        return
+    rows = [[d["id"][:8], d["flow"], f"v{d['flow_version']}", d["state"], d["state_name"],
+             _ago(d["created_at"]), f"{d['duration']:.2f}s" if d["duration"] is not None else "-",
+             json.dumps(d["parameters"])] for d in docs]
+    click.echo(_table(["RUN", "FLOW", "VERSION", "STATE", "NAME", "CREATED", "DURATION", "PARAMETERS"], rows))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
+@click.option("--logs", "log_lines", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many of the last log lines to show.")
+@handle_errors
+def show(run_id: str, as_json: bool, log_lines: int) -> None:
+    """Show a run: state and history, per-cell table, error, results, output path, last logs.
+
+    RUN_ID may be a unique prefix of the id.
+    """
+    from nbflow.runs import find_run, history, logs, run_document
+
+    store = _store()
+    with store.read() as session:
+        run_ = find_run(session, run_id)
+        doc = run_document(session, run_)
+        events = history(session, run_)
+        tail = logs(session, run_, limit=log_lines) if log_lines else []
+    if as_json:
+        _emit_json(doc)
+        return
+    click.echo(f"run       {doc['id']}")
+    click.echo(f"flow      {doc['flow']} v{doc['flow_version']}   kernel {doc['kernel_name']}")
+    click.echo(f"state     {doc['state']} ({doc['state_name']})   attempt {doc['attempt']} of {doc['max_attempts']}")
+    click.echo(f"params    {json.dumps(doc['parameters'])}")
+    click.echo(f"created   {doc['created_at']}")
+    click.echo(f"started   {doc['started_at'] or '-'}")
+    click.echo(f"ended     {doc['ended_at'] or '-'}" + (f"   ({doc['duration']:.2f}s)" if doc["duration"] else ""))
+    click.echo(f"output    {doc['output_path']}")
+    if doc["result"]:
+        click.echo("\nresult")
+        for k, v in doc["result"].items():
+            click.echo(f"  {k} = {json.dumps(v, default=str)}")
+    click.echo("\nhistory")
+    for e in events:
+        msg = f"  {e['message']}" if e["message"] else ""
+        click.echo(f"  {e['at']}  {e['from'] or '-':>10} -> {e['to']:<10} {e['name']:<14} #{e['attempt']}{msg}")
+    if doc["cells"]:
+        click.echo("\ncells (attempt %d)" % doc["attempt"])
+        rows = [[str(c["index"]), c["state"], f"{c['duration']:.3f}s" if c["duration"] is not None else "-",
+                 str(c["execution_count"] or "-")] for c in doc["cells"]]
+        click.echo("  " + _table(["CELL", "STATE", "DURATION", "EXEC"], rows).replace("\n", "\n  "))
+    if doc["error"]:
+        err = doc["error"]
+        click.echo(f"\nerror in cell {err['cell_index']}: {err['ename']}: {err['evalue']}")
+        if err.get("traceback"):
+            click.echo(_strip_ansi("\n".join(err["traceback"])))
+    if tail:
+        click.echo(f"\nlog (last {len(tail)} lines)")
+        for line in tail:
+            click.echo(f"  [{line['stream']}] {line['text'].rstrip()}")
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command()
+@handle_errors
+def upgrade() -> None:
+    """Apply pending migrations (they also apply automatically on first use)."""
+    from nbflow.store import Store
+    from nbflow.settings import get_settings
+
+    store = Store(get_settings().database_url)
+    store.ensure_schema()
+    click.echo(f"database at revision {store.current_revision()}")
+
+
+def main() -> None:
+    cli(prog_name="nbflow")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The papermill integration: one attempt of one run, inside the run's own OS process.
+
+``python -m nbflow.execute RUN_ID`` moves the run PENDING -> RUNNING, executes the flow version's stored
+notebook through ``papermill.execute_notebook`` with the ``nbflow`` engine, and ends the attempt. The
+engine is papermill's nbclient engine with a ``NotebookExecutionManager`` whose cell hooks also write
+``cell_run`` rows as cells start and end (so progress can be watched live), stream output to ``log``
+and collect ``nbflow.record`` values into the run's result.
+
+Its own process, because papermill's ``cwd`` is a process-wide ``chdir`` and a kill must be clean:
+``nbflow.launcher`` supervises it (timeouts, cancellation, crashes, retries).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nbformat
+from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+from sqlalchemy import select, update
+
+from nbflow import states
+from nbflow.record import RECORD_MIME
+from nbflow.settings import get_settings
+from nbflow.store import Store, open_store
+from nbflow.store.models import CellRun, FlowVersion, Flow, Log, Run, utcnow
+
+ENGINE_NAME = "nbflow"
+LOG_FLUSH_SECONDS = 0.5
+LOG_FLUSH_BYTES = 64_000
+
+
+class Terminated(BaseException):
+    """Raised in the run process when the supervisor asks it to stop (timeout or cancel)."""
+
+
+def _error_from_outputs(cell: Any) -> dict[str, Any] | None:
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "error":
+            return {"ename": out.get("ename"), "evalue": out.get("evalue"),
+                    "traceback": list(out.get("traceback") or [])}
+    return None
+
+
+def _is_clean_exit(error: dict[str, Any] | None) -> bool:
+    """``sys.exit()`` / ``sys.exit(0)`` ends a notebook successfully, as papermill treats it."""
+    return bool(error) and error["ename"] == "SystemExit" and str(error["evalue"]) in ("", "0", "None")
+
+
+class RunRecorder:
+    """Writes what the engine sees into the store: cells, logs, results. One per attempt."""
+
+    def __init__(self, store: Store, run_id: uuid.UUID, attempt: int, log_bytes: int, log_limit: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.attempt = attempt
+        self.log_bytes = log_bytes
+        self.log_limit = log_limit
+        self.truncated = log_bytes >= log_limit
+        self.current_cell: int | None = None
+        self.failed_cell: tuple[int, str | None, dict[str, Any]] | None = None
+        self.clean_exit = False
+        self._pending: list[Log] = []
+        self._pending_bytes = 0
+        self._last_flush = time.monotonic()
+        self.result: dict[str, Any] = {}
+
+    # -- cells ---------------------------------------------------------------------------------
+    def notebook_start(self, nb: nbformat.NotebookNode) -> None:
+        with self.store.write() as session:
+            for index, cell in enumerate(nb.cells):
+                if cell.get("cell_type") == "code":
+                    session.add(CellRun(run_id=self.run_id, attempt=self.attempt, cell_index=index,
+                                        cell_id=cell.get("id"), state="PENDING"))
+
+    def _update_cell(self, index: int, **values: Any) -> None:
+        with self.store.write() as session:
+            session.execute(
+                update(CellRun)
+                .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
+                       CellRun.cell_index == index)
+                .values(**values)
+            )
+
+    def cell_start(self, index: int, cell: Any) -> None:
+        if cell.get("cell_type") != "code":
+            return
+        self.current_cell = index
+        self._update_cell(index, state="RUNNING", started_at=utcnow())
+
+    def cell_complete(self, index: int, cell: Any) -> None:
+        if cell.get("cell_type") != "code":
+            return
+        error = _error_from_outputs(cell)
+        state = "COMPLETED"
+        if error is not None:
+            if _is_clean_exit(error):
+                self.clean_exit = True
+                error = None
+            else:
+                state = "FAILED"
+                self.failed_cell = (index, cell.get("id"), error)
+        self._collect_results(cell)
+        self.flush_logs()
+        self._update_cell(index, state=state, ended_at=utcnow(), execution_count=cell.get("execution_count"),
+                          error=error)
+        self.current_cell = None
+
+    def _collect_results(self, cell: Any) -> None:
+        found = {}
+        for out in cell.get("outputs", []):
+            payload = (out.get("data") or {}).get(RECORD_MIME)
+            if out.get("output_type") in ("display_data", "execute_result") and isinstance(payload, dict):
+                found[payload.get("name")] = payload.get("value")
+        if found:
+            self.result.update(found)
+            with self.store.write() as session:
+                run = session.get(Run, self.run_id)
+                run.result = {**(run.result or {}), **found}
+
+    def notebook_end(self) -> None:
+        """Cells that never ran (after a failure, a clean exit or a stop) are SKIPPED, not left PENDING."""
+        self.flush_logs()
+        with self.store.write() as session:
+            session.execute(
+                update(CellRun)
+                .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
+                       CellRun.state.in_(["PENDING", "RUNNING"]))
+                .values(state="SKIPPED")
+            )
+
+    # -- logs ----------------------------------------------------------------------------------
+    def log(self, stream: str, text: str, *, force: bool = False) -> None:
+        if not text or (self.truncated and not force):
+            return
+        size = len(text.encode("utf-8", "replace"))
+        if not force and self.log_bytes + size > self.log_limit:
+            self.truncated = True
+            text = (f"[nbflow] log truncated: this run reached its limit of {self.log_limit} bytes "
+                    "(NBFLOW_LOG_LIMIT_BYTES); the output notebook has everything")
+            stream, size = "system", 0
+        self.log_bytes += size
+        self._pending.append(Log(run_id=self.run_id, attempt=self.attempt, at=utcnow(), stream=stream,
+                                 cell_index=self.current_cell, text=text))
+        self._pending_bytes += size
+        if (force or self._pending_bytes >= LOG_FLUSH_BYTES
+                or time.monotonic() - self._last_flush >= LOG_FLUSH_SECONDS):
+            self.flush_logs()
+
+    def flush_logs(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        rows, self._pending, self._pending_bytes = self._pending, [], 0
+        with self.store.write() as session:
+            session.add_all(rows)
+            session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=self.log_bytes))
+
+
+class LogStream(io.TextIOBase):
+    """A file-like object papermill writes a cell's stdout or stderr to."""
+
+    def __init__(self, recorder: RunRecorder, stream: str) -> None:
+        self.recorder = recorder
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.recorder.log(self.stream, text)
+        return len(text)
+
+    def writable(self) -> bool:
+        return True
+
+
+class NbflowExecutionManager(NotebookExecutionManager):
+    """papermill's execution manager, plus the recorder's hooks."""
+
+    def __init__(self, nb: Any, recorder: RunRecorder | None, **kwargs: Any) -> None:
+        super().__init__(nb, **kwargs)
+        self.recorder = recorder
+
+    def notebook_start(self, **kwargs: Any) -> None:
+        super().notebook_start(**kwargs)
+        if self.recorder:
+            self.recorder.notebook_start(self.nb)
+
+    def cell_start(self, cell: Any, cell_index: int | None = None, **kwargs: Any) -> None:
+        super().cell_start(cell, cell_index, **kwargs)
+        if self.recorder and cell_index is not None:
+            self.recorder.cell_start(cell_index, cell)
+
+    def cell_complete(self, cell: Any, cell_index: int | None = None, **kwargs: Any) -> None:
+        super().cell_complete(cell, cell_index, **kwargs)
+        if self.recorder and cell_index is not None:
+            self.recorder.cell_complete(cell_index, cell)
+
+
+class NbflowEngine(NBClientEngine):
+    """papermill's nbclient engine with nbflow's execution manager; takes ``recorder=`` as an engine kwarg."""
+
+    @classmethod
+    def execute_notebook(cls, nb: Any, kernel_name: str, output_path: str | None = None,
+                         progress_bar: bool = True, log_output: bool = False, autosave_cell_every: int = 30,
+                         recorder: RunRecorder | None = None, **kwargs: Any) -> Any:
+        nb_man = NbflowExecutionManager(nb, recorder, output_path=output_path, progress_bar=progress_bar,
+                                        log_output=log_output, autosave_cell_every=autosave_cell_every)
+        nb_man.notebook_start()
+        try:
+            cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+        finally:
+            nb_man.cleanup_pbar()
+            nb_man.notebook_complete()
+        return nb_man.nb
+
+
+papermill_engines.register(ENGINE_NAME, NbflowEngine)
+
+
+def _start_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Flow] | None:
+    with store.write() as session:
+        run = states.lock_run(session, run_id)
+        if run.state != states.S.PENDING:
+            return None  # cancelled (or claimed) before this process got to it
+        states.transition(session, run, states.S.RUNNING)
+        run.process_id = os.getpid()
+        run.worker_id = socket.gethostname()
+        run.heartbeat_at = utcnow()
+        version = session.get(FlowVersion, run.flow_version_id)
+        flow = session.get(Flow, run.flow_id)
+        return run, version, flow
+
+
+def _end_attempt(store: Store, run_id: uuid.UUID, error: dict[str, Any] | None, *, name: str | None = None,
+                 message: str | None = None) -> None:
+    with store.write() as session:
+        run = states.lock_run(session, run_id)
+        if run.state not in (states.S.RUNNING, states.S.CANCELLING):
+            return
+        if error is None:
+            states.finish(session, run, message=message)
+        else:
+            states.fail(session, run, error=error, name=name, message=message)
+
+
+def run_attempt(run_id: uuid.UUID, *, progress: bool = False) -> str:
+    """Execute one attempt of a PENDING run; returns the state the attempt left it in."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill import execute_notebook
+    from papermill.exceptions import PapermillExecutionError
+
+    store = open_store()
+    started = _start_attempt(store, run_id)
+    if started is None:
+        with store.read() as session:
+            return session.get(Run, run_id).state
+    run, version, flow = started
+    recorder = RunRecorder(store, run_id, run.attempt, run.log_bytes, get_settings().log_limit_bytes)
+    recorder.log("system", f"attempt {run.attempt} of {run.max_attempts}: flow {flow.name} v{version.version}, "
+                           f"kernel {run.kernel_name}, pid {os.getpid()}", force=True)
+    if not version.has_parameters_cell and run.parameters:
+        recorder.log("system", "the notebook has no cell tagged 'parameters': papermill injects the parameters "
+                               "in a new cell at the top", force=True)
+    nb = nbformat.reads(version.source, as_version=4)
+    output = Path(run.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    source_dir = Path(flow.source_path).parent if flow.source_path else None
+    cwd = source_dir if source_dir and source_dir.is_dir() else output.parent
+    error: dict[str, Any] | None = None
+    name: str | None = None
+    try:
+        execute_notebook(
+            nb, str(output), parameters=run.parameters, engine_name=ENGINE_NAME, kernel_name=run.kernel_name,
+            progress_bar=progress, cwd=str(cwd), stdout_file=LogStream(recorder, "stdout"),
+            stderr_file=LogStream(recorder, "stderr"), execution_timeout=run.cell_timeout,
+            shutdown_kernel="immediate", recorder=recorder,
+        )
+    except PapermillExecutionError as exc:
+        error = {"ename": exc.ename, "evalue": exc.evalue, "traceback": list(exc.traceback),
+                 "cell_index": recorder.failed_cell[0] if recorder.failed_cell else exc.cell_index,
+                 "cell_id": recorder.failed_cell[1] if recorder.failed_cell else None}
+    except CellTimeoutError as exc:
+        name = "TimedOut"
+        error = {"ename": "CellTimeoutError", "evalue": str(exc).strip().splitlines()[0] if str(exc) else
+                 f"a cell ran longer than {run.cell_timeout:g}s", "traceback": [],
+                 "cell_index": recorder.current_cell, "cell_id": None}
+        error["evalue"] = f"cell {recorder.current_cell} ran longer than the cell timeout of {run.cell_timeout:g}s"
+    except Terminated:
+        recorder.notebook_end()
+        raise
+    except DeadKernelError as exc:
+        error = {"ename": "DeadKernelError", "evalue": f"the kernel died: {exc}", "traceback": [],
+                 "cell_index": recorder.current_cell, "cell_id": None}
+    except Exception as exc:
+        error = {"ename": type(exc).__name__, "evalue": str(exc),
+                 "traceback": traceback.format_exception(exc), "cell_index": recorder.current_cell,
+                 "cell_id": None}
+    recorder.notebook_end()
+    if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
+        with store.read() as session:
+            error["cell_id"] = session.execute(
+                select(CellRun.cell_id).where(CellRun.run_id == run_id, CellRun.attempt == run.attempt,
+                                              CellRun.cell_index == error["cell_index"])
+            ).scalar()
+    message = None
+    if error:
+        message = f"{error['ename']}: {error['evalue']}"[:500]
+        recorder.log("system", f"attempt {run.attempt} failed: {message}", force=True)
+    elif recorder.clean_exit:
+        message = "the notebook called sys.exit(0)"
+    _end_attempt(store, run_id, error, name=name, message=message)
+    recorder.flush_logs()
+    with store.read() as session:
+        return session.get(Run, run_id).state
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    progress = "--progress" in args
+    args = [a for a in args if a != "--progress"]
+    if len(args) != 1:
+        print("usage: python -m nbflow.execute RUN_ID [--progress]", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        state = run_attempt(uuid.UUID(args[0]), progress=progress)
+    except Terminated:
+        return 143
+    return 0 if state == states.S.COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Supervising run processes: start one per attempt, enforce the whole-run timeout, stop it cleanly
+on cancel, notice when it dies, and carry the run through its retries.
+
+The run process (``nbflow.execute``) writes the states it can know itself (RUNNING, COMPLETED, FAILED);
+this side writes the ones it cannot: TimedOut (it was stopped), CRASHED (it died), CANCELLED.
+Stopping is never merely cooperative: SIGTERM lets the process shut its kernel down, and after a grace
+period everything left of the process tree, the kernel included, gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+from sqlalchemy import select
+
+from nbflow import states
+from nbflow.store import Store
+from nbflow.store.models import CellRun, Run, utcnow
+
+GRACE_SECONDS = 5.0
+
+
+def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM the process, then SIGKILL it and every descendant still alive after ``grace`` seconds."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    try:
+        root.terminate()
+    except psutil.NoSuchProcess:
+        pass
+    _, alive = psutil.wait_procs([root], timeout=grace)
+    for proc in [*alive, *family[1:]]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=grace)
+
+
+def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
+    with store.read() as session:
+        row = session.execute(
+            select(CellRun.cell_index, CellRun.cell_id)
+            .where(CellRun.run_id == run.id, CellRun.attempt == run.attempt, CellRun.state == "RUNNING")
+        ).first()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str) -> None:
+    """Write the end the process could not write itself, if the run is still live."""
+    with store.write() as session:
+        run = states.lock_run(session, run_id)
+        state = states.StateType(run.state)
+        if state in states.TERMINAL or state is states.S.SCHEDULED:
+            return
+        if why == "cancel" or state is states.S.CANCELLING:
+            if state is not states.S.CANCELLING:
+                states.transition(session, run, states.S.CANCELLING, message=detail)
+            states.transition(session, run, states.S.CANCELLED, message=detail)
+            return
+        cell_index, cell_id = _running_cell(store, run) if state is states.S.RUNNING else (None, None)
+        if why == "timeout":
+            error = {"ename": "TimedOut", "evalue": detail, "traceback": [], "cell_index": cell_index,
+                     "cell_id": cell_id}
+            if state is states.S.PENDING:
+                states.transition(session, run, states.S.RUNNING, message="started as it timed out")
+            states.fail(session, run, error=error, name="TimedOut", message=detail)
+        else:
+            error = {"ename": "Crashed", "evalue": detail, "traceback": [], "cell_index": cell_index,
+                     "cell_id": cell_id}
+            if state is states.S.PENDING:
+                states.fail(session, run, error=error, message=detail)
+            else:
+                states.fail(session, run, error=error, crashed=True, message=detail)
+
+
+def _tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(fh.tell() - limit, 0))
+            return fh.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> None:
+    """Run one attempt of a PENDING run in its own process and wait for it to end, one way or another."""
+    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id)] + (["--progress"] if progress else [])
+    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
+    with tempfile.NamedTemporaryFile(prefix="nbflow-run-", suffix=".stderr", delete=False) as err:
+        err_path = err.name
+    try:
+        with open(err_path, "wb") as err_fh:
+            proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=None if progress else err_fh, start_new_session=True,
+            )
+        try:
+            rc = proc.wait(timeout=run.timeout)
+        except subprocess.TimeoutExpired:
+            terminate_tree(proc.pid)
+            proc.wait()
+            _settle(store, run.id, "timeout", f"the run exceeded its timeout of {run.timeout:g}s")
+            return
+        except KeyboardInterrupt:
+            terminate_tree(proc.pid)
+            proc.wait()
+            _settle(store, run.id, "cancel", "cancelled by the user (interrupt)")
+            raise
+        if rc != 0:
+            tail = _tail(err_path)
+            detail = f"the run process exited with code {rc}" + (f": {tail.splitlines()[-1]}" if tail else "")
+            _settle(store, run.id, "crash", detail)
+    finally:
+        os.unlink(err_path)
+
+
+def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> bool:
+    """Wait out an AwaitingRetry run's delay, then move it SCHEDULED -> PENDING. False if it was cancelled."""
+    with store.read() as session:
+        run = session.get(Run, run_id)
+        due = run.expected_start_at
+    if due is not None:
+        delay = (due - utcnow()).total_seconds()
+        if delay > 0:
+            wait(delay)
+    with store.write() as session:
+        run = states.lock_run(session, run_id)
+        if run.state != states.S.SCHEDULED:
+            return False
+        states.transition(session, run, states.S.PENDING, message=f"attempt {run.attempt} starting")
+    return True
+
+
+def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
+                wait: Callable[[float], Any] = time.sleep) -> Run:
+    """Run a PENDING run in the foreground, through all its attempts, and return it ended."""
+    while True:
+        with store.read() as session:
+            run = session.get(Run, run_id)
+        if run.state == states.S.SCHEDULED:
+            if not _promote(store, run_id, wait):
+                continue
+        elif run.state == states.S.PENDING:
+            run_attempt_process(store, run, progress=progress)
+        else:
+            return run

@@ -1,0 +1,183 @@
+"""The run service: create runs (after every check has passed), find them, and describe them.
+
+``run_document`` is the one JSON shape of a run, shared by the CLI and (later) the REST API, so scripts
+and agents see the same document everywhere. docs/run-json.md describes it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import String, cast, select
+from sqlalchemy.orm import Session
+
+from nbflow import states
+from nbflow.errors import NbflowError, ParameterError, RunNotFound
+from nbflow.flows import flow_for_path, get_flow, parse_notebook, resolve_kernel, sync_version
+from nbflow.parameters import validate
+from nbflow.settings import get_settings
+from nbflow.store import Store
+from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _duration(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
+def looks_like_path(target: str) -> bool:
+    return target.endswith(".ipynb") or "/" in target or Path(target).is_file()
+
+
+def create_run(
+    store: Store, target: str, parameters: dict[str, Any] | None = None, *,
+    kernel: str | None = None, trigger: str = "manual", state: states.StateType = states.S.PENDING,
+) -> Run:
+    """Validate everything, then insert the run in one transaction. A rejected request writes no run."""
+    if looks_like_path(target):
+        flow, version = flow_for_path(store, target, kernel)
+    else:
+        flow, version = sync_version(store, target, kernel_override=kernel)
+    source = parse_notebook(version.source, Path(flow.source_path or flow.name))
+    kernel_name = resolve_kernel(source, kernel or flow.kernel_name)
+    values = validate(version.parameters, parameters or {}, has_parameters_cell=version.has_parameters_cell)
+    run_id = uuid.uuid4()
+    output = get_settings().runs_dir / flow.name / f"{run_id}.ipynb"
+    with store.write() as session:
+        run = Run(
+            id=run_id, flow_id=flow.id, flow_version_id=version.id, parameters=values,
+            kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1,
+            retry_delay=flow.retry_delay, retry_backoff=flow.retry_backoff, timeout=flow.timeout,
+            cell_timeout=flow.cell_timeout, trigger=trigger, output_path=str(output), result={},
+        )
+        states.initial_state(session, run, state)
+    return run
+
+
+def find_run(session: Session, run_id: str | uuid.UUID) -> Run:
+    """A run by id, or by a unique prefix of its id (as ``git`` accepts short hashes)."""
+    text = str(run_id).strip().lower()
+    try:
+        full = uuid.UUID(text)
+    except ValueError:
+        full = None
+    if full is not None:
+        run = session.get(Run, full)
+        if run is None:
+            raise RunNotFound(f"no run with id {text}")
+        return run
+    if len(text) < 4 or any(c not in "0123456789abcdef-" for c in text):
+        raise RunNotFound(f"{run_id!r} is not a run id (give the full UUID or at least 4 of its first characters)")
+    # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL: compare their text forms.
+    col = cast(Run.id, String)
+    if store_dialect(session) == "sqlite":
+        prefix = text.replace("-", "")
+    else:
+        prefix = text
+    matches = session.execute(select(Run).where(col.like(f"{prefix}%")).limit(2)).scalars().all()
+    if not matches:
+        raise RunNotFound(f"no run with id starting {text!r}")
+    if len(matches) > 1:
+        raise RunNotFound(f"run id prefix {text!r} is ambiguous; give more characters")
+    return matches[0]
+
+
+def store_dialect(session: Session) -> str:
+    bind = session.get_bind()
+    return bind.dialect.name
+
+
+def cells_of(session: Session, run: Run) -> list[CellRun]:
+    return list(session.execute(
+        select(CellRun).where(CellRun.run_id == run.id, CellRun.attempt == run.attempt)
+        .order_by(CellRun.cell_index)
+    ).scalars())
+
+
+def cell_document(cell: CellRun) -> dict[str, Any]:
+    return {
+        "index": cell.cell_index, "cell_id": cell.cell_id, "state": cell.state,
+        "started_at": _iso(cell.started_at), "ended_at": _iso(cell.ended_at),
+        "duration": _duration(cell.started_at, cell.ended_at), "execution_count": cell.execution_count,
+    }
+
+
+def run_document(session: Session, run: Run, *, cells: bool = True) -> dict[str, Any]:
+    flow = session.get(Flow, run.flow_id)
+    version = session.get(FlowVersion, run.flow_version_id)
+    error = None
+    if run.error:
+        error = {k: run.error.get(k) for k in ("ename", "evalue", "cell_index", "cell_id", "traceback")}
+    doc: dict[str, Any] = {
+        "id": str(run.id),
+        "flow": flow.name if flow else None,
+        "flow_version": version.version if version else None,
+        "state": run.state,
+        "state_name": run.state_name,
+        "state_message": run.state_message,
+        "parameters": run.parameters,
+        "attempt": run.attempt,
+        "max_attempts": run.max_attempts,
+        "trigger": run.trigger,
+        "kernel_name": run.kernel_name,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "ended_at": _iso(run.ended_at),
+        "duration": _duration(run.started_at, run.ended_at),
+        "output_path": run.output_path,
+        "error": error,
+        "result": run.result or {},
+    }
+    if cells:
+        doc["cells"] = [cell_document(c) for c in cells_of(session, run)]
+    return doc
+
+
+def history(session: Session, run: Run) -> list[dict[str, Any]]:
+    events = session.execute(
+        select(RunStateEvent).where(RunStateEvent.run_id == run.id).order_by(RunStateEvent.id)
+    ).scalars()
+    return [
+        {"from": e.from_state, "to": e.to_state, "name": e.to_name, "attempt": e.attempt,
+         "at": _iso(e.at), "message": e.message}
+        for e in events
+    ]
+
+
+def logs(session: Session, run: Run, *, limit: int | None = None) -> list[dict[str, Any]]:
+    query = select(Log).where(Log.run_id == run.id).order_by(Log.id.desc() if limit else Log.id)
+    if limit:
+        query = query.limit(limit)
+    rows = list(session.execute(query).scalars())
+    if limit:
+        rows.reverse()
+    return [{"at": _iso(r.at), "stream": r.stream, "attempt": r.attempt, "cell_index": r.cell_index,
+             "text": r.text} for r in rows]
+
+
+def list_runs(session: Session, *, flow: str | None = None, state: str | None = None,
+              limit: int = 20) -> list[Run]:
+    query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+    if flow:
+        query = query.where(Run.flow_id == get_flow(session, flow).id)
+    if state:
+        name = state.upper()
+        if name not in states.StateType.__members__:
+            raise NbflowError(f"unknown state {state!r}; states: {', '.join(states.StateType)}")
+        query = query.where(Run.state == name)
+    return list(session.execute(query).scalars())
+
+
+def parse_cli_parameters(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, value in pairs:
+        if name in values:
+            raise ParameterError(f"parameter {name!r} given twice")
+        values[name] = value
+    return values
