@@ -157,8 +157,8 @@ def _print_outcome(doc: dict[str, Any]) -> None:
               help="Multiplier of the delay between successive retries (default 2).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Whole-run timeout: the run ends FAILED (TimedOut).")
-@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Per-cell timeout: a cell running longer fails the run (TimedOut).")
+@click.option("--cell-timeout", type=click.IntRange(min=1), metavar="SECONDS",
+              help="Per-cell timeout in whole seconds: a cell running longer fails the run (TimedOut).")
 @click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
 @click.option("--json", "as_json", is_flag=True, help="Print the flow as one JSON document.")
@@ -309,7 +309,7 @@ def show(run_id: str, as_json: bool, log_lines: int) -> None:
         msg = f"  {e['message']}" if e["message"] else ""
         click.echo(f"  {e['at']}  {e['from'] or '-':>10} -> {e['to']:<10} {e['name']:<14} #{e['attempt']}{msg}")
     if doc["cells"]:
-        click.echo("\ncells (attempt %d)" % doc["attempt"])
+        click.echo(f"\ncells (attempt {doc['attempt']})")
         rows = [[str(c["index"]), c["state"], f"{c['duration']:.3f}s" if c["duration"] is not None else "-",
                  str(c["execution_count"] or "-")] for c in doc["cells"]]
         click.echo("  " + _table(["CELL", "STATE", "DURATION", "EXEC"], rows).replace("\n", "\n  "))
@@ -339,8 +339,8 @@ def db() -> None:
 @handle_errors
 def upgrade() -> None:
     """Apply pending migrations (they also apply automatically on first use)."""
-    from nbflow.store import Store
     from nbflow.settings import get_settings
+    from nbflow.store import Store
 
     store = Store(get_settings().database_url)
     store.ensure_schema()

@@ -13,6 +13,7 @@ Its own process, because papermill's ``cwd`` is a process-wide ``chdir`` and a k
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 import socket
@@ -31,7 +32,7 @@ from nbflow import states
 from nbflow.record import RECORD_MIME
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
-from nbflow.store.models import CellRun, FlowVersion, Flow, Log, Run, utcnow
+from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, utcnow
 
 ENGINE_NAME = "nbflow"
 LOG_FLUSH_SECONDS = 0.5
@@ -99,7 +100,14 @@ class RunRecorder:
     def cell_complete(self, index: int, cell: Any) -> None:
         if cell.get("cell_type") != "code":
             return
+        # papermill calls this from a ``finally``: an exception on its way out (a cell timeout, a dead
+        # kernel) means this cell did not complete, though its outputs show no error.
+        inflight = sys.exc_info()[1]
+        if isinstance(inflight, Terminated):
+            return  # the supervisor settles the cells of a stopped run
         error = _error_from_outputs(cell)
+        if error is None and inflight is not None:
+            error = {"ename": type(inflight).__name__, "evalue": str(inflight).strip(), "traceback": []}
         state = "COMPLETED"
         if error is not None:
             if _is_clean_exit(error):
@@ -141,19 +149,29 @@ class RunRecorder:
     def log(self, stream: str, text: str, *, force: bool = False) -> None:
         if not text or (self.truncated and not force):
             return
-        size = len(text.encode("utf-8", "replace"))
-        if not force and self.log_bytes + size > self.log_limit:
+        data = text.encode("utf-8", "replace")
+        if not force and self.log_bytes + len(data) > self.log_limit:
+            # Keep what fits, then say once that the rest is only in the output notebook.
             self.truncated = True
+            room = max(self.log_limit - self.log_bytes, 0)
+            self._append(stream, data[:room].decode("utf-8", "ignore"), room)
+            stream, size = "system", 0
             text = (f"[nbflow] log truncated: this run reached its limit of {self.log_limit} bytes "
                     "(NBFLOW_LOG_LIMIT_BYTES); the output notebook has everything")
-            stream, size = "system", 0
+        else:
+            size = len(data)
+        self._append(stream, text, size)
+        if (force or self._pending_bytes >= LOG_FLUSH_BYTES
+                or time.monotonic() - self._last_flush >= LOG_FLUSH_SECONDS):
+            self.flush_logs()
+
+    def _append(self, stream: str, text: str, size: int) -> None:
+        if not text:
+            return
         self.log_bytes += size
         self._pending.append(Log(run_id=self.run_id, attempt=self.attempt, at=utcnow(), stream=stream,
                                  cell_index=self.current_cell, text=text))
         self._pending_bytes += size
-        if (force or self._pending_bytes >= LOG_FLUSH_BYTES
-                or time.monotonic() - self._last_flush >= LOG_FLUSH_SECONDS):
-            self.flush_logs()
 
     def flush_logs(self) -> None:
         self._last_flush = time.monotonic()
@@ -279,7 +297,8 @@ def run_attempt(run_id: uuid.UUID, *, progress: bool = False) -> str:
         execute_notebook(
             nb, str(output), parameters=run.parameters, engine_name=ENGINE_NAME, kernel_name=run.kernel_name,
             progress_bar=progress, cwd=str(cwd), stdout_file=LogStream(recorder, "stdout"),
-            stderr_file=LogStream(recorder, "stderr"), execution_timeout=run.cell_timeout,
+            stderr_file=LogStream(recorder, "stderr"),
+            execution_timeout=math.ceil(run.cell_timeout) if run.cell_timeout else None,  # nbclient: whole seconds
             shutdown_kernel="immediate", recorder=recorder,
         )
     except PapermillExecutionError as exc:
@@ -288,20 +307,19 @@ def run_attempt(run_id: uuid.UUID, *, progress: bool = False) -> str:
                  "cell_id": recorder.failed_cell[1] if recorder.failed_cell else None}
     except CellTimeoutError as exc:
         name = "TimedOut"
-        error = {"ename": "CellTimeoutError", "evalue": str(exc).strip().splitlines()[0] if str(exc) else
-                 f"a cell ran longer than {run.cell_timeout:g}s", "traceback": [],
-                 "cell_index": recorder.current_cell, "cell_id": None}
-        error["evalue"] = f"cell {recorder.current_cell} ran longer than the cell timeout of {run.cell_timeout:g}s"
+        index = recorder.failed_cell[0] if recorder.failed_cell else None
+        error = {"ename": "CellTimeoutError", "traceback": [str(exc)], "cell_index": index, "cell_id": None,
+                 "evalue": f"cell {index} ran longer than the cell timeout of {run.cell_timeout:g}s"}
     except Terminated:
-        recorder.notebook_end()
-        raise
+        recorder.flush_logs()
+        raise  # the supervisor stopped us: it writes the state and settles the cells
     except DeadKernelError as exc:
         error = {"ename": "DeadKernelError", "evalue": f"the kernel died: {exc}", "traceback": [],
-                 "cell_index": recorder.current_cell, "cell_id": None}
+                 "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
     except Exception as exc:
         error = {"ename": type(exc).__name__, "evalue": str(exc),
-                 "traceback": traceback.format_exception(exc), "cell_index": recorder.current_cell,
-                 "cell_id": None}
+                 "traceback": traceback.format_exception(exc),
+                 "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
     recorder.notebook_end()
     if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
         with store.read() as session:

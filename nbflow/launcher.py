@@ -9,6 +9,7 @@ period everything left of the process tree, the kernel included, gets SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from nbflow import states
 from nbflow.store import Store
@@ -35,16 +36,12 @@ def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
         family = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess):
         root.terminate()
-    except psutil.NoSuchProcess:
-        pass
     _, alive = psutil.wait_procs([root], timeout=grace)
     for proc in [*alive, *family[1:]]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=grace)
 
 
@@ -57,32 +54,40 @@ def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
     return (row[0], row[1]) if row else (None, None)
 
 
-def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str) -> None:
-    """Write the end the process could not write itself, if the run is still live."""
+def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
+            cell: tuple[int | None, str | None] = (None, None)) -> None:
+    """Write the end the process could not write itself, if the run is still live.
+
+    ``cell`` is the cell that was running when the process was stopped (read before stopping it): it
+    ends FAILED (CANCELLED on a cancel) and the cells that never ran end SKIPPED.
+    """
+    cell_index, cell_id = cell
     with store.write() as session:
         run = states.lock_run(session, run_id)
         state = states.StateType(run.state)
         if state in states.TERMINAL or state is states.S.SCHEDULED:
             return
+        attempt = run.attempt
+        error: dict[str, Any] | None = None
         if why == "cancel" or state is states.S.CANCELLING:
             if state is not states.S.CANCELLING:
                 states.transition(session, run, states.S.CANCELLING, message=detail)
             states.transition(session, run, states.S.CANCELLED, message=detail)
-            return
-        cell_index, cell_id = _running_cell(store, run) if state is states.S.RUNNING else (None, None)
-        if why == "timeout":
-            error = {"ename": "TimedOut", "evalue": detail, "traceback": [], "cell_index": cell_index,
-                     "cell_id": cell_id}
-            if state is states.S.PENDING:
-                states.transition(session, run, states.S.RUNNING, message="started as it timed out")
-            states.fail(session, run, error=error, name="TimedOut", message=detail)
         else:
-            error = {"ename": "Crashed", "evalue": detail, "traceback": [], "cell_index": cell_index,
+            ename = "TimedOut" if why == "timeout" else "Crashed"
+            error = {"ename": ename, "evalue": detail, "traceback": [], "cell_index": cell_index,
                      "cell_id": cell_id}
             if state is states.S.PENDING:
                 states.fail(session, run, error=error, message=detail)
             else:
-                states.fail(session, run, error=error, crashed=True, message=detail)
+                states.fail(session, run, error=error, crashed=why == "crash",
+                            name="TimedOut" if why == "timeout" else None, message=detail)
+        live = (CellRun.run_id == run_id) & (CellRun.attempt == attempt) & CellRun.state.in_(["PENDING", "RUNNING"])
+        now = utcnow()
+        if cell_index is not None:
+            session.execute(update(CellRun).where(live, CellRun.cell_index == cell_index).values(
+                state="CANCELLED" if error is None else "FAILED", ended_at=now, error=error))
+        session.execute(update(CellRun).where(live).values(state="SKIPPED"))
 
 
 def _tail(path: str, limit: int = 2000) -> str:
@@ -110,9 +115,10 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> No
         try:
             rc = proc.wait(timeout=run.timeout)
         except subprocess.TimeoutExpired:
+            cell = _running_cell(store, run)
             terminate_tree(proc.pid)
             proc.wait()
-            _settle(store, run.id, "timeout", f"the run exceeded its timeout of {run.timeout:g}s")
+            _settle(store, run.id, "timeout", f"the run exceeded its timeout of {run.timeout:g}s", cell)
             return
         except KeyboardInterrupt:
             terminate_tree(proc.pid)
@@ -122,7 +128,7 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> No
         if rc != 0:
             tail = _tail(err_path)
             detail = f"the run process exited with code {rc}" + (f": {tail.splitlines()[-1]}" if tail else "")
-            _settle(store, run.id, "crash", detail)
+            _settle(store, run.id, "crash", detail, _running_cell(store, run))
     finally:
         os.unlink(err_path)
 

@@ -118,10 +118,7 @@ def _check_value(name: str, ptype: str, value: Any) -> Any:
     if ptype == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[ptype]
-    if isinstance(value, bool) and ptype != "bool":
-        ok = False
-    else:
-        ok = isinstance(value, expected)
+    ok = False if isinstance(value, bool) and ptype != "bool" else isinstance(value, expected)
     if ptype == "list" and isinstance(value, tuple):
         return list(value)
     if not ok:

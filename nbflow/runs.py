@@ -76,10 +76,7 @@ def find_run(session: Session, run_id: str | uuid.UUID) -> Run:
         raise RunNotFound(f"{run_id!r} is not a run id (give the full UUID or at least 4 of its first characters)")
     # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL: compare their text forms.
     col = cast(Run.id, String)
-    if store_dialect(session) == "sqlite":
-        prefix = text.replace("-", "")
-    else:
-        prefix = text
+    prefix = text.replace("-", "") if store_dialect(session) == "sqlite" else text
     matches = session.execute(select(Run).where(col.like(f"{prefix}%")).limit(2)).scalars().all()
     if not matches:
         raise RunNotFound(f"no run with id starting {text!r}")
