@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -103,15 +104,29 @@ def test_retry_succeeds_on_second_attempt(nbflow_env, tmp_path):
     assert [c["state"] for c in doc["cells"]] == ["COMPLETED"] * 4  # cells of the latest attempt
 
 
-def _kernels_of_test() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "ipykernel_launcher" in " ".join(p.info["cmdline"] or [])}
+def kernels_left(run_id: str) -> list[int]:
+    """Live kernels started by the run's process (ipykernel is told its parent in JPY_PARENT_PID)."""
+    with open_store().read() as session:
+        pid = session.get(Run, uuid.UUID(run_id)).process_id
+    assert pid, "the run process recorded no pid"
+    deadline = time.monotonic() + 5  # an orphaned kernel notices its parent is gone within ~1 s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if ("ipykernel_launcher" in " ".join(proc.info["cmdline"] or [])
+                        and proc.environ().get("JPY_PARENT_PID") == str(pid)):
+                    found.append(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_whole_run_timeout_kills_kernel_and_ends_timed_out(sqlite_env, tmp_path):
     nb = make_notebook(tmp_path, "slow", ["x = 1", "import time\ntime.sleep(60)"])
     register(open_store(), nb, name="slow", options=FlowOptions(timeout=3))
-    before = _kernels_of_test()
     t0 = time.monotonic()
     doc, _events, _ = run_to_end("slow")
     assert time.monotonic() - t0 < 20
@@ -119,8 +134,7 @@ def test_whole_run_timeout_kills_kernel_and_ends_timed_out(sqlite_env, tmp_path)
     assert doc["error"]["ename"] == "TimedOut" and "timeout of 3s" in doc["error"]["evalue"]
     assert doc["error"]["cell_index"] == 1
     assert [c["state"] for c in doc["cells"]] == ["COMPLETED", "FAILED"]  # the cell it was stuck in
-    time.sleep(0.5)
-    assert _kernels_of_test() - before == set(), "the run's kernel outlived the timeout"
+    assert kernels_left(doc["id"]) == [], "the run's kernel outlived the timeout"
 
 
 def test_cell_timeout(sqlite_env, tmp_path):
@@ -160,7 +174,7 @@ def test_changed_notebook_makes_a_new_version_and_runs_record_it(nbflow_env, tmp
     assert second["flow_version"] == 2 and second["result"] == {"v": 2}
     store = open_store()
     with store.read() as session:
-        run = session.get(Run, __import__("uuid").UUID(first["id"]))
+        run = session.get(Run, uuid.UUID(first["id"]))
         assert session.get(FlowVersion, run.flow_version_id).source == original
         assert session.execute(select(func.count(FlowVersion.id))).scalar() == 2
     nb_path.write_text(original)  # back to the first content: it becomes the newest version again
@@ -209,11 +223,11 @@ def test_crashed_run_process_is_marked_crashed(sqlite_env, tmp_path):
     assert doc["state"] == "CRASHED" and doc["error"]["ename"] == "Crashed"
     assert "exited with code -9" in doc["error"]["evalue"]
     assert events[-1]["to"] == "CRASHED"
+    assert kernels_left(doc["id"]) == []
 
 
 def test_ctrl_c_cancels_the_run(sqlite_env, tmp_path):
     nb = make_notebook(tmp_path, "long", ["import time\ntime.sleep(60)"])
-    before = _kernels_of_test()
     proc = subprocess.Popen([sys.executable, "-m", "nbflow.cli", "run", str(nb), "--json"],
                             env=sqlite_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = open_store()
@@ -230,10 +244,9 @@ def test_ctrl_c_cancels_the_run(sqlite_env, tmp_path):
     doc = json.loads(out)
     assert doc["state"] == "CANCELLED"
     with store.read() as session:
-        ev = history(session, session.get(Run, __import__("uuid").UUID(doc["id"])))
+        ev = history(session, session.get(Run, uuid.UUID(doc["id"])))
     assert [e["to"] for e in ev][-2:] == ["CANCELLING", "CANCELLED"]
-    time.sleep(0.5)
-    assert _kernels_of_test() - before == set()
+    assert kernels_left(doc["id"]) == []
 
 
 def test_state_machine_guards_runs(sqlite_env):
