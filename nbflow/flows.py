@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,18 +61,24 @@ def read_notebook(path: str | Path) -> NotebookSource:
 
 def parse_notebook(text: str, path: Path) -> NotebookSource:
     try:
-        nb = nbformat.reads(text, as_version=4)
+        json.loads(text)
     except json.JSONDecodeError as exc:
         raise NotebookError(
             f"malformed notebook {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
-    except Exception as exc:  # nbformat raises several kinds for a document that is not a notebook
-        raise NotebookError(f"malformed notebook {path}: {exc}") from None
-    try:
-        nbformat.validate(nb)
-    except nbformat.ValidationError as exc:
-        msg = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
-        raise NotebookError(f"malformed notebook {path}: {msg}") from None
+    # nbformat warns (on stderr) about fixable things such as cells without ids; nbflow's contract is one
+    # clear line for a real problem, and nothing for a notebook that runs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            nb = nbformat.reads(text, as_version=4)
+            nbformat.validate(nb)
+        except nbformat.ValidationError as exc:
+            msg = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
+            raise NotebookError(f"malformed notebook {path}: {msg}") from None
+        except Exception as exc:  # nbformat raises several kinds for a document that is not a notebook
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NotebookError(f"malformed notebook {path}: {msg}") from None
     return NotebookSource(path=path, text=text, nb=nb)
 
 
@@ -188,13 +195,17 @@ def _ensure_version(session: Session, flow: Flow, source: NotebookSource, kernel
 
 
 def register(store: Store, path: str | Path, *, name: str | None = None,
-             options: FlowOptions | None = None) -> tuple[Flow, FlowVersion]:
-    """Create or update the flow ``name`` from a notebook file; a new version if the content changed."""
+             options: FlowOptions | None = None, run_kernel: str | None = None) -> tuple[Flow, FlowVersion]:
+    """Create or update the flow ``name`` from a notebook file; a new version if the content changed.
+
+    ``run_kernel`` is a one-off ``--kernel`` of the run that registers the flow: it is checked and used
+    to inspect the parameters, but not kept as the flow's kernel.
+    """
     options = options or FlowOptions()
     options.validate()
     source = read_notebook(path)
     flow_name = check_name(name or default_flow_name(source.path))
-    kernel = resolve_kernel(source, options.kernel_name)
+    kernel = resolve_kernel(source, options.kernel_name or run_kernel)
     with store.write() as session:
         flow = session.execute(select(Flow).where(Flow.name == flow_name)).scalar_one_or_none()
         if flow is None:
@@ -217,9 +228,7 @@ def flow_for_path(store: Store, path: str | Path, kernel_override: str | None = 
     """The flow registered for this file, or a new one named after it (``report``, ``report-2``...)."""
     source = read_notebook(path)
     with store.read() as session:
-        flow = session.execute(
-            select(Flow).where(Flow.source_path == str(source.path)).order_by(Flow.id).limit(1)
-        ).scalar_one_or_none()
+        flow = flow_by_path(session, source.path)
         if flow is None:
             base = default_flow_name(source.path)
             taken = set(session.execute(select(Flow.name).where(Flow.name.like(f"{base}%"))).scalars())
@@ -231,10 +240,16 @@ def flow_for_path(store: Store, path: str | Path, kernel_override: str | None = 
             name = flow.name
     try:
         return sync_version(store, name, source, kernel_override) if flow else register(
-            store, source.path, name=name, options=FlowOptions(kernel_name=None)
+            store, source.path, name=name, run_kernel=kernel_override
         )
     except IntegrityError:  # another process registered the same name first: use theirs
         return sync_version(store, name, source, kernel_override)
+
+
+def flow_by_path(session: Session, path: Path) -> Flow | None:
+    return session.execute(
+        select(Flow).where(Flow.source_path == str(path)).order_by(Flow.id).limit(1)
+    ).scalar_one_or_none()
 
 
 def get_flow(session: Session, name: str) -> Flow:

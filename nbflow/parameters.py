@@ -114,7 +114,10 @@ def _check_value(name: str, ptype: str, value: Any) -> Any:
     if ptype == "any":
         return value
     if ptype == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ParameterError(f"parameter {name!r}: {value} is too large for a float") from None
     if ptype == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[ptype]
@@ -137,7 +140,7 @@ def validate(spec: dict[str, dict[str, Any]], values: dict[str, Any], *, has_par
     the top), because there is nothing to check them against.
     """
     if not has_parameters_cell:
-        return dict(values)
+        return _json_checked(dict(values))
     unknown = sorted(set(values) - set(spec))
     if unknown:
         valid = ", ".join(sorted(spec)) or "none: the notebook declares no parameters"
@@ -155,8 +158,13 @@ def validate(spec: dict[str, dict[str, Any]], values: dict[str, Any], *, has_par
         if isinstance(value, str) and ptype != "str":
             value = _convert_text(name, ptype, value)
         out[name] = _check_value(name, ptype, value)
+    return _json_checked(out)
+
+
+def _json_checked(values: dict[str, Any]) -> dict[str, Any]:
+    """Parameters are stored as JSON: NaN, infinities and arbitrary objects are refused up front."""
     try:
-        json.dumps(out, allow_nan=False)
+        json.dumps(values, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ParameterError(f"parameters must be JSON-serialisable: {exc}") from None
-    return out
+    return values

@@ -16,7 +16,17 @@ from sqlalchemy.orm import Session
 
 from nbflow import states
 from nbflow.errors import NbflowError, ParameterError, RunNotFound
-from nbflow.flows import flow_for_path, get_flow, parse_notebook, resolve_kernel, sync_version
+from nbflow.flows import (
+    flow_by_path,
+    flow_for_path,
+    get_flow,
+    inspect_parameters,
+    latest_version,
+    parse_notebook,
+    read_notebook,
+    resolve_kernel,
+    sync_version,
+)
 from nbflow.parameters import validate
 from nbflow.settings import get_settings
 from nbflow.store import Store
@@ -39,7 +49,12 @@ def create_run(
     store: Store, target: str, parameters: dict[str, Any] | None = None, *,
     kernel: str | None = None, trigger: str = "manual", state: states.StateType = states.S.PENDING,
 ) -> Run:
-    """Validate everything, then insert the run in one transaction. A rejected request writes no run."""
+    """Validate everything, then insert the run in one transaction.
+
+    A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
+    a notebook registers it, but only once the request has passed every check).
+    """
+    _check_request(store, target, parameters or {}, kernel)
     if looks_like_path(target):
         flow, version = flow_for_path(store, target, kernel)
     else:
@@ -58,6 +73,28 @@ def create_run(
         )
         states.initial_state(session, run, state)
     return run
+
+
+def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel: str | None) -> None:
+    """Every check ``create_run`` needs, on what would run, before anything is written."""
+    if looks_like_path(target):
+        source = read_notebook(target)
+        with store.read() as session:
+            flow = flow_by_path(session, source.path)
+    else:
+        with store.read() as session:
+            flow = get_flow(session, target)
+            path = Path(flow.source_path) if flow.source_path else None
+            version = latest_version(session, flow.id)
+        if path is not None and path.is_file():
+            source = read_notebook(path)
+        elif version is not None:
+            source = parse_notebook(version.source, path or Path(flow.name))
+        else:
+            raise NbflowError(f"flow {target!r} has no stored version and its notebook {path} is missing")
+    kernel_name = resolve_kernel(source, kernel or (flow.kernel_name if flow else None))
+    spec, has_cell = inspect_parameters(source, kernel_name)
+    validate(spec, parameters, has_parameters_cell=has_cell)
 
 
 def find_run(session: Session, run_id: str | uuid.UUID) -> Run:
