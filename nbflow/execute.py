@@ -268,7 +268,7 @@ def _end_attempt(store: Store, run_id: uuid.UUID, error: dict[str, Any] | None, 
             states.fail(session, run, error=error, name=name, message=message)
 
 
-def run_attempt(run_id: uuid.UUID, *, progress: bool = False) -> str:
+def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
     """Execute one attempt of a PENDING run; returns the state the attempt left it in."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill import execute_notebook
@@ -345,10 +345,13 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    progress = "--progress" in args
-    args = [a for a in args if a != "--progress"]
+    progress: Any = False
+    if "--progress-fd" in args:  # papermill's tqdm bar, drawn on the file descriptor the launcher passed
+        i = args.index("--progress-fd")
+        progress = {"file": os.fdopen(int(args[i + 1]), "w")}
+        del args[i:i + 2]
     if len(args) != 1:
-        print("usage: python -m nbflow.execute RUN_ID [--progress]", file=sys.stderr)
+        print("usage: python -m nbflow.execute RUN_ID [--progress-fd FD]", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -102,16 +102,23 @@ def _tail(path: str, limit: int = 2000) -> str:
 
 def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> None:
     """Run one attempt of a PENDING run in its own process and wait for it to end, one way or another."""
-    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id)] + (["--progress"] if progress else [])
+    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id)]
     env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
+    # The progress bar gets a copy of our stderr of its own; the process's (and its kernel's) stderr
+    # goes to a file, so kernel chatter never reaches the terminal and a crash's last words are kept.
+    progress_fd = os.dup(sys.stderr.fileno()) if progress else None
+    if progress_fd is not None:
+        cmd += ["--progress-fd", str(progress_fd)]
     with tempfile.NamedTemporaryFile(prefix="nbflow-run-", suffix=".stderr", delete=False) as err:
         err_path = err.name
     try:
         with open(err_path, "wb") as err_fh:
             proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=None if progress else err_fh, start_new_session=True,
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_fh,
+                start_new_session=True, pass_fds=() if progress_fd is None else (progress_fd,),
             )
+        if progress_fd is not None:
+            os.close(progress_fd)
         try:
             rc = proc.wait(timeout=run.timeout)
         except subprocess.TimeoutExpired:

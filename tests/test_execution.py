@@ -255,3 +255,12 @@ def test_state_machine_guards_runs(sqlite_env):
     execute_run(store, run.id)
     with store.write() as session, pytest.raises(Exception, match="cannot go from COMPLETED to RUNNING"):
         states.transition(session, states.lock_run(session, run.id), states.S.RUNNING)
+
+
+def test_progress_bar_is_papermills_on_stderr_and_kernel_chatter_is_not(sqlite_env, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(HELLO), "--progress", "--json"],
+                          env=sqlite_env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["state"] == "COMPLETED"
+    assert "Executing" in proc.stderr and "4/4" in proc.stderr  # papermill's tqdm bar over the 4 cells
+    assert "IPKernelApp" not in proc.stderr
