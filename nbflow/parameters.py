@@ -109,6 +109,10 @@ def _convert_text(name: str, ptype: str, text: str) -> Any:
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
+def _article(ptype: str) -> str:
+    return f"an {ptype}" if ptype == "int" else f"a {ptype}"
+
+
 def _check_value(name: str, ptype: str, value: Any) -> Any:
     """Check (and where lossless, convert) a typed value, as a JSON body or a Python call gives it."""
     if ptype == "any":
@@ -117,7 +121,7 @@ def _check_value(name: str, ptype: str, value: Any) -> Any:
         try:
             return float(value)
         except OverflowError:
-            raise ParameterError(f"parameter {name!r}: {value} is too large for a float") from None
+            raise ParameterError(f"parameter {name!r}: the int is too large for a float") from None
     if ptype == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     expected = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[ptype]
@@ -125,7 +129,7 @@ def _check_value(name: str, ptype: str, value: Any) -> Any:
     if ptype == "list" and isinstance(value, tuple):
         return list(value)
     if not ok:
-        raise ParameterError(f"parameter {name!r} expects a {ptype}, got {type(value).__name__} {value!r}")
+        raise ParameterError(f"parameter {name!r} expects {_article(ptype)}, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ParameterError(f"parameter {name!r} must be a finite number, got {value!r}")
     return value
@@ -152,7 +156,7 @@ def validate(spec: dict[str, dict[str, Any]], values: dict[str, Any], *, has_par
         ptype = entry.get("type", "any")
         if value is None:
             if not entry.get("nullable", True) and ptype != "any":
-                raise ParameterError(f"parameter {name!r} expects a {ptype}, got None")
+                raise ParameterError(f"parameter {name!r} expects {_article(ptype)}, got None")
             out[name] = None
             continue
         if isinstance(value, str) and ptype != "str":

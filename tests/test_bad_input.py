@@ -5,7 +5,9 @@ as a user or a script would. docs/cli.md ("Exit codes and errors") is the contra
 line on stderr, and a rejected request writes no flow, no version and no run. The tests whose rows
 depend on the database use ``nbflow_env`` (SQLite and PostgreSQL); the rest use ``sqlite_env``.
 
-The ``xfail(strict=True)`` tests pin bugs found while writing this file; each reason says what is wrong.
+Some tests are regression tests of bugs found while writing this file (fixed in 8458335): the JSON
+line/column of a malformed notebook, nbformat warnings on stderr, ``--kernel`` on a first run, and a
+rejected first run that still registered the flow.
 """
 
 from __future__ import annotations
@@ -19,28 +21,10 @@ from typing import Any
 
 import nbformat
 import pytest
+from helpers import make_notebook
 from sqlalchemy import func, select
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def make_notebook(
-    directory: Path, name: str, cells: list[str], *, parameters: str | None = None,
-    kernel: str | None = "python3",
-) -> Path:
-    """Write ``name``.ipynb: an optional ``parameters``-tagged cell first, then the code cells."""
-    nb = nbformat.v4.new_notebook()
-    if kernel is not None:
-        nb.metadata.kernelspec = {"name": kernel, "display_name": kernel, "language": "python"}
-    nb.metadata.language_info = {"name": "python"}
-    if parameters is not None:
-        cell = nbformat.v4.new_code_cell(parameters)
-        cell.metadata.tags = ["parameters"]
-        nb.cells.append(cell)
-    nb.cells.extend(nbformat.v4.new_code_cell(src) for src in cells)
-    path = directory / f"{name}.ipynb"
-    nbformat.write(nb, path)
-    return path
 
 
 PARAMS = 'n = 3\nflag = True\nname = "x"\nratio = 0.5\nitems = [1, 2]'
@@ -53,8 +37,13 @@ def typed_notebook(directory: Path) -> Path:
 
 def nbflow(env: dict[str, str], cwd: Path, *args: Any, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nbflow.cli", *map(str, args)], env=env, cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "nbflow.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -80,16 +69,15 @@ def counts() -> dict[str, int]:
 
     store = open_store()
     with store.read() as session:
-        return {name: session.execute(select(func.count()).select_from(model)).scalar_one()
-                for name, model in (("runs", Run), ("flows", Flow), ("versions", FlowVersion))}
+        return {
+            name: session.execute(select(func.count()).select_from(model)).scalar_one()
+            for name, model in (("runs", Run), ("flows", Flow), ("versions", FlowVersion))
+        }
 
 
-def assert_nothing_written(*, flows: bool = True) -> None:
-    c = counts()
-    assert c["runs"] == 0, c
-    if flows:
-        assert c["flows"] == 0, c
-        assert c["versions"] == 0, c
+def assert_nothing_written() -> None:
+    """No run, no flow, no version (docs/cli.md: a rejected request writes nothing)."""
+    assert counts() == {"runs": 0, "flows": 0, "versions": 0}
 
 
 def run_json(proc: subprocess.CompletedProcess) -> dict[str, Any]:
@@ -113,8 +101,12 @@ def test_directory_instead_of_a_notebook(sqlite_env: dict[str, str], tmp_path: P
     for directory in (tmp_path / "folder.ipynb", tmp_path / "folder"):
         directory.mkdir()
         for command in ("run", "register"):
-            assert_bad_input(nbflow(sqlite_env, tmp_path, command, directory),
-                             "not a notebook file", str(directory), "is a directory")
+            assert_bad_input(
+                nbflow(sqlite_env, tmp_path, command, directory),
+                "not a notebook file",
+                str(directory),
+                "is a directory",
+            )
     assert_nothing_written()
 
 
@@ -129,24 +121,26 @@ def test_invalid_json_is_rejected(sqlite_env: dict[str, str], tmp_path: Path) ->
     assert_nothing_written()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: nbflow/flows.py parse_notebook catches json.JSONDecodeError, but nbformat.reads raises "
-    "nbformat.reader.NotJSONError (a ValueError wrapping it), so the 'not valid JSON (line, column)' "
-    "branch never runs and the message is nbformat's 'Notebook does not appear to be JSON: ...'"
-))
 def test_invalid_json_message_gives_line_and_column(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "broken.ipynb"
     path.write_text(BAD_JSON)
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path), "not valid JSON", "line 3", "column 1")
+    assert_bad_input(
+        nbflow(sqlite_env, tmp_path, "run", path),
+        f"malformed notebook {path}: not valid JSON (line 3, column 1: Expecting value)",
+    )
 
 
-@pytest.mark.parametrize("content", [
-    '{"cells": 3}',
-    "[1, 2]",
-    "{}",
-    '{"nbformat": 4, "nbformat_minor": 4, "metadata": {}, '
-    '"cells": [{"cell_type": "bogus", "source": "", "metadata": {}}]}',
-], ids=["cells-not-a-list", "json-array", "empty-object", "fails-schema"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"cells": 3}',
+        "[1, 2]",
+        "{}",
+        '{"nbformat": 4, "nbformat_minor": 4, "metadata": {}, '
+        '"cells": [{"cell_type": "bogus", "source": "", "metadata": {}}]}',
+    ],
+    ids=["cells-not-a-list", "json-array", "empty-object", "fails-schema"],
+)
 def test_json_that_is_not_a_notebook(sqlite_env: dict[str, str], tmp_path: Path, content: str) -> None:
     path = tmp_path / "notanotebook.ipynb"
     path.write_text(content)
@@ -161,21 +155,31 @@ def test_notebook_that_is_not_utf8(sqlite_env: dict[str, str], tmp_path: Path) -
     assert_nothing_written()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: nbformat's MissingIDFieldWarning (a 4.5 notebook whose cells have no 'id') is printed on "
-    "stderr by nbflow/flows.py parse_notebook (nbformat.reads/validate), so a rejected request prints "
-    "5 lines, not the one 'nbflow: error:' line docs/cli.md promises"
-))
-def test_notebook_without_cell_ids_still_gives_one_error_line(sqlite_env: dict[str, str],
-                                                              tmp_path: Path) -> None:
+def test_notebook_without_cell_ids_still_gives_one_error_line(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "noids.ipynb"
-    path.write_text(json.dumps({
-        "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-        "cells": [{"cell_type": "code", "source": "n = 3", "metadata": {"tags": ["parameters"]},
-                   "outputs": [], "execution_count": None}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "nbformat": 4,
+                "nbformat_minor": 5,
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "cells": [
+                    {
+                        "cell_type": "code",
+                        "source": "n = 3",
+                        "metadata": {"tags": ["parameters"]},
+                        "outputs": [],
+                        "execution_count": None,
+                    }
+                ],
+            }
+        )
+    )
     assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path, "-p", "zz", "1"), "unknown parameter 'zz'")
+    # ... and a good request runs it with nothing at all on stderr (--json sends no progress messages).
+    proc = nbflow(sqlite_env, tmp_path, "run", path, "-p", "n", "4", "--json")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert run_json(proc)["parameters"] == {"n": 4}
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -184,8 +188,9 @@ def test_notebook_without_cell_ids_still_gives_one_error_line(sqlite_env: dict[s
 def test_kernel_not_installed(nbflow_env: dict[str, str], tmp_path: Path) -> None:
     path = make_notebook(tmp_path, "nokernel", ["x = 1"], kernel="nosuchkernel")
     for command in ("run", "register"):
-        line = assert_bad_input(nbflow(nbflow_env, tmp_path, command, path),
-                                "'nosuchkernel'", "not installed", "--kernel")
+        line = assert_bad_input(
+            nbflow(nbflow_env, tmp_path, command, path), "'nosuchkernel'", "not installed", "--kernel"
+        )
         installed = line.split("installed kernels: ", 1)[1].split(";", 1)[0]
         assert "python3" in installed.split(", "), line
     assert_nothing_written()
@@ -194,29 +199,26 @@ def test_kernel_not_installed(nbflow_env: dict[str, str], tmp_path: Path) -> Non
 def test_no_kernelspec(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = make_notebook(tmp_path, "nospec", ["x = 1"], kernel=None)
     for command in ("run", "register"):
-        assert_bad_input(nbflow(sqlite_env, tmp_path, command, path),
-                         "nospec.ipynb", "names no kernel", "--kernel", "python3")
+        assert_bad_input(
+            nbflow(sqlite_env, tmp_path, command, path), "nospec.ipynb", "names no kernel", "--kernel", "python3"
+        )
     assert_nothing_written()
 
 
 def test_kernel_override_that_is_not_installed(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = make_notebook(tmp_path, "good", ["x = 1"])
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, "--kernel", "nope"),
-                     "'nope'", "(from --kernel)", "python3")
+    assert_bad_input(
+        nbflow(sqlite_env, tmp_path, "register", path, "--kernel", "nope"), "'nope'", "(from --kernel)", "python3"
+    )
     assert_nothing_written()
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path, "--kernel", "nope"),
-                     "'nope'", "(from --kernel)", "python3")
-    assert_nothing_written(flows=False)  # the flow itself: see test_rejected_run_creates_no_flow
+    assert_bad_input(
+        nbflow(sqlite_env, tmp_path, "run", path, "--kernel", "nope"), "'nope'", "(from --kernel)", "python3"
+    )
+    assert_nothing_written()
 
 
 @pytest.mark.parametrize("kernel", ["nosuchkernel", None], ids=["kernel-not-installed", "no-kernelspec"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: `nbflow run NEW.ipynb --kernel python3` ignores --kernel for a notebook not yet registered: "
-    "nbflow/flows.py flow_for_path calls register(..., options=FlowOptions(kernel_name=None)) and "
-    "register resolves only the notebook's own kernelspec, so it fails with the no-such-kernel error"
-))
-def test_kernel_override_runs_a_new_notebook(sqlite_env: dict[str, str], tmp_path: Path,
-                                             kernel: str | None) -> None:
+def test_kernel_override_runs_a_new_notebook(sqlite_env: dict[str, str], tmp_path: Path, kernel: str | None) -> None:
     path = make_notebook(tmp_path, "needs_override", ["import nbflow\nnbflow.record('ok', 1)"], kernel=kernel)
     doc = run_json(nbflow(sqlite_env, tmp_path, "run", path, "--kernel", "python3", "--json"))
     assert doc["state"] == "COMPLETED"
@@ -225,8 +227,7 @@ def test_kernel_override_runs_a_new_notebook(sqlite_env: dict[str, str], tmp_pat
 
 
 @pytest.mark.parametrize("kernel", ["nosuchkernel", None], ids=["kernel-not-installed", "no-kernelspec"])
-def test_kernel_override_runs_a_registered_flow(sqlite_env: dict[str, str], tmp_path: Path,
-                                                kernel: str | None) -> None:
+def test_kernel_override_runs_a_registered_flow(sqlite_env: dict[str, str], tmp_path: Path, kernel: str | None) -> None:
     """The same notebooks run once the flow is registered with --kernel (the route that works today)."""
     path = make_notebook(tmp_path, "needs_override", ["import nbflow\nnbflow.record('ok', 1)"], kernel=kernel)
     reg = nbflow(sqlite_env, tmp_path, "register", path, "--kernel", "python3", "--json")
@@ -245,52 +246,66 @@ def test_kernel_override_runs_a_registered_flow(sqlite_env: dict[str, str], tmp_
 
 def test_unknown_parameter(nbflow_env: dict[str, str], tmp_path: Path) -> None:
     path = typed_notebook(tmp_path)
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", path, "-p", "nn", "1"),
-                     "unknown parameter 'nn'", "valid parameters: flag, items, n, name, ratio")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", path, "-p", "zz", "1", "-p", "aa", "2", "-p", "n", "1"),
-                     "unknown parameters 'aa', 'zz'", "valid parameters: flag, items, n, name, ratio")
-    assert_nothing_written(flows=False)  # the flow itself: see test_rejected_run_creates_no_flow
+    assert_bad_input(
+        nbflow(nbflow_env, tmp_path, "run", path, "-p", "nn", "1"),
+        "unknown parameter 'nn'",
+        "valid parameters: flag, items, n, name, ratio",
+    )
+    assert_bad_input(
+        nbflow(nbflow_env, tmp_path, "run", path, "-p", "zz", "1", "-p", "aa", "2", "-p", "n", "1"),
+        "unknown parameters 'aa', 'zz'",
+        "valid parameters: flag, items, n, name, ratio",
+    )
+    assert_nothing_written()
 
 
-@pytest.mark.parametrize(("name", "value", "facts"), [
-    ("n", "abc", ["parameter 'n'", "expects an int", "'abc'"]),
-    ("n", "1.5", ["parameter 'n'", "expects an int", "'1.5'"]),
-    ("flag", "maybe", ["parameter 'flag'", "expects a bool", "'maybe'"]),
-    ("ratio", "fast", ["parameter 'ratio'", "expects a float", "'fast'"]),
-    ("ratio", "nan", ["parameter 'ratio'", "finite"]),
-    ("items", "[1, 2", ["parameter 'items'", "expects a list", "'[1, 2'"]),
-    ("items", '{"a": 1}', ["parameter 'items'", "expects a list", "dict"]),
-])
-def test_wrong_type(sqlite_env: dict[str, str], tmp_path: Path, name: str, value: str,
-                    facts: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "facts"),
+    [
+        ("n", "abc", ["parameter 'n'", "expects an int", "'abc'"]),
+        ("n", "1.5", ["parameter 'n'", "expects an int", "'1.5'"]),
+        ("flag", "maybe", ["parameter 'flag'", "expects a bool", "'maybe'"]),
+        ("ratio", "fast", ["parameter 'ratio'", "expects a float", "'fast'"]),
+        ("ratio", "nan", ["parameter 'ratio'", "finite"]),
+        ("items", "[1, 2", ["parameter 'items'", "expects a list", "'[1, 2'"]),
+        ("items", '{"a": 1}', ["parameter 'items'", "expects a list", "dict"]),
+    ],
+)
+def test_wrong_type(sqlite_env: dict[str, str], tmp_path: Path, name: str, value: str, facts: list[str]) -> None:
     path = typed_notebook(tmp_path)
     assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path, "-p", name, value), *facts)
-    assert_nothing_written(flows=False)
+    assert_nothing_written()
 
 
 def test_parameter_given_twice(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = typed_notebook(tmp_path)
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path, "-p", "n", "1", "-p", "n", "2"),
-                     "parameter 'n' given twice")
+    assert_bad_input(
+        nbflow(sqlite_env, tmp_path, "run", path, "-p", "n", "1", "-p", "n", "2"), "parameter 'n' given twice"
+    )
     assert_nothing_written()
 
 
-@pytest.mark.parametrize("args", [
-    ["-p", "nn", "1"], ["-p", "n", "abc"], ["--kernel", "nope"],
-], ids=["unknown-parameter", "wrong-type", "kernel-override-not-installed"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a rejected `nbflow run NEW.ipynb` still registers the flow (and its version): nbflow/runs.py "
-    "create_run calls flow_for_path (which commits the flow) before resolve_kernel/validate reject the "
-    "request; docs/cli.md says 'A rejected request writes nothing: no flow, no version, no run'"
-))
-def test_rejected_run_creates_no_flow(sqlite_env: dict[str, str], tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [["-p", "nn", "1"], ["-p", "n", "abc"], ["--kernel", "nope"]],
+    ids=["unknown-parameter", "wrong-type", "kernel-override-not-installed"],
+)
+def test_rejected_run_of_an_edited_notebook_makes_no_version(
+    sqlite_env: dict[str, str], tmp_path: Path, args: list[str]
+) -> None:
+    """A registered flow whose file changed gets a new version on its next run, but not on a rejected one."""
     path = typed_notebook(tmp_path)
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "run", path, *args))
-    assert_nothing_written()
+    reg = nbflow(sqlite_env, tmp_path, "register", path)
+    assert reg.returncode == 0, reg.stderr
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("edited = True"))
+    nbformat.write(nb, path)
+    for target in (path, "typed"):
+        assert_bad_input(nbflow(sqlite_env, tmp_path, "run", target, *args))
+    assert counts() == {"runs": 0, "flows": 1, "versions": 1}
 
 
-def test_notebook_without_parameters_cell_accepts_parameters(nbflow_env: dict[str, str],
-                                                             tmp_path: Path) -> None:
+def test_notebook_without_parameters_cell_accepts_parameters(nbflow_env: dict[str, str], tmp_path: Path) -> None:
     """Not an error: papermill injects the values in a new cell at the top, and the run log says so."""
     path = make_notebook(tmp_path, "noparams", ["import nbflow\nnbflow.record('x', x)"])
     proc = nbflow(nbflow_env, tmp_path, "run", path, "-p", "x", "5", "--json")
@@ -309,24 +324,30 @@ def test_notebook_without_parameters_cell_accepts_parameters(nbflow_env: dict[st
     from nbflow.store import open_store
 
     with open_store().read() as session:
-        texts = [line["text"] for line in logs(session, find_run(session, doc["id"]))
-                 if line["stream"] == "system"]
+        texts = [line["text"] for line in logs(session, find_run(session, doc["id"])) if line["stream"] == "system"]
     assert any("no cell tagged 'parameters'" in t for t in texts), texts
 
 
 # -- database URLs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "facts"), [
-    ("nonsense://x", ["cannot open database", "nonsense://x"]),
-    ("not a url", ["cannot open database", "'not a url'", "not a database URL"]),
-    ("postgresql+psycopg://postgres@127.0.0.1:1/nope",
-     ["cannot open database", "postgresql+psycopg://postgres@127.0.0.1:1/nope", "port 1"]),
-    ("postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nope",
-     ["cannot open database", "postgresql+psycopg://postgres:***@127.0.0.1:1/nope"]),
-], ids=["unknown-dialect", "not-a-url", "unreachable", "unreachable-password-hidden"])
-def test_unusable_database_url(sqlite_env: dict[str, str], tmp_path: Path, url: str,
-                               facts: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("url", "facts"),
+    [
+        ("nonsense://x", ["cannot open database", "nonsense://x"]),
+        ("not a url", ["cannot open database", "'not a url'", "not a database URL"]),
+        (
+            "postgresql+psycopg://postgres@127.0.0.1:1/nope",
+            ["cannot open database", "postgresql+psycopg://postgres@127.0.0.1:1/nope", "port 1"],
+        ),
+        (
+            "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nope",
+            ["cannot open database", "postgresql+psycopg://postgres:***@127.0.0.1:1/nope"],
+        ),
+    ],
+    ids=["unknown-dialect", "not-a-url", "unreachable", "unreachable-password-hidden"],
+)
+def test_unusable_database_url(sqlite_env: dict[str, str], tmp_path: Path, url: str, facts: list[str]) -> None:
     env = dict(sqlite_env, NBFLOW_DATABASE_URL=url)
     path = make_notebook(tmp_path, "good", ["x = 1"])
     for args in (["run", path], ["runs", "--json"], ["flows"]):
@@ -348,11 +369,11 @@ def test_unknown_run_id(nbflow_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unknown_flow_and_state(nbflow_env: dict[str, str], tmp_path: Path) -> None:
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--flow", "nosuch"),
-                     "no flow named 'nosuch'", "nbflow register")
+    assert_bad_input(
+        nbflow(nbflow_env, tmp_path, "runs", "--flow", "nosuch"), "no flow named 'nosuch'", "nbflow register"
+    )
     assert_bad_input(nbflow(nbflow_env, tmp_path, "run", "nosuchflow"), "no flow named 'nosuchflow'")
-    line = assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--state", "BOGUS", "--json"),
-                            "unknown state 'BOGUS'")
+    line = assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--state", "BOGUS", "--json"), "unknown state 'BOGUS'")
     for state in ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
         assert state in line
     assert_nothing_written()
@@ -360,10 +381,14 @@ def test_unknown_flow_and_state(nbflow_env: dict[str, str], tmp_path: Path) -> N
     # With a flow registered, "not found" lists the flows that exist.
     reg = nbflow(nbflow_env, tmp_path, "register", make_notebook(tmp_path, "real", ["x = 1"]))
     assert reg.returncode == 0, reg.stderr
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", "nosuchflow"),
-                     "no flow named 'nosuchflow'", "registered flows: real")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--flow", "nosuch", "--json"),
-                     "no flow named 'nosuch'", "registered flows: real")
+    assert_bad_input(
+        nbflow(nbflow_env, tmp_path, "run", "nosuchflow"), "no flow named 'nosuchflow'", "registered flows: real"
+    )
+    assert_bad_input(
+        nbflow(nbflow_env, tmp_path, "runs", "--flow", "nosuch", "--json"),
+        "no flow named 'nosuch'",
+        "registered flows: real",
+    )
     assert counts() == {"runs": 0, "flows": 1, "versions": 1}
     listed = nbflow(nbflow_env, tmp_path, "runs", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -373,8 +398,7 @@ def test_unknown_flow_and_state(nbflow_env: dict[str, str], tmp_path: Path) -> N
 def test_invalid_flow_name(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = make_notebook(tmp_path, "good", ["x = 1"])
     for name in ("bad name!", "-leading-dash", "x" * 201):
-        assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, "--name", name),
-                         f"invalid flow name {name!r}")
+        assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, "--name", name), f"invalid flow name {name!r}")
     assert_nothing_written()
 
 
@@ -395,9 +419,11 @@ def test_failing_cell_ends_the_run_failed(nbflow_env: dict[str, str], tmp_path: 
     assert err["cell_id"] == failing_id
     assert [c["state"] for c in doc["cells"]] == ["COMPLETED", "FAILED", "SKIPPED"]
 
-    # The output notebook holds the error in that same cell.
+    # The output notebook holds the error in that same cell (papermill adds markdown banners around it).
     out = nbformat.read(doc["output_path"], as_version=4)
-    assert [o.get("ename") for o in out.cells[1].outputs if o.output_type == "error"] == ["ValueError"]
+    failed = [c for c in out.cells if c.get("id") == failing_id]
+    assert len(failed) == 1
+    assert [o.get("ename") for o in failed[0].outputs if o.output_type == "error"] == ["ValueError"]
 
     # The stored run says the same, and it is found by state and by a short id prefix (both backends).
     listed = nbflow(nbflow_env, tmp_path, "runs", "--state", "failed", "--json")
