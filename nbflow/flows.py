@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError
-from nbflow.parameters import spec_from_papermill
+from nbflow.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.store import Store
 from nbflow.store.models import Flow, FlowVersion, utcnow
 
@@ -124,6 +124,9 @@ def inspect_parameters(source: NotebookSource, kernel_name: str) -> tuple[dict[s
         params = _infer_parameters(nb, name=kernel_name, language=language or "python")
     except Exception as exc:
         raise NotebookError(f"cannot inspect the parameters of {source.path.name}: {exc}") from None
+    if has_cell and (language or "python") == "python":
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.tags)
+        params = [*params, *python_parameters_missed(cell.source, {p.name for p in params})]
     return spec_from_papermill(params), has_cell
 
 

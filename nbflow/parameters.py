@@ -41,6 +41,40 @@ def _literal(source: str) -> tuple[bool, Any]:
         return False, None
 
 
+def python_parameters_missed(source: str, known: set[str]) -> list[Any]:
+    """Assignments in a Python ``parameters`` cell that papermill's line regex does not see.
+
+    papermill skips annotations it cannot parse with its regex, such as ``u: int | None = 5``; it
+    still injects a value for ``u`` (it only warns about names it does not know), so nbflow would reject
+    a valid parameter. Python's own parser sees every top-level assignment.
+    """
+    import ast
+
+    from papermill.models import Parameter
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    lines = source.splitlines()
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, annotation = node.target.id, ast.unparse(node.annotation)
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name)):
+            name, annotation = node.targets[0].id, "None"
+        else:
+            continue
+        if name in known:
+            continue
+        default = ast.get_source_segment(source, node.value) or "None"
+        line = lines[(node.end_lineno or node.lineno) - 1]
+        comment = line.split("#", 1)[1].strip() if "#" in line[node.end_col_offset or 0:] else ""
+        found.append(Parameter(name=name, inferred_type_name=annotation, default=default, help=comment))
+    return found
+
+
 def spec_from_papermill(params: list[Any]) -> dict[str, dict[str, Any]]:
     """Turn papermill ``Parameter`` tuples into nbflow's JSON spec: name -> {type, nullable, default, ...}."""
     spec: dict[str, dict[str, Any]] = {}

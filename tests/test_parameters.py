@@ -167,17 +167,13 @@ def test_empty_parameters_cell() -> None:
     assert (spec, has_cell) == ({}, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "limitation (papermill): papermill's Python parameter regex does not accept '|' in an annotation, so "
-        "`u: int | None = 5` is silently dropped from the spec and `-p u 3` is then rejected as unknown"
-    ),
-)
 def test_pep604_annotation_is_a_parameter() -> None:
-    spec, _ = inspect("u: int | None = 5")
-    assert spec["u"]["type"] == "int"
-    assert spec["u"]["nullable"] is True
+    # papermill's regex drops this line; nbflow's ast fallback keeps it (papermill would inject it anyway)
+    spec, _ = inspect("a = 1  # first\nu: int | None = 5  # maybe\nv: list[str] | None = None")
+    assert list(spec) == ["a", "u", "v"]
+    assert spec["u"] == {"type": "int", "nullable": True, "default": 5, "default_source": "5", "help": "maybe"}
+    assert spec["v"]["type"] == "list" and spec["v"]["nullable"] is True
+    assert validate(spec, {"u": "3"}) == {"u": 3}
 
 
 # -- validate: text from the command line -------------------------------------------------------------
