@@ -1,0 +1,88 @@
+"""The command line as a user meets it: help texts, register/flows/runs listings, db upgrade."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["run", "register", "flows", "runs", "show", "db", "db upgrade"]
+
+
+def nbflow(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_every_command_explains_itself(sqlite_env, tmp_path, command):
+    proc = nbflow(sqlite_env, tmp_path, *command.split(), "--help")
+    assert proc.returncode == 0
+    assert "Usage: nbflow" in proc.stdout
+    # a sentence of its own, not just the usage line
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 3
+    if command == "":
+        for name in ("run", "register", "flows", "runs", "show", "db"):
+            assert f"  {name} " in proc.stdout
+
+
+def test_register_flows_and_versions(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "rep", ["import nbflow\nnbflow.record('days', days)"],
+                       parameters='region = "EU"  # where\ndays: int = 7')
+    reg = nbflow(nbflow_env, tmp_path, "register", str(nb), "--name", "report", "--retries", "2",
+                 "--retry-delay", "30", "--timeout", "600", "--cell-timeout", "60", "--tag", "daily",
+                 "--tag", "finance", "--json")
+    assert reg.returncode == 0, reg.stderr
+    flow = json.loads(reg.stdout)
+    assert flow["name"] == "report" and flow["version"] == 1 and flow["kind"] == "notebook"
+    assert (flow["retries"], flow["retry_delay"], flow["timeout"], flow["cell_timeout"]) == (2, 30, 600, 60)
+    assert flow["tags"] == ["daily", "finance"]
+    assert flow["parameters"] == {"region": {"type": "str", "default": "EU", "help": "where"},
+                                  "days": {"type": "int", "default": 7, "help": ""}}
+    assert flow["last_run"] is None
+    # same content again: same version; edited content: the next version, settings kept
+    assert json.loads(nbflow(nbflow_env, tmp_path, "register", str(nb), "--name", "report", "--json")
+                      .stdout)["version"] == 1
+    make_notebook(tmp_path, "rep", ["import nbflow\nnbflow.record('days', days * 2)"], parameters="days: int = 7")
+    again = json.loads(nbflow(nbflow_env, tmp_path, "register", str(nb), "--name", "report", "--json").stdout)
+    assert again["version"] == 2 and again["retries"] == 2 and list(again["parameters"]) == ["days"]
+    ran = nbflow(nbflow_env, tmp_path, "run", "report", "-p", "days", "4", "--json")
+    assert ran.returncode == 0, ran.stderr
+    run = json.loads(ran.stdout)
+    assert run["flow_version"] == 2 and run["result"] == {"days": 8} and run["max_attempts"] == 3
+    listing = json.loads(nbflow(nbflow_env, tmp_path, "flows", "--json").stdout)["flows"]
+    assert [f["name"] for f in listing] == ["report"]
+    assert listing[0]["last_run"]["id"] == run["id"] and listing[0]["last_run"]["state"] == "COMPLETED"
+    table = nbflow(nbflow_env, tmp_path, "flows").stdout
+    assert "report" in table and "v2" in table and "days:int=7" in table and "COMPLETED" in table
+
+
+def test_runs_filters_and_newest_first(sqlite_env, tmp_path):
+    ok = make_notebook(tmp_path, "ok", ["x = 1"])
+    bad = make_notebook(tmp_path, "bad", ["raise RuntimeError('no')"])
+    ids = []
+    for path, code in ((ok, 0), (bad, 1), (ok, 0)):
+        proc = nbflow(sqlite_env, tmp_path, "run", str(path), "--json")
+        assert proc.returncode == code, proc.stderr
+        ids.append(json.loads(proc.stdout)["id"])
+    every = json.loads(nbflow(sqlite_env, tmp_path, "runs", "--json").stdout)["runs"]
+    assert [r["id"] for r in every] == ids[::-1]
+    assert "cells" not in every[0]
+    failed = json.loads(nbflow(sqlite_env, tmp_path, "runs", "--state", "failed", "--json").stdout)["runs"]
+    assert [r["id"] for r in failed] == [ids[1]]
+    oks = json.loads(nbflow(sqlite_env, tmp_path, "runs", "--flow", "ok", "--limit", "1", "--json").stdout)
+    assert [r["id"] for r in oks["runs"]] == [ids[2]]
+    shown = nbflow(sqlite_env, tmp_path, "show", ids[1])
+    assert "FAILED" in shown.stdout and "RuntimeError: no" in shown.stdout and "history" in shown.stdout
+
+
+def test_db_upgrade(nbflow_env, tmp_path):
+    proc = nbflow(nbflow_env, tmp_path, "db", "upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert "revision 0001" in proc.stdout
+    assert nbflow(nbflow_env, tmp_path, "db", "upgrade").returncode == 0
