@@ -75,16 +75,20 @@ def store(db_url: str) -> Iterator[Store]:
     s.dispose()
 
 
-@pytest.fixture
-def nbflow_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """An isolated nbflow instance (home + database) for in-process calls and CLI subprocesses."""
-    home = tmp_path / "home"
+def _instance(monkeypatch: pytest.MonkeyPatch, home: Path, url: str) -> dict[str, str]:
+    """Point this process and its children at an isolated nbflow home and database."""
     monkeypatch.setenv("NBFLOW_HOME", str(home))
-    monkeypatch.setenv("NBFLOW_DATABASE_URL", db_url)
+    monkeypatch.setenv("NBFLOW_DATABASE_URL", url)
     reset_stores()
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    yield env
+    return env
+
+
+@pytest.fixture
+def nbflow_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """An isolated nbflow instance (home + database) for in-process calls and CLI subprocesses."""
+    yield _instance(monkeypatch, tmp_path / "home", db_url)
     reset_stores()
 
 
@@ -92,10 +96,5 @@ def nbflow_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Like ``nbflow_env`` on SQLite only: for behaviour that does not depend on the database."""
     home = tmp_path / "home"
-    monkeypatch.setenv("NBFLOW_HOME", str(home))
-    monkeypatch.setenv("NBFLOW_DATABASE_URL", f"sqlite:///{home / 'nbflow.db'}")
-    reset_stores()
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    yield env
+    yield _instance(monkeypatch, home, f"sqlite:///{home / 'nbflow.db'}")
     reset_stores()
