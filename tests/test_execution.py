@@ -264,3 +264,31 @@ def test_progress_bar_is_papermills_on_stderr_and_kernel_chatter_is_not(sqlite_e
     assert json.loads(proc.stdout)["state"] == "COMPLETED"
     assert "Executing" in proc.stderr and "4/4" in proc.stderr  # papermill's tqdm bar over the 4 cells
     assert "IPKernelApp" not in proc.stderr
+
+
+def test_cells_and_logs_can_be_watched_while_the_run_is_going(nbflow_env, tmp_path):
+    import threading
+
+    from nbflow.store.models import CellRun
+
+    nb = make_notebook(tmp_path, "watch", ["print('first', flush=True)", "import time\ntime.sleep(4)", "z = 3"])
+    store = open_store()
+    run = create_run(store, str(nb))
+    worker = threading.Thread(target=execute_run, args=(store, run.id))
+    worker.start()
+    seen = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and seen is None:
+        with store.read() as session:
+            cells = [c.state for c in session.execute(
+                select(CellRun).where(CellRun.run_id == run.id).order_by(CellRun.cell_index)).scalars()]
+            if cells == ["COMPLETED", "RUNNING", "PENDING"]:
+                seen = (cells, session.get(Run, run.id).state,
+                        [line.text for line in session.execute(select(Log).where(Log.run_id == run.id)).scalars()])
+        time.sleep(0.05)
+    worker.join(timeout=60)
+    assert seen is not None, "never saw the second cell running"
+    assert seen[1] == "RUNNING"
+    assert any("first" in text for text in seen[2]), "the first cell's output was not in the log yet"
+    with store.read() as session:
+        assert session.get(Run, run.id).state == "COMPLETED"
