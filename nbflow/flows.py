@@ -204,9 +204,14 @@ def register(store: Store, path: str | Path, *, name: str | None = None,
     ``run_kernel`` is a one-off ``--kernel`` of the run that registers the flow: it is checked and used
     to inspect the parameters, but not kept as the flow's kernel.
     """
+    return register_source(store, read_notebook(path), name=name, options=options, run_kernel=run_kernel)
+
+
+def register_source(store: Store, source: NotebookSource, *, name: str | None = None,
+                    options: FlowOptions | None = None, run_kernel: str | None = None) -> tuple[Flow, FlowVersion]:
+    """``register`` for a notebook already read (and checked) by the caller."""
     options = options or FlowOptions()
     options.validate()
-    source = read_notebook(path)
     flow_name = check_name(name or default_flow_name(source.path))
     kernel = resolve_kernel(source, options.kernel_name or run_kernel)
     with store.write() as session:
@@ -226,10 +231,9 @@ def register(store: Store, path: str | Path, *, name: str | None = None,
     return flow, version
 
 
-def flow_for_path(store: Store, path: str | Path, kernel_override: str | None = None
+def flow_for_path(store: Store, source: NotebookSource, kernel_override: str | None = None
                   ) -> tuple[Flow, FlowVersion]:
     """The flow registered for this file, or a new one named after it (``report``, ``report-2``...)."""
-    source = read_notebook(path)
     with store.read() as session:
         flow = flow_by_path(session, source.path)
         if flow is None:
@@ -242,8 +246,8 @@ def flow_for_path(store: Store, path: str | Path, kernel_override: str | None = 
         else:
             name = flow.name
     try:
-        return sync_version(store, name, source, kernel_override) if flow else register(
-            store, source.path, name=name, run_kernel=kernel_override
+        return sync_version(store, name, source, kernel_override) if flow else register_source(
+            store, source, name=name, run_kernel=kernel_override
         )
     except IntegrityError:  # another process registered the same name first: use theirs
         return sync_version(store, name, source, kernel_override)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from nbflow import states
 from nbflow.errors import NbflowError, ParameterError, RunNotFound
 from nbflow.flows import (
+    NotebookSource,
     flow_by_path,
     flow_for_path,
     get_flow,
@@ -54,14 +55,11 @@ def create_run(
     A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
     a notebook registers it, but only once the request has passed every check).
     """
-    _check_request(store, target, parameters or {}, kernel)
+    source, from_file, kernel_name, values = _check_request(store, target, parameters or {}, kernel)
     if looks_like_path(target):
-        flow, version = flow_for_path(store, target, kernel)
+        flow, version = flow_for_path(store, source, kernel)
     else:
-        flow, version = sync_version(store, target, kernel_override=kernel)
-    source = parse_notebook(version.source, Path(flow.source_path or flow.name))
-    kernel_name = resolve_kernel(source, kernel or flow.kernel_name)
-    values = validate(version.parameters, parameters or {}, has_parameters_cell=version.has_parameters_cell)
+        flow, version = sync_version(store, target, source if from_file else None, kernel_override=kernel)
     run_id = uuid.uuid4()
     output = get_settings().runs_dir / flow.name / f"{run_id}.ipynb"
     with store.write() as session:
@@ -75,8 +73,15 @@ def create_run(
     return run
 
 
-def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel: str | None) -> None:
-    """Every check ``create_run`` needs, on what would run, before anything is written."""
+def _check_request(
+    store: Store, target: str, parameters: dict[str, Any], kernel: str | None
+) -> tuple[NotebookSource, bool, str, dict[str, Any]]:
+    """Every check ``create_run`` needs, on what would run, before anything is written.
+
+    Returns the notebook that will run, whether it was read from its file (else it is the stored
+    snapshot of a flow whose file is gone), the kernel, and the converted parameter values.
+    """
+    from_file = True
     if looks_like_path(target):
         source = read_notebook(target)
         with store.read() as session:
@@ -89,12 +94,12 @@ def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel
         if path is not None and path.is_file():
             source = read_notebook(path)
         elif version is not None:
-            source = parse_notebook(version.source, path or Path(flow.name))
+            source, from_file = parse_notebook(version.source, path or Path(flow.name)), False
         else:
             raise NbflowError(f"flow {target!r} has no stored version and its notebook {path} is missing")
     kernel_name = resolve_kernel(source, kernel or (flow.kernel_name if flow else None))
     spec, has_cell = inspect_parameters(source, kernel_name)
-    validate(spec, parameters, has_parameters_cell=has_cell)
+    return source, from_file, kernel_name, validate(spec, parameters, has_parameters_cell=has_cell)
 
 
 def find_run(session: Session, run_id: str | uuid.UUID) -> Run:
