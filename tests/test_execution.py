@@ -55,6 +55,8 @@ def test_hello_completes_with_cells_results_logs_and_output(nbflow_env):
     nb = nbformat.read(out, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and 'name = "Ada"' in injected[0].source
+    # a short label, not a copy of the input notebook (papermill embeds one when given a notebook object)
+    assert nb.metadata.papermill["input_path"] == f"{HELLO} (nbflow flow hello v1)"
 
 
 def test_failing_cell_fails_the_run_and_skips_the_rest(nbflow_env, tmp_path):
