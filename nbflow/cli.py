@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -104,14 +107,15 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
     from nbflow.runs import create_run, parse_cli_parameters, run_document
 
     store = _store()
-    run_ = create_run(store, target, parse_cli_parameters(parameters), kernel=kernel)
+    run_ = create_run(store, target, parse_cli_parameters(parameters), kernel=kernel,
+                      worker_id=f"cli:{socket.gethostname()}:{os.getpid()}")
     if not as_json:
         click.echo(f"run {run_.id} started (flow {target})", err=True)
     show_progress = sys.stderr.isatty() if progress is None else progress
     try:
         ended = launcher.execute_run(store, run_.id, progress=show_progress)
     except KeyboardInterrupt:
-        _cancel_now(store, run_.id)
+        launcher.settle(store, run_.id, "cancel", "cancelled by the user (interrupt)")
         with store.read() as session:
             ended = session.get(type(run_), run_.id)
     with store.read() as session:
@@ -121,17 +125,6 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
     else:
         _print_outcome(doc)
     sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
-
-
-def _cancel_now(store: Any, run_id: Any) -> None:
-    from nbflow import states
-
-    with store.write() as session:
-        r = states.lock_run(session, run_id)
-        if states.StateType(r.state) not in states.TERMINAL:
-            if r.state != states.S.CANCELLING:
-                states.transition(session, r, states.S.CANCELLING, message="cancelled by the user (interrupt)")
-            states.transition(session, r, states.S.CANCELLED, message="cancelled by the user (interrupt)")
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:
@@ -145,6 +138,88 @@ def _print_outcome(doc: dict[str, Any]) -> None:
     if doc.get("result"):
         click.echo("result: " + json.dumps(doc["result"], default=str))
     click.echo(f"output: {doc['output_path']}")
+
+
+@cli.command()
+@click.argument("flow")
+@param_option
+@click.option("--kernel", help="Kernel to run with (default: the flow's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
+@click.option("--wait", is_flag=True, help="Block until the run ends; exit code as `nbflow run`.")
+@handle_errors
+def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | None, as_json: bool,
+            wait: bool) -> None:
+    """Queue a run of a flow (or notebook path) now; a worker (`nbflow worker`) executes it.
+
+    Parameters are checked before anything is queued, exactly as for `nbflow run`.
+    """
+    from nbflow import states
+    from nbflow.runs import create_run, parse_cli_parameters, run_document
+
+    store = _store()
+    run_ = create_run(store, flow, parse_cli_parameters(parameters), kernel=kernel, trigger="manual")
+    if wait:
+        while True:
+            with store.read() as session:
+                current = session.get(type(run_), run_.id)
+                if states.StateType(current.state) in states.TERMINAL:
+                    break
+            time.sleep(0.2)
+    with store.read() as session:
+        doc = run_document(session, session.get(type(run_), run_.id))
+    if as_json:
+        _emit_json(doc)
+    elif wait:
+        _print_outcome(doc)
+    else:
+        click.echo(f"run {doc['id']} {doc['state']} (flow {doc['flow']} v{doc['flow_version']})")
+    if wait:
+        sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
+@handle_errors
+def cancel(run_id: str, as_json: bool) -> None:
+    """Cancel a run. A queued run ends CANCELLED at once; a running one turns CANCELLING and the
+    process running it (a worker or `nbflow run`) interrupts it, then kills its kernel: it ends
+    CANCELLED within seconds. RUN_ID may be a unique prefix."""
+    from nbflow.runs import request_cancel, run_document
+
+    store = _store()
+    run_ = request_cancel(store, run_id)
+    with store.read() as session:
+        doc = run_document(session, session.get(type(run_), run_.id))
+    if as_json:
+        _emit_json(doc)
+    else:
+        click.echo(f"run {doc['id']} {doc['state']}")
+
+
+@cli.command()
+@click.option("--slots", type=click.IntRange(min=1), default=2, show_default=True, help="Runs at once.")
+@click.option("--poll", "poll_interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              metavar="SECONDS", help="How often to look for queued runs when idle.")
+@click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
+@handle_errors
+def worker(slots: int, poll_interval: float, exit_when_idle: bool) -> None:
+    """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
+
+    Several workers, on one machine or many sharing a PostgreSQL database, never run the same run.
+    Ctrl-C or SIGTERM stops the worker; runs it was executing end CRASHED (retried if they have retries).
+    """
+    import signal
+
+    from nbflow.runner import Runner
+
+    runner = Runner(_store(), slots=slots, poll_interval=poll_interval)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop.set())
+    click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s)", err=True)
+    try:
+        runner.run(exit_when_idle=exit_when_idle)
+    except KeyboardInterrupt:
+        runner.shutdown()
 
 
 @cli.command()

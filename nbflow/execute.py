@@ -16,7 +16,6 @@ import io
 import math
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -254,7 +253,6 @@ def _start_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, F
             return None  # cancelled (or claimed) before this process got to it
         states.transition(session, run, states.S.RUNNING)
         run.process_id = os.getpid()
-        run.worker_id = socket.gethostname()
         run.heartbeat_at = utcnow()
         version = session.get(FlowVersion, run.flow_version_id)
         flow = session.get(Flow, run.flow_id)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from nbflow.store import Store
 from nbflow.store.models import CellRun, Run, utcnow
 
 GRACE_SECONDS = 5.0
+WAIT_SLICE_SECONDS = 0.1
+CANCEL_POLL_SECONDS = 0.5
 
 
 def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
@@ -54,7 +57,7 @@ def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
     return (row[0], row[1]) if row else (None, None)
 
 
-def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
+def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
             cell: tuple[int | None, str | None] = (None, None)) -> None:
     """Write the end the process could not write itself, if the run is still live.
 
@@ -65,7 +68,7 @@ def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
     with store.write() as session:
         run = states.lock_run(session, run_id)
         state = states.StateType(run.state)
-        if state in states.TERMINAL or state is states.S.SCHEDULED:
+        if state in states.TERMINAL or (state is states.S.SCHEDULED and why != "cancel"):
             return
         attempt = run.attempt
         error: dict[str, Any] | None = None
@@ -100,7 +103,37 @@ def _tail(path: str, limit: int = 2000) -> str:
         return ""
 
 
-def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> None:
+def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threading.Event | None
+           ) -> tuple[Any, str | None]:
+    """Wait for the run process; stop it early on timeout, on a cancel request (the run turned
+    CANCELLING, from any process) or when ``stop`` is set. Returns (exit code or the running cell, why)."""
+    deadline = time.monotonic() + run.timeout if run.timeout else None
+    next_check = time.monotonic() + CANCEL_POLL_SECONDS
+    while True:
+        try:
+            return proc.wait(timeout=WAIT_SLICE_SECONDS), None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        why = None
+        if deadline is not None and now >= deadline:
+            why = "timeout"
+        elif stop is not None and stop.is_set():
+            why = "stop"
+        elif now >= next_check:
+            next_check = now + CANCEL_POLL_SECONDS
+            with store.read() as session:
+                if session.get(Run, run.id).state == states.S.CANCELLING:
+                    why = "cancel"
+        if why is not None:
+            cell = _running_cell(store, run)
+            terminate_tree(proc.pid)
+            proc.wait()
+            return cell, why
+
+
+def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
+                        stop: threading.Event | None = None) -> None:
     """Run one attempt of a PENDING run in its own process and wait for it to end, one way or another."""
     cmd = [sys.executable, "-m", "nbflow.execute", str(run.id)]
     env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
@@ -120,22 +153,26 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False) -> No
         if progress_fd is not None:
             os.close(progress_fd)
         try:
-            rc = proc.wait(timeout=run.timeout)
-        except subprocess.TimeoutExpired:
-            cell = _running_cell(store, run)
-            terminate_tree(proc.pid)
-            proc.wait()
-            _settle(store, run.id, "timeout", f"the run exceeded its timeout of {run.timeout:g}s", cell)
-            return
+            outcome, why = _watch(store, run, proc, stop)
         except KeyboardInterrupt:
             terminate_tree(proc.pid)
             proc.wait()
-            _settle(store, run.id, "cancel", "cancelled by the user (interrupt)")
+            settle(store, run.id, "cancel", "cancelled by the user (interrupt)")
             raise
+        if why == "timeout":
+            settle(store, run.id, "timeout", f"the run exceeded its timeout of {run.timeout:g}s", outcome)
+            return
+        if why == "cancel":
+            settle(store, run.id, "cancel", "cancelled", outcome)
+            return
+        if why == "stop":
+            settle(store, run.id, "crash", "the worker running it stopped", outcome)
+            return
+        rc = outcome
         if rc != 0:
             tail = _tail(err_path)
             detail = f"the run process exited with code {rc}" + (f": {tail.splitlines()[-1]}" if tail else "")
-            _settle(store, run.id, "crash", detail, _running_cell(store, run))
+            settle(store, run.id, "crash", detail, _running_cell(store, run))
     finally:
         os.unlink(err_path)
 
@@ -158,15 +195,21 @@ def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> b
 
 
 def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
-                wait: Callable[[float], Any] = time.sleep) -> Run:
+                wait: Callable[[float], Any] = time.sleep, stop: threading.Event | None = None) -> Run:
     """Run a PENDING run in the foreground, through all its attempts, and return it ended."""
+    if stop is not None and wait is time.sleep:
+        wait = stop.wait
     while True:
         with store.read() as session:
             run = session.get(Run, run_id)
-        if run.state == states.S.SCHEDULED:
+        if run.state == states.S.CANCELLING:  # cancelled before its process took it
+            settle(store, run_id, "cancel", "cancelled before it started")
+        elif run.state == states.S.SCHEDULED:
+            if stop is not None and stop.is_set():
+                return run
             if not _promote(store, run_id, wait):
                 continue
         elif run.state == states.S.PENDING:
-            run_attempt_process(store, run, progress=progress)
+            run_attempt_process(store, run, progress=progress, stop=stop)
         else:
             return run

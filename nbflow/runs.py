@@ -15,7 +15,7 @@ from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
 
 from nbflow import states
-from nbflow.errors import NbflowError, ParameterError, RunNotFound
+from nbflow.errors import IllegalTransition, NbflowError, ParameterError, RunNotFound
 from nbflow.flows import (
     NotebookSource,
     flow_by_path,
@@ -49,11 +49,14 @@ def looks_like_path(target: str) -> bool:
 def create_run(
     store: Store, target: str, parameters: dict[str, Any] | None = None, *,
     kernel: str | None = None, trigger: str = "manual", state: states.StateType = states.S.PENDING,
+    worker_id: str | None = None,
 ) -> Run:
     """Validate everything, then insert the run in one transaction.
 
     A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
     a notebook registers it, but only once the request has passed every check).
+    ``worker_id`` claims the run at birth (``nbflow run`` executes it itself); without it the run is
+    queued for any worker.
     """
     source, from_file, kernel_name, values = _check_request(store, target, parameters or {}, kernel)
     if looks_like_path(target):
@@ -68,6 +71,7 @@ def create_run(
             kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1,
             retry_delay=flow.retry_delay, retry_backoff=flow.retry_backoff, timeout=flow.timeout,
             cell_timeout=flow.cell_timeout, trigger=trigger, output_path=str(output), result={},
+            worker_id=worker_id,
         )
         states.initial_state(session, run, state)
     return run
@@ -100,6 +104,21 @@ def _check_request(
     kernel_name = resolve_kernel(source, kernel or (flow.kernel_name if flow else None))
     spec, has_cell = inspect_parameters(source, kernel_name)
     return source, from_file, kernel_name, validate(spec, parameters, has_parameters_cell=has_cell)
+
+
+def request_cancel(store: Store, run_id: str | uuid.UUID) -> Run:
+    """Cancel a run. One nobody holds yet ends CANCELLED at once; one a process holds turns CANCELLING,
+    and the process supervising it stops it (interrupt, then kill) and ends it CANCELLED."""
+    with store.write() as session:
+        run = states.lock_run(session, find_run(session, run_id).id)
+        state = states.StateType(run.state)
+        if state in states.TERMINAL:
+            raise IllegalTransition(f"run {run.id} has already ended ({state}); there is nothing to cancel")
+        if state is states.S.SCHEDULED or (state is states.S.PENDING and run.worker_id is None):
+            states.transition(session, run, states.S.CANCELLED, message="cancelled before it started")
+        elif state is not states.S.CANCELLING:
+            states.transition(session, run, states.S.CANCELLING, message="cancel requested")
+        return run
 
 
 def find_run(session: Session, run_id: str | uuid.UUID) -> Run:

@@ -1,0 +1,169 @@
+"""Queued runs: trigger, workers that never run a run twice, and cancellation that always finishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from helpers import make_notebook
+from sqlalchemy import func, select
+from test_execution import kernels_left
+
+from nbflow.runner import claim
+from nbflow.runs import create_run, history
+from nbflow.store import open_store
+from nbflow.store.models import CellRun, Run, RunStateEvent
+
+
+def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_state(run_id: str, state: str, timeout: float = 30) -> None:
+    store = open_store()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with store.read() as session:
+            if session.get(Run, uuid.UUID(run_id)).state == state:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} never reached {state}")
+
+
+def test_concurrent_claims_take_each_run_exactly_once(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "q", ["x = 1"])
+    store = open_store()
+    queued = {create_run(store, str(nb)).id for _ in range(30)}
+    taken: list[uuid.UUID] = []
+    lock = threading.Lock()
+
+    def grab(worker: str) -> None:
+        while True:
+            got = claim(store, worker, 3)
+            if not got:
+                return
+            with lock:
+                taken.extend(got)
+
+    threads = [threading.Thread(target=grab, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(queued)  # every run, and none twice
+    with store.read() as session:
+        assert session.execute(select(func.count()).where(Run.worker_id.is_(None))).scalar() == 0
+
+
+def test_two_workers_drain_the_queue_without_running_anything_twice(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "quick", ["import nbflow\nnbflow.record('i', i)"], parameters="i = 0")
+    ids = [json.loads(nbflow(nbflow_env, tmp_path, "trigger", str(nb), "-p", "i", str(i), "--json").stdout)["id"]
+           for i in range(6)]
+    workers = [start(nbflow_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--exit-when-idle")
+               for _ in range(2)]
+    for w in workers:
+        w.communicate(timeout=120)
+        assert w.returncode == 0
+    store = open_store()
+    with store.read() as session:
+        runs = {str(r.id): r for r in session.execute(select(Run)).scalars()}
+        assert {runs[i].state for i in ids} == {"COMPLETED"}
+        assert [runs[i].result for i in ids] == [{"i": n} for n in range(6)]
+        assert all(runs[i].worker_id.startswith("worker:") for i in ids)
+        started = session.execute(
+            select(RunStateEvent.run_id, func.count()).where(RunStateEvent.to_state == "RUNNING")
+            .group_by(RunStateEvent.run_id)
+        ).all()
+    assert sorted(str(r) for r, n in started if n == 1) == sorted(ids)
+
+
+def test_trigger_rejects_bad_parameters_and_queues_nothing(sqlite_env, tmp_path):
+    proc = nbflow(sqlite_env, tmp_path, "trigger", str(make_notebook(tmp_path, "t", ["pass"], parameters="n = 1")),
+                  "-p", "n", "many")
+    assert proc.returncode == 2 and proc.stderr.startswith("nbflow: error: parameter 'n' expects an int")
+    with open_store().read() as session:
+        assert session.execute(select(func.count(Run.id))).scalar() == 0
+
+
+def test_trigger_wait_returns_the_run_outcome(sqlite_env, tmp_path):
+    bad = make_notebook(tmp_path, "bad", ["raise KeyError('k')"])
+    worker = start(sqlite_env, tmp_path, "worker", "--poll", "0.1")
+    try:
+        proc = nbflow(sqlite_env, tmp_path, "trigger", str(bad), "--wait", "--json")
+        assert proc.returncode == 1
+        doc = json.loads(proc.stdout)
+        assert doc["state"] == "FAILED" and doc["error"]["ename"] == "KeyError"
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+
+def test_cancel_a_queued_run_ends_it_at_once(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "never", ["x = 1"])
+    run_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
+    proc = nbflow(sqlite_env, tmp_path, "cancel", run_id[:8], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["state"] == "CANCELLED"
+    # a worker finds nothing to do
+    assert nbflow(sqlite_env, tmp_path, "worker", "--exit-when-idle").returncode == 0
+    again = nbflow(sqlite_env, tmp_path, "cancel", run_id)
+    assert again.returncode == 2 and "has already ended (CANCELLED)" in again.stderr
+
+
+def test_cancel_a_running_run_under_a_worker_kills_its_kernel(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "hang", ["x = 1", "import time\ntime.sleep(120)", "y = 2"])
+    run_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
+    worker = start(nbflow_env, tmp_path, "worker", "--poll", "0.1")
+    try:
+        store = open_store()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until the hanging cell is running
+            with store.read() as session:
+                if session.execute(select(CellRun).where(CellRun.cell_index == 1,
+                                                         CellRun.state == "RUNNING")).first():
+                    break
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        assert nbflow(nbflow_env, tmp_path, "cancel", run_id).returncode == 0
+        wait_for_state(run_id, "CANCELLED", timeout=20)
+        assert time.monotonic() - t0 < 15
+        with store.read() as session:
+            run = session.get(Run, uuid.UUID(run_id))
+            assert [e["to"] for e in history(session, run)][-2:] == ["CANCELLING", "CANCELLED"]
+            cells = [c.state for c in session.execute(
+                select(CellRun).where(CellRun.run_id == run.id).order_by(CellRun.cell_index)).scalars()]
+        assert cells == ["COMPLETED", "CANCELLED", "SKIPPED"]
+        assert kernels_left(run_id) == []
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+
+def test_cancel_reaches_a_foreground_nbflow_run(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "fg", ["import time\ntime.sleep(120)"])
+    fg = start(sqlite_env, tmp_path, "run", str(nb), "--json")
+    store = open_store()
+    deadline = time.monotonic() + 30
+    run_id = None
+    while time.monotonic() < deadline and run_id is None:
+        with store.read() as session:
+            row = session.execute(select(Run.id).where(Run.state == "RUNNING")).first()
+            run_id = str(row[0]) if row else None
+        time.sleep(0.1)
+    assert run_id, "the run never started"
+    assert nbflow(sqlite_env, tmp_path, "cancel", run_id).returncode == 0
+    out, err = fg.communicate(timeout=30)
+    assert fg.returncode == 1, err
+    assert json.loads(out)["state"] == "CANCELLED"
+    assert kernels_left(run_id) == []
