@@ -347,6 +347,19 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise Terminated()
 
 
+def _die_with(parent: int) -> None:
+    """Get SIGTERM when the supervising process dies (Linux), so a killed worker leaves no run behind
+    still executing while another runner retries it; the SIGTERM path shuts the kernel down."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     progress: Any = False
@@ -354,10 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         i = args.index("--progress-fd")
         progress = {"file": os.fdopen(int(args[i + 1]), "w")}
         del args[i:i + 2]
+    parent = None
+    if "--parent-pid" in args:
+        i = args.index("--parent-pid")
+        parent = int(args[i + 1])
+        del args[i:i + 2]
     if len(args) != 1:
-        print("usage: python -m nbflow.execute RUN_ID [--progress-fd FD]", file=sys.stderr)
+        print("usage: python -m nbflow.execute RUN_ID [--progress-fd FD] [--parent-pid PID]", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if parent is not None:
+        _die_with(parent)
     try:
         state = run_attempt(uuid.UUID(args[0]), progress=progress)
     except Terminated:

@@ -24,6 +24,7 @@ import psutil
 from sqlalchemy import select, update
 
 from nbflow import states
+from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import CellRun, Run, utcnow
 
@@ -109,6 +110,8 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
     CANCELLING, from any process) or when ``stop`` is set. Returns (exit code or the running cell, why)."""
     deadline = time.monotonic() + run.timeout if run.timeout else None
     next_check = time.monotonic() + CANCEL_POLL_SECONDS
+    beat_every = get_settings().lease_seconds / 4
+    next_beat = time.monotonic()
     while True:
         try:
             return proc.wait(timeout=WAIT_SLICE_SECONDS), None
@@ -121,6 +124,10 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
         elif stop is not None and stop.is_set():
             why = "stop"
         elif now >= next_check:
+            if now >= next_beat:  # renew the lease: a live supervisor's run is never declared crashed
+                next_beat = now + beat_every
+                with store.write() as session:
+                    session.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow()))
             next_check = now + CANCEL_POLL_SECONDS
             with store.read() as session:
                 if session.get(Run, run.id).state == states.S.CANCELLING:
@@ -135,7 +142,7 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
 def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
                         stop: threading.Event | None = None) -> None:
     """Run one attempt of a PENDING run in its own process and wait for it to end, one way or another."""
-    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id)]
+    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id), "--parent-pid", str(os.getpid())]
     env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
     # The progress bar gets a copy of our stderr of its own; the process's (and its kernel's) stderr
     # goes to a file, so kernel chatter never reaches the terminal and a crash's last words are kept.

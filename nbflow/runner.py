@@ -6,8 +6,11 @@ run; on SQLite the write transaction starts with ``BEGIN IMMEDIATE`` and so clai
 Either way a run is executed by exactly one worker. Each claimed run is supervised in a thread of its
 own by ``launcher.execute_run`` (its own process per attempt, timeouts, cancel requests, retries).
 
-Not yet here (issue 3 continues): heartbeats and crash recovery of runs whose worker died, schedules,
-concurrency limits per flow or tag, LISTEN/NOTIFY wake-ups, the warm kernel pool.
+Crash recovery needs no set-up: supervisors renew a heartbeat lease on the runs they hold
+(``NBFLOW_LEASE_SECONDS``, default 30) and every runner reaps runs whose lease ran out (``reap``).
+
+Not yet here (issue 3 continues): schedules, concurrency limits per flow or tag, LISTEN/NOTIFY wake-ups,
+the warm kernel pool.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from nbflow import launcher, states
+from nbflow.settings import get_settings
 from nbflow.store import Store
-from nbflow.store.models import Run
+from nbflow.store.models import CellRun, Run, utcnow
 
 
 def new_worker_id() -> str:
@@ -31,10 +36,21 @@ def new_worker_id() -> str:
 
 
 def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
-    """Take up to ``limit`` unclaimed PENDING runs, oldest first, for ``worker_id``."""
+    """Take up to ``limit`` unclaimed runs, oldest first, for ``worker_id``.
+
+    Retries that nobody holds (their worker died while they waited) become PENDING when due, first.
+    """
     if limit <= 0:
         return []
+    now = utcnow()
     with store.write() as session:
+        due = session.execute(
+            select(Run)
+            .where(Run.state == states.S.SCHEDULED, Run.worker_id.is_(None), Run.expected_start_at <= now)
+            .order_by(Run.expected_start_at).limit(limit).with_for_update(skip_locked=True)
+        ).scalars()
+        for run in due:
+            states.transition(session, run, states.S.PENDING, message=f"attempt {run.attempt} is due")
         ids = list(session.execute(
             select(Run.id)
             .where(Run.state == states.S.PENDING, Run.worker_id.is_(None))
@@ -44,9 +60,54 @@ def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
         ).scalars())
         if ids:
             session.execute(
-                update(Run).where(Run.id.in_(ids), Run.worker_id.is_(None)).values(worker_id=worker_id)
+                update(Run).where(Run.id.in_(ids), Run.worker_id.is_(None))
+                .values(worker_id=worker_id, heartbeat_at=now)
             )
     return ids
+
+
+def reap(store: Store, lease_seconds: float) -> list[uuid.UUID]:
+    """Recover the runs of supervisors that stopped renewing their lease (killed, machine gone).
+
+    A RUNNING run ends CRASHED (retried if it has attempts left, by whichever runner claims it); a
+    CANCELLING one ends CANCELLED; a claimed run that never started, or a retry its worker was waiting
+    out, goes back to the queue. A live supervisor renews every ``lease/4``, so a long healthy run is
+    never touched. Returns the runs it ended or released.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    touched: list[uuid.UUID] = []
+    with store.write() as session:
+        stale = session.execute(
+            select(Run)
+            .where(Run.state.in_([states.S.RUNNING, states.S.CANCELLING]),
+                   func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at) < cutoff)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+        for run in stale:
+            detail = f"its supervisor ({run.worker_id}) stopped renewing its lease of {lease_seconds:g}s"
+            attempt = run.attempt
+            if run.state == states.S.CANCELLING:
+                states.transition(session, run, states.S.CANCELLED, message=detail)
+            else:
+                error = {"ename": "Crashed", "evalue": detail, "traceback": [], "cell_index": None, "cell_id": None}
+                states.fail(session, run, error=error, crashed=True, message=detail)
+                run.worker_id = None  # a retry is anyone's
+            live = (CellRun.run_id == run.id) & (CellRun.attempt == attempt)
+            session.execute(update(CellRun).where(live, CellRun.state == "RUNNING")
+                            .values(state="FAILED", ended_at=now))
+            session.execute(update(CellRun).where(live, CellRun.state == "PENDING").values(state="SKIPPED"))
+            touched.append(run.id)
+        released = session.execute(
+            update(Run)
+            .where(Run.worker_id.is_not(None),
+                   ((Run.state == states.S.PENDING) & (func.coalesce(Run.heartbeat_at, Run.created_at) < cutoff))
+                   | ((Run.state == states.S.SCHEDULED) & (Run.expected_start_at < cutoff)))
+            .values(worker_id=None)
+            .returning(Run.id)
+        ).scalars()
+        touched.extend(released)
+    return touched
 
 
 class Runner:
@@ -62,6 +123,8 @@ class Runner:
         self.worker_id = worker_id or new_worker_id()
         self.stop = threading.Event()
         self._threads: dict[uuid.UUID, threading.Thread] = {}
+        self.lease_seconds = get_settings().lease_seconds
+        self._next_reap = 0.0  # reconcile what we find at start, then every half lease
 
     def _execute(self, run_id: uuid.UUID) -> None:
         launcher.execute_run(self.store, run_id, stop=self.stop)
@@ -71,6 +134,9 @@ class Runner:
         for run_id, thread in list(self._threads.items()):
             if not thread.is_alive():
                 del self._threads[run_id]
+        if time.monotonic() >= self._next_reap:
+            self._next_reap = time.monotonic() + self.lease_seconds / 2
+            reap(self.store, self.lease_seconds)
         if not self.stop.is_set():
             for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads)):
                 thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)

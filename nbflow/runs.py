@@ -31,7 +31,7 @@ from nbflow.flows import (
 from nbflow.parameters import validate
 from nbflow.settings import get_settings
 from nbflow.store import Store
-from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent
+from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -71,7 +71,7 @@ def create_run(
             kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1,
             retry_delay=flow.retry_delay, retry_backoff=flow.retry_backoff, timeout=flow.timeout,
             cell_timeout=flow.cell_timeout, trigger=trigger, output_path=str(output), result={},
-            worker_id=worker_id,
+            worker_id=worker_id, heartbeat_at=utcnow() if worker_id else None,
         )
         states.initial_state(session, run, state)
     return run

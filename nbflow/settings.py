@@ -13,6 +13,7 @@ class Settings:
     home: Path
     database_url: str
     log_limit_bytes: int
+    lease_seconds: float
 
     @property
     def runs_dir(self) -> Path:
@@ -24,4 +25,6 @@ def get_settings() -> Settings:
     home = Path(os.environ.get("NBFLOW_HOME") or ".nbflow").expanduser().resolve()
     url = os.environ.get("NBFLOW_DATABASE_URL") or f"sqlite:///{home / 'nbflow.db'}"
     limit = int(os.environ.get("NBFLOW_LOG_LIMIT_BYTES") or 1_000_000)
-    return Settings(home=home, database_url=url, log_limit_bytes=limit)
+    # How long a run may go without its supervisor's heartbeat before any runner declares it CRASHED.
+    lease = float(os.environ.get("NBFLOW_LEASE_SECONDS") or 30)
+    return Settings(home=home, database_url=url, log_limit_bytes=limit, lease_seconds=lease)

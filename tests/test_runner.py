@@ -72,13 +72,16 @@ def test_two_workers_drain_the_queue_without_running_anything_twice(nbflow_env, 
            for i in range(6)]
     workers = [start(nbflow_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--exit-when-idle")
                for _ in range(2)]
+    errors = []
     for w in workers:
-        w.communicate(timeout=120)
-        assert w.returncode == 0
+        _, err = w.communicate(timeout=120)
+        errors.append(err)
+        assert w.returncode == 0, err
     store = open_store()
     with store.read() as session:
         runs = {str(r.id): r for r in session.execute(select(Run)).scalars()}
-        assert {runs[i].state for i in ids} == {"COMPLETED"}
+        assert {runs[i].state for i in ids} == {"COMPLETED"}, (
+            [(runs[i].state, runs[i].state_message, runs[i].error) for i in ids], errors)
         assert [runs[i].result for i in ids] == [{"i": n} for n in range(6)]
         assert all(runs[i].worker_id.startswith("worker:") for i in ids)
         started = session.execute(
