@@ -170,3 +170,86 @@ def test_cancel_reaches_a_foreground_nbflow_run(sqlite_env, tmp_path):
     assert fg.returncode == 1, err
     assert json.loads(out)["state"] == "CANCELLED"
     assert kernels_left(run_id) == []
+
+
+def test_reap_crashes_expired_runs_and_requeues_their_retries(nbflow_env, tmp_path):
+    from datetime import timedelta
+
+    from nbflow import states
+    from nbflow.flows import FlowOptions, register
+    from nbflow.runner import reap
+    from nbflow.store.models import utcnow
+
+    nb = make_notebook(tmp_path, "r", ["x = 1"])
+    store = open_store()
+    register(store, nb, name="r", options=FlowOptions(retries=1, retry_delay=0))
+    held, fresh, orphan_claim = (create_run(store, "r").id for _ in range(3))
+    old = utcnow() - timedelta(seconds=60)
+    with store.write() as session:
+        for run_id, beat in ((held, old), (fresh, utcnow())):
+            run = states.lock_run(session, run_id)
+            run.worker_id = "worker:gone"
+            states.transition(session, run, states.S.RUNNING)
+            run.heartbeat_at = beat
+        claimed = states.lock_run(session, orphan_claim)
+        claimed.worker_id, claimed.heartbeat_at = "worker:gone", old
+    assert sorted(reap(store, lease_seconds=10)) == sorted([held, orphan_claim])
+    with store.read() as session:
+        crashed = session.get(Run, held)
+        assert (crashed.state, crashed.state_name, crashed.attempt, crashed.worker_id) == (
+            "SCHEDULED", "AwaitingRetry", 2, None)
+        assert [e["to"] for e in history(session, crashed)][-2:] == ["CRASHED", "SCHEDULED"]
+        assert "stopped renewing its lease" in crashed.error["evalue"]
+        assert session.get(Run, fresh).state == "RUNNING"  # a renewed lease is never touched
+        assert session.get(Run, orphan_claim).worker_id is None  # back in the queue, still PENDING
+    assert sorted(claim(store, "worker:new", 5)) == sorted([held, orphan_claim])
+    with store.read() as session:
+        assert session.get(Run, held).state == "PENDING"
+
+
+def test_killed_worker_run_is_recovered_and_retried(sqlite_env, tmp_path):
+    marker = tmp_path / "attempted"
+    nb = make_notebook(tmp_path, "survivor", [
+        "import pathlib, time\np = pathlib.Path(marker)\nif not p.exists():\n    p.touch()\n    time.sleep(120)",
+        "import nbflow\nnbflow.record('done', True)",
+    ], parameters="marker = ''")
+    assert nbflow(sqlite_env, tmp_path, "register", str(nb), "--retries", "1").returncode == 0
+    run_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", "survivor", "-p", "marker", str(marker),
+                               "--json").stdout)["id"]
+    env = dict(sqlite_env, NBFLOW_LEASE_SECONDS="2")
+    first = start(env, tmp_path, "worker", "--poll", "0.1")
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the first attempt never started"
+    first.kill()  # SIGKILL: no chance to clean up
+    first.communicate(timeout=30)
+    assert kernels_left(run_id) == [], "the killed worker's run kept executing"
+    second = start(env, tmp_path, "worker", "--poll", "0.1")
+    try:
+        wait_for_state(run_id, "COMPLETED", timeout=60)
+    finally:
+        second.terminate()
+        second.communicate(timeout=30)
+    with open_store().read() as session:
+        run = session.get(Run, uuid.UUID(run_id))
+        assert run.attempt == 2 and run.result == {"done": True}
+        assert [(e["to"], e["attempt"]) for e in history(session, run)] == [
+            ("PENDING", 1), ("RUNNING", 1), ("CRASHED", 1), ("SCHEDULED", 2), ("PENDING", 2), ("RUNNING", 2),
+            ("COMPLETED", 2)]
+
+
+def test_long_healthy_run_is_never_marked_crashed(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "long", ["import time\ntime.sleep(5)"])
+    run_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
+    env = dict(sqlite_env, NBFLOW_LEASE_SECONDS="1.5")
+    workers = [start(env, tmp_path, "worker", "--poll", "0.1") for _ in range(2)]  # the idle one reaps
+    try:
+        wait_for_state(run_id, "COMPLETED", timeout=60)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.communicate(timeout=30)
+    with open_store().read() as session:
+        states_seen = [e["to"] for e in history(session, session.get(Run, uuid.UUID(run_id)))]
+    assert states_seen == ["PENDING", "RUNNING", "COMPLETED"]
