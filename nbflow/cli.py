@@ -202,24 +202,27 @@ def cancel(run_id: str, as_json: bool) -> None:
 @click.option("--poll", "poll_interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               metavar="SECONDS", help="How often to look for queued runs when idle.")
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled.")
 @handle_errors
-def worker(slots: int, poll_interval: float, exit_when_idle: bool) -> None:
+def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float) -> None:
     """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
 
     Several workers, on one machine or many sharing a PostgreSQL database, never run the same run.
-    Ctrl-C or SIGTERM stops the worker; runs it was executing end CRASHED (retried if they have retries).
+    SIGTERM or Ctrl-C stops claiming, lets the runs in flight finish for up to --grace seconds, then
+    cancels them (CANCELLED). A second Ctrl-C cancels them at once.
     """
     import signal
 
     from nbflow.runner import Runner
 
     runner = Runner(_store(), slots=slots, poll_interval=poll_interval)
-    signal.signal(signal.SIGTERM, lambda *_: runner.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: runner.draining.set())
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s)", err=True)
     try:
-        runner.run(exit_when_idle=exit_when_idle)
-    except KeyboardInterrupt:
-        runner.shutdown()
+        runner.run(exit_when_idle=exit_when_idle, grace=grace)
+    except KeyboardInterrupt:  # a second Ctrl-C while the runs in flight were given their grace period
+        runner.shutdown(0)
 
 
 @cli.command()

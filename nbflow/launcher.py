@@ -173,7 +173,7 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
             settle(store, run.id, "cancel", "cancelled", outcome)
             return
         if why == "stop":
-            settle(store, run.id, "crash", "the worker running it stopped", outcome)
+            settle(store, run.id, "cancel", "the worker shut down before the run finished", outcome)
             return
         rc = outcome
         if rc != 0:

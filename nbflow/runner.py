@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
@@ -121,13 +120,18 @@ class Runner:
         self.slots = slots
         self.poll_interval = poll_interval
         self.worker_id = worker_id or new_worker_id()
-        self.stop = threading.Event()
+        self.draining = threading.Event()  # set: claim nothing more
+        self.stop = threading.Event()  # set: stop the runs in flight too
         self._threads: dict[uuid.UUID, threading.Thread] = {}
         self.lease_seconds = get_settings().lease_seconds
         self._next_reap = 0.0  # reconcile what we find at start, then every half lease
 
     def _execute(self, run_id: uuid.UUID) -> None:
-        launcher.execute_run(self.store, run_id, stop=self.stop)
+        run = launcher.execute_run(self.store, run_id, stop=self.stop)
+        if run.state == states.S.SCHEDULED:  # stopped while waiting out a retry delay: let anyone take it
+            with self.store.write() as session:
+                session.execute(update(Run).where(Run.id == run_id, Run.worker_id == self.worker_id)
+                                .values(worker_id=None))
 
     def step(self) -> int:
         """Reap finished runs and claim new ones for free slots; returns how many runs are in flight."""
@@ -137,30 +141,35 @@ class Runner:
         if time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + self.lease_seconds / 2
             reap(self.store, self.lease_seconds)
-        if not self.stop.is_set():
+        if not self.draining.is_set():
             for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads)):
                 thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
                 self._threads[run_id] = thread
                 thread.start()
         return len(self._threads)
 
-    def run(self, *, exit_when_idle: bool = False,
-            on_idle: Callable[[], None] | None = None) -> None:
-        """Loop until stopped (or, with ``exit_when_idle``, until nothing is queued or running)."""
+    def run(self, *, exit_when_idle: bool = False, grace: float = 30.0) -> None:
+        """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
+        then shut down gracefully."""
         try:
-            while not self.stop.is_set():
+            while not self.draining.is_set():
                 busy = self.step()
                 if busy == 0 and exit_when_idle:
-                    return
-                if busy == 0 and on_idle:
-                    on_idle()
-                self.stop.wait(self.poll_interval if busy == 0 else min(self.poll_interval, 0.2))
-        finally:
-            self.shutdown()
+                    break
+                self.draining.wait(self.poll_interval if busy == 0 else min(self.poll_interval, 0.2))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C asks for the same graceful stop as SIGTERM
+        self.shutdown(grace)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop claiming; runs in flight are stopped and end CRASHED (retried if they have retries left)."""
-        self.stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in list(self._threads.values()):
-            thread.join(max(deadline - time.monotonic(), 0.1))
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Claim nothing more, let the runs in flight finish for up to ``grace`` seconds, then cancel
+        the rest cleanly: they end CANCELLED (kernel interrupted, then killed), never RUNNING forever."""
+        self.draining.set()
+        deadline = time.monotonic() + grace
+        try:
+            for thread in list(self._threads.values()):
+                thread.join(max(deadline - time.monotonic(), 0))
+        finally:
+            self.stop.set()
+            for thread in list(self._threads.values()):
+                thread.join(launcher.GRACE_SECONDS * 3)

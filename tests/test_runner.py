@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -253,3 +254,28 @@ def test_long_healthy_run_is_never_marked_crashed(sqlite_env, tmp_path):
     with open_store().read() as session:
         states_seen = [e["to"] for e in history(session, session.get(Run, uuid.UUID(run_id)))]
     assert states_seen == ["PENDING", "RUNNING", "COMPLETED"]
+
+
+def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_grace(sqlite_env, tmp_path):
+    short = make_notebook(tmp_path, "short", ["import time\ntime.sleep(2)"])
+    long = make_notebook(tmp_path, "longer", ["import time\ntime.sleep(120)"])
+    short_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(short), "--json").stdout)["id"]
+    long_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(long), "--json").stdout)["id"]
+    queued = make_notebook(tmp_path, "queued", ["x = 1"])
+    worker = start(sqlite_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--grace", "4")
+    try:
+        wait_for_state(short_id, "RUNNING")
+        wait_for_state(long_id, "RUNNING")
+        later_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(queued), "--json").stdout)["id"]
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0
+    with open_store().read() as session:
+        got = {i: session.get(Run, uuid.UUID(i)) for i in (short_id, long_id, later_id)}
+        assert got[short_id].state == "COMPLETED"  # finished within the grace period
+        assert got[long_id].state == "CANCELLED" and "shut down" in got[long_id].state_message
+        assert (got[later_id].state, got[later_id].worker_id) == ("PENDING", None)  # never claimed
+    assert kernels_left(long_id) == []
