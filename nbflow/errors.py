@@ -66,3 +66,10 @@ class DatabaseError(NbflowError):
 
     code = "database_unavailable"
     http_status = 503
+
+
+class ScheduleError(NbflowError):
+    """A schedule that cannot work: bad cron expression, unknown time zone, bad interval or date."""
+
+    code = "invalid_schedule"
+    http_status = 422

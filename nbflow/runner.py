@@ -9,8 +9,9 @@ own by ``launcher.execute_run`` (its own process per attempt, timeouts, cancel r
 Crash recovery needs no set-up: supervisors renew a heartbeat lease on the runs they hold
 (``NBFLOW_LEASE_SECONDS``, default 30) and every runner reaps runs whose lease ran out (``reap``).
 
-Not yet here (issue 3 continues): schedules, concurrency limits per flow or tag, LISTEN/NOTIFY wake-ups,
-the warm kernel pool.
+Schedules are fired into runs by ``nbflow.scheduler``; workers execute them like any queued run.
+Not yet here (issue 3 continues): concurrency limits per flow or tag, LISTEN/NOTIFY wake-ups, the warm
+kernel pool.
 """
 
 from __future__ import annotations

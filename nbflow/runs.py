@@ -63,18 +63,24 @@ def create_run(
         flow, version = flow_for_path(store, source, kernel)
     else:
         flow, version = sync_version(store, target, source if from_file else None, kernel_override=kernel)
-    run_id = uuid.uuid4()
-    output = get_settings().runs_dir / flow.name / f"{run_id}.ipynb"
     with store.write() as session:
-        run = Run(
-            id=run_id, flow_id=flow.id, flow_version_id=version.id, parameters=values,
-            kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1,
-            retry_delay=flow.retry_delay, retry_backoff=flow.retry_backoff, timeout=flow.timeout,
-            cell_timeout=flow.cell_timeout, trigger=trigger, output_path=str(output), result={},
-            worker_id=worker_id, heartbeat_at=utcnow() if worker_id else None,
-        )
+        run = new_run(flow, version, values, kernel_name, trigger=trigger, worker_id=worker_id,
+                      heartbeat_at=utcnow() if worker_id else None)
         states.initial_state(session, run, state)
     return run
+
+
+def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel_name: str, *,
+            trigger: str, **fields: Any) -> Run:
+    """A run of ``version`` with the flow's retry and timeout settings, not yet added to a session."""
+    run_id = uuid.uuid4()
+    return Run(
+        id=run_id, flow_id=flow.id, flow_version_id=version.id, parameters=dict(parameters),
+        kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1, retry_delay=flow.retry_delay,
+        retry_backoff=flow.retry_backoff, timeout=flow.timeout, cell_timeout=flow.cell_timeout,
+        trigger=trigger, output_path=str(get_settings().runs_dir / flow.name / f"{run_id}.ipynb"),
+        result={}, **fields,
+    )
 
 
 def _check_request(
@@ -239,3 +245,38 @@ def parse_cli_parameters(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
             raise ParameterError(f"parameter {name!r} given twice")
         values[name] = value
     return values
+
+
+def create_schedule_run(
+    session: Session, flow: Flow, version: FlowVersion, *, schedule_id: int, scheduled_for: datetime,
+    parameters: dict[str, Any], late: bool, now: datetime,
+) -> Run | None:
+    """Insert the run of one schedule slot, in the caller's transaction; None if that slot has a run.
+
+    The run is built as ``create_run`` builds one (the flow's retries and timeouts, its kernel, the output
+    path). The insert happens in a SAVEPOINT: the UNIQUE (schedule_id, scheduled_for) slot key makes a
+    second insert for the same slot, by whichever scheduler, fail there and be dropped, leaving the
+    caller's transaction usable. An on-time run is queued PENDING; a late one (a catch-up after downtime)
+    is SCHEDULED/Late, due now, and the runner's claim makes it PENDING.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    kernel_name = flow.kernel_name
+    if not kernel_name:
+        try:
+            kernel_name = parse_notebook(version.source, Path(flow.source_path or flow.name)).kernel_name
+        except NbflowError:
+            kernel_name = None
+    run = new_run(flow, version, parameters, kernel_name or "python3", trigger="schedule",
+                  schedule_id=schedule_id, scheduled_for=scheduled_for,
+                  expected_start_at=now if late else scheduled_for)
+    message = f"scheduled for {scheduled_for.isoformat()}"
+    try:
+        with session.begin_nested():
+            if late:
+                states.initial_state(session, run, states.S.SCHEDULED, name="Late", message=message)
+            else:
+                states.initial_state(session, run, states.S.PENDING, message=message)
+    except IntegrityError:  # the slot already has its run (another scheduler fired it)
+        return None
+    return run

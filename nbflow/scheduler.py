@@ -1,0 +1,404 @@
+"""Schedules: rows in the store fired into runs, one run per (schedule, slot time), whatever happens.
+
+The store is the source of truth. Each schedule keeps its ``next_fire_at``; a scheduler pass
+(``fire_due``) reads only the schedules that are due (an indexed query), so adding, pausing or resuming
+a schedule takes effect at the next pass of every scheduler, with no restart and no per-schedule job
+rebuilt at start-up. APScheduler 3's triggers do the calendar math (cron with time zones and DST,
+intervals, one-off dates) through ``get_next_fire_time``; nbflow does not run one APScheduler job per
+schedule (adding 10,000 of them one by one takes ~10 s, see DESIGN.md).
+
+Exactly one run per slot: each fired slot inserts a run keyed by ``(schedule_id, scheduled_for)`` under
+the UNIQUE constraint ``uq_run_schedule_slot``, in a SAVEPOINT, so a second scheduler racing for the same
+slot creates nothing. On PostgreSQL due schedules are also read ``FOR UPDATE SKIP LOCKED`` (schedulers
+do not wait on each other); on SQLite the write transaction (``BEGIN IMMEDIATE``) serialises passes.
+
+Catch-up (slots that came due while no scheduler ran), per schedule:
+
+- ``skip`` (default): fire only the most recent due slot, and only if it is at most
+  ``SKIP_TOLERANCE`` seconds (60) old, i.e. the normal "fire on time" case; older missed slots are dropped.
+- ``latest``: fire the most recent due slot, however old (a single catch-up run).
+- ``all``: fire every missed slot, oldest first, up to ``MAX_CATCH_UP`` (1000, the most recent ones).
+
+``max_lateness`` (seconds), when set, applies to every policy: a slot older than that is never fired.
+A run whose slot is more than ``LATE_AFTER`` seconds (10) old when it is created is created
+SCHEDULED with the name ``Late`` and ``expected_start_at`` = now (the runner's claim makes it PENDING);
+an on-time run is created PENDING. Resuming a paused schedule continues from now: slots that passed
+while it was paused are not fired.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+
+from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError
+from nbflow.flows import get_flow, latest_version, sync_version
+from nbflow.parameters import validate
+from nbflow.store import Store
+from nbflow.store.models import Flow, FlowVersion, Schedule, utcnow
+
+log = logging.getLogger("nbflow.scheduler")
+
+CATCH_UP_POLICIES = ("skip", "latest", "all")
+SKIP_TOLERANCE = 60.0
+LATE_AFTER = 10.0
+MAX_CATCH_UP = 1000
+_WINDOWS = (60.0, 3600.0, 86400.0, 7 * 86400.0, 31 * 86400.0, 366 * 86400.0, None)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_TICK = timedelta(microseconds=1)
+
+
+# -- triggers ---------------------------------------------------------------------------------------
+
+
+def parse_interval(text: str | int | float) -> float:
+    """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"`` or a number of seconds -> seconds (> 0)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text).lower())
+        if not match:
+            raise ScheduleError(
+                f"invalid interval {text!r}: give a number and a unit, e.g. 30s, 5m, 2h, 1d"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds < 1:
+        raise ScheduleError(f"invalid interval {text!r}: it must be at least 1 second")
+    return seconds
+
+
+def parse_timezone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ScheduleError(f"unknown time zone {name!r} (use an IANA name such as UTC or Europe/Berlin)") from None
+
+
+def parse_at(text: str, tz: ZoneInfo) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"invalid date {text!r}: give an ISO 8601 date and time, e.g. 2026-12-01T09:00") from None
+    return when if when.tzinfo else when.replace(tzinfo=tz)
+
+
+def make_trigger(kind: str, spec: dict[str, Any], timezone: str = "UTC") -> Any:
+    """The APScheduler 3 trigger of a schedule: ``cron`` {expr}, ``interval`` {seconds, start},
+    ``date`` {at}. Raises ``ScheduleError`` with a clear message."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.date import DateTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    tz = parse_timezone(timezone)
+    if kind == "cron":
+        expr = str(spec.get("expr", ""))
+        try:
+            return CronTrigger.from_crontab(expr, timezone=tz)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ScheduleError(f"invalid cron expression {expr!r}: {exc}") from None
+    if kind == "interval":
+        seconds = parse_interval(spec.get("seconds", 0))
+        start = spec.get("start")
+        start_date = datetime.fromisoformat(start) if start else None
+        return IntervalTrigger(seconds=seconds, start_date=start_date, timezone=tz)
+    if kind == "date":
+        return DateTrigger(parse_at(str(spec.get("at")), tz), timezone=tz)
+    raise ScheduleError(f"unknown schedule kind {kind!r}; kinds: cron, interval, date")
+
+
+def _first_at_or_after(trigger: Any, when: datetime) -> datetime | None:
+    nxt = trigger.get_next_fire_time(None, when)
+    return nxt.astimezone(UTC) if nxt is not None else None
+
+
+def _next_after(trigger: Any, slot: datetime) -> datetime | None:
+    from apscheduler.triggers.date import DateTrigger
+
+    if isinstance(trigger, DateTrigger):
+        return None  # a one-off date fires once
+    return _first_at_or_after(trigger, slot + _TICK)
+
+
+def due_slots(trigger: Any, start: datetime, now: datetime, limit: int) -> list[datetime]:
+    """The last ``limit`` slots in [start, now], oldest first. The search starts in a small window
+    before ``now`` and widens only while it finds fewer than ``limit`` slots, so a long downtime with a
+    frequent trigger never walks every missed slot."""
+    from apscheduler.triggers.date import DateTrigger
+
+    if isinstance(trigger, DateTrigger):
+        at = trigger.run_date.astimezone(UTC)
+        return [at] if start <= at <= now else []
+    found: deque[datetime] = deque(maxlen=limit)
+    for window in _WINDOWS:
+        lo = start if window is None else max(start, now - timedelta(seconds=window))
+        found.clear()
+        slot = _first_at_or_after(trigger, lo)
+        while slot is not None and slot <= now:
+            found.append(slot)
+            slot = _next_after(trigger, slot)
+        if len(found) >= limit or lo == start:
+            break
+    return list(found)
+
+
+# -- schedule rows ----------------------------------------------------------------------------------
+
+
+def _spec(cron: str | None, interval: str | float | None, at: str | None, tz: ZoneInfo,
+          now: datetime) -> tuple[str, dict[str, Any]]:
+    given = [name for name, value in (("cron", cron), ("interval", interval), ("at", at)) if value is not None]
+    if len(given) != 1:
+        raise ScheduleError(
+            "give exactly one of cron, interval or at" + (f" (got {', '.join(given)})" if given else "")
+        )
+    if cron is not None:
+        return "cron", {"expr": " ".join(cron.split())}
+    if interval is not None:
+        # The anchor of the slots: start + k * interval, stable across restarts and schedulers.
+        start = now.replace(microsecond=0) + timedelta(seconds=1)
+        return "interval", {"seconds": parse_interval(interval), "start": start.astimezone(tz).isoformat()}
+    when = parse_at(str(at), tz)
+    if when <= now:
+        raise ScheduleError(f"date {at!r} is in the past")
+    return "date", {"at": when.isoformat()}
+
+
+def _check_policy(catch_up: str, max_lateness: float | None) -> None:
+    if catch_up not in CATCH_UP_POLICIES:
+        raise ScheduleError(f"unknown catch-up policy {catch_up!r}; policies: {', '.join(CATCH_UP_POLICIES)}")
+    if max_lateness is not None and max_lateness <= 0:
+        raise ScheduleError(f"max lateness must be a positive number of seconds, got {max_lateness}")
+
+
+def add_schedule(
+    store: Store, flow_name: str, *, name: str | None = None, cron: str | None = None,
+    interval: str | float | None = None, at: str | None = None, timezone: str = "UTC",
+    parameters: dict[str, Any] | None = None, catch_up: str = "skip", max_lateness: float | None = None,
+    now: datetime | None = None,
+) -> Schedule:
+    """Create the schedule ``name`` (default ``default``) of a flow, or replace its definition.
+
+    Everything is checked before anything is written: the trigger, the time zone, the catch-up policy
+    and the parameters (against the flow's latest version, as a run request is).
+    """
+    now = now or utcnow()
+    tz = parse_timezone(timezone)
+    kind, spec = _spec(cron, interval, at, tz, now)
+    trigger = make_trigger(kind, spec, timezone)
+    _check_policy(catch_up, max_lateness)
+    sched_name = name or "default"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", sched_name):
+        raise ScheduleError(f"invalid schedule name {sched_name!r}: letters, digits, '.', '_' and '-' only")
+    next_fire = _first_at_or_after(trigger, now)
+    with store.write() as session:
+        flow = get_flow(session, flow_name)
+        version = latest_version(session, flow.id)
+        if version is None:
+            raise FlowNotFound(f"flow {flow_name!r} has no version to schedule")
+        values = validate(version.parameters, parameters or {}, has_parameters_cell=version.has_parameters_cell)
+        schedule = _find(session, flow, sched_name, missing_ok=True)
+        if schedule is None:
+            schedule = Schedule(flow_id=flow.id, name=sched_name, active=True)
+            session.add(schedule)
+        schedule.trigger, schedule.spec, schedule.timezone = kind, spec, timezone
+        schedule.parameters, schedule.catch_up, schedule.max_lateness = values, catch_up, max_lateness
+        schedule.next_fire_at = next_fire
+        session.flush()
+    return schedule
+
+
+def _find(session: Any, flow: Flow, name: str, *, missing_ok: bool = False) -> Schedule | None:
+    schedule = session.execute(
+        select(Schedule).where(Schedule.flow_id == flow.id, Schedule.name == name).with_for_update()
+    ).scalar_one_or_none()
+    if schedule is None and not missing_ok:
+        raise ScheduleError(f"flow {flow.name!r} has no schedule named {name!r}")
+    return schedule
+
+
+def pause(store: Store, flow_name: str, name: str = "default") -> Schedule:
+    with store.write() as session:
+        schedule = _find(session, get_flow(session, flow_name), name)
+        assert schedule is not None
+        schedule.active = False
+    return schedule
+
+
+def resume(store: Store, flow_name: str, name: str = "default", *, now: datetime | None = None) -> Schedule:
+    """Reactivate a schedule from now on: slots that passed while it was paused are not fired."""
+    now = now or utcnow()
+    with store.write() as session:
+        schedule = _find(session, get_flow(session, flow_name), name)
+        assert schedule is not None
+        trigger = make_trigger(schedule.trigger, schedule.spec, schedule.timezone)
+        schedule.active = True
+        schedule.next_fire_at = _first_at_or_after(trigger, now)
+    return schedule
+
+
+def remove(store: Store, flow_name: str, name: str = "default") -> None:
+    """Delete a schedule; its past runs stay (their ``schedule_id`` becomes NULL)."""
+    with store.write() as session:
+        schedule = _find(session, get_flow(session, flow_name), name)
+        session.delete(schedule)
+
+
+def list_schedules(store: Store, flow_name: str | None = None) -> list[dict[str, Any]]:
+    with store.read() as session:
+        query = select(Schedule, Flow.name).join(Flow, Flow.id == Schedule.flow_id).order_by(Flow.name, Schedule.name)
+        if flow_name:
+            query = query.where(Flow.id == get_flow(session, flow_name).id)
+        return [schedule_document(s, f) for s, f in session.execute(query).all()]
+
+
+def describe(schedule: Schedule) -> str:
+    if schedule.trigger == "cron":
+        return f"cron '{schedule.spec['expr']}'"
+    if schedule.trigger == "interval":
+        return f"every {schedule.spec['seconds']:g}s"
+    return f"at {schedule.spec['at']}"
+
+
+def schedule_document(schedule: Schedule, flow_name: str) -> dict[str, Any]:
+    return {
+        "id": schedule.id, "flow": flow_name, "name": schedule.name, "trigger": schedule.trigger,
+        "spec": schedule.spec, "description": describe(schedule), "timezone": schedule.timezone,
+        "parameters": schedule.parameters, "active": schedule.active, "catch_up": schedule.catch_up,
+        "max_lateness": schedule.max_lateness,
+        "next_fire_at": schedule.next_fire_at.isoformat() if schedule.next_fire_at else None,
+    }
+
+
+# -- firing -----------------------------------------------------------------------------------------
+
+
+def slots_to_fire(schedule: Schedule, trigger: Any, now: datetime) -> list[datetime]:
+    """The due slots of ``schedule`` the catch-up policy keeps, oldest first."""
+    start = schedule.next_fire_at
+    if start is None or start > now:
+        return []
+    if schedule.max_lateness is not None:
+        start = max(start, now - timedelta(seconds=schedule.max_lateness))
+    if schedule.catch_up == "skip":
+        start = max(start, now - timedelta(seconds=SKIP_TOLERANCE))
+    limit = MAX_CATCH_UP if schedule.catch_up == "all" else 1
+    return due_slots(trigger, start, now, limit)
+
+
+def _sync_versions(store: Store, flow_names: set[str]) -> None:
+    """Pick up edits of the flows' notebook files before their runs are created (as a run request does);
+    a flow whose file is unreadable runs its last stored version."""
+    for name in flow_names:
+        try:
+            sync_version(store, name)
+        except NbflowError as exc:
+            log.warning("flow %s: running its last stored version (%s)", name, exc)
+
+
+def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
+    """One scheduler pass: create the runs of every due slot of every active schedule; return their ids.
+
+    Safe to call from any number of threads, processes and machines at once: each slot gets one run.
+    """
+    from nbflow.runs import create_schedule_run
+
+    now = now or utcnow()
+    due = select(Schedule).where(Schedule.active.is_(True), Schedule.next_fire_at <= now)
+    with store.read() as session:
+        names = set(session.execute(
+            select(Flow.name).join(Schedule, Schedule.flow_id == Flow.id).where(
+                Schedule.active.is_(True), Schedule.next_fire_at <= now)
+        ).scalars())
+    if not names:
+        return []
+    _sync_versions(store, names)
+    created: list[Any] = []
+    with store.write() as session:
+        for schedule in session.execute(due.order_by(Schedule.next_fire_at).with_for_update(skip_locked=True)
+                                        ).scalars().all():
+            try:
+                trigger = make_trigger(schedule.trigger, schedule.spec, schedule.timezone)
+            except ScheduleError as exc:  # a stored definition that no longer works (tz data changed)
+                log.error("schedule %s: %s; paused", schedule.id, exc)
+                schedule.active = False
+                continue
+            flow = session.get(Flow, schedule.flow_id)
+            version = latest_version(session, schedule.flow_id)
+            slots = slots_to_fire(schedule, trigger, now)
+            if slots and flow is not None and version is not None:
+                created.extend(_fire(session, schedule, flow, version, slots, now, create_schedule_run))
+            schedule.next_fire_at = _first_at_or_after(trigger, now + _TICK) if schedule.trigger != "date" else None
+    return created
+
+
+def _fire(session: Any, schedule: Schedule, flow: Flow, version: FlowVersion, slots: list[datetime],
+          now: datetime, create: Callable[..., Any]) -> list[Any]:
+    try:
+        values = validate(version.parameters, schedule.parameters or {},
+                          has_parameters_cell=version.has_parameters_cell)
+    except ParameterError as exc:
+        log.error("schedule %s of flow %s: its parameters no longer fit the notebook (%s); no run created",
+                  schedule.name, flow.name, exc)
+        return []
+    ids = []
+    for slot in slots:
+        late = (now - slot).total_seconds() > LATE_AFTER
+        run = create(session, flow, version, schedule_id=schedule.id, scheduled_for=slot,
+                     parameters=values, late=late, now=now)
+        if run is not None:
+            ids.append(run.id)
+    return ids
+
+
+class Scheduler:
+    """Calls ``fire_due`` every ``tick`` seconds in a thread of its own until ``stop`` is set.
+
+    Any number of schedulers may run against one database; they never create a run twice.
+    """
+
+    def __init__(self, store: Store, *, tick: float = 1.0,
+                 on_fire: Callable[[list[Any]], None] | None = None) -> None:
+        if tick <= 0:
+            raise ValueError("tick must be positive")
+        self.store = store
+        self.tick = tick
+        self.on_fire = on_fire
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self, *, exit_after: float | None = None) -> None:
+        """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed)."""
+        deadline = time.monotonic() + exit_after if exit_after is not None else None
+        while not self.stop.is_set():
+            try:
+                ids = fire_due(self.store)
+                if ids and self.on_fire:
+                    self.on_fire(ids)
+            except Exception:  # a database hiccup must not end the scheduler: log and try next tick
+                log.exception("scheduler pass failed")
+            wait = self.tick
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = min(wait, left)
+            self.stop.wait(wait)
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self.run, name="nbflow-scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

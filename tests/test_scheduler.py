@@ -1,0 +1,256 @@
+"""Schedules: trigger math, exactly one run per slot whoever fires it, catch-up after downtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from helpers import make_notebook
+from sqlalchemy import func, select, update
+
+from nbflow import scheduler
+from nbflow.errors import FlowNotFound, ParameterError, ScheduleError
+from nbflow.flows import register
+from nbflow.store import open_store
+from nbflow.store.models import Run, Schedule
+
+T0 = datetime(2026, 1, 10, 12, 0, 0, tzinfo=UTC)
+BASE = T0 + timedelta(seconds=1)  # the first slot of an interval schedule added at T0
+
+
+def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def flow(tmp_path: Path, name: str = "job") -> str:
+    nb = make_notebook(tmp_path, name, ["print(n)"], parameters="n = 1")
+    register(open_store(), nb, name=name)
+    return name
+
+
+def runs_of(store, order=Run.scheduled_for) -> list[Run]:
+    with store.read() as session:
+        return list(session.execute(select(Run).order_by(order)).scalars())
+
+
+def count_schedules(store) -> int:
+    with store.read() as session:
+        return session.execute(select(func.count()).select_from(Schedule)).scalar_one()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cron": "99 * * * *"}, "invalid cron expression '99 * * * *': Error validating expression '99'"),
+    ({"cron": "every day"}, "invalid cron expression 'every day': Wrong number of fields"),
+    ({"cron": "* * * * *", "timezone": "Mars/Base"}, "unknown time zone 'Mars/Base'"),
+    ({"cron": "* * * * *", "interval": "5m"}, "give exactly one of cron, interval or at (got cron, interval)"),
+    ({}, "give exactly one of cron, interval or at"),
+    ({"interval": "5 parsecs"}, "invalid interval '5 parsecs'"),
+    ({"at": "2001-01-01T00:00"}, "is in the past"),
+    ({"interval": "1m", "catch_up": "sometimes"}, "unknown catch-up policy 'sometimes'"),
+])
+def test_bad_schedules_are_rejected_with_a_clear_message(sqlite_env, tmp_path, kwargs, message):
+    store = open_store()
+    name = flow(tmp_path)
+    with pytest.raises(ScheduleError) as err:
+        scheduler.add_schedule(store, name, **kwargs)
+    assert message in str(err.value)
+    assert count_schedules(store) == 0
+
+
+def test_unknown_flow_and_unknown_parameter_write_nothing(sqlite_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    with pytest.raises(FlowNotFound):
+        scheduler.add_schedule(store, "nope", interval="1m")
+    with pytest.raises(ParameterError, match="unknown parameter 'm'; valid parameters: n"):
+        scheduler.add_schedule(store, name, interval="1m", parameters={"m": 1})
+    with pytest.raises(ParameterError):
+        scheduler.add_schedule(store, name, interval="1m", parameters={"n": "not a number"})
+    assert count_schedules(store) == 0
+
+
+def test_cli_rejects_bad_schedules_in_one_line(sqlite_env, tmp_path):
+    flow(tmp_path)
+    for args, text in [(["--cron", "61 * * * *"], "invalid cron expression '61 * * * *'"),
+                       (["--cron", "0 9 * * *", "--tz", "Mars/Base"], "unknown time zone 'Mars/Base'"),
+                       (["--cron", "0 9 * * *", "--interval", "30s"], "give exactly one of cron, interval or at")]:
+        proc = nbflow(sqlite_env, tmp_path, "schedule", "add", "job", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("nbflow: error: ") and text in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    listing = nbflow(sqlite_env, tmp_path, "schedule", "list", "--json")
+    assert json.loads(listing.stdout) == {"schedules": []}
+
+
+def test_cli_add_list_pause_resume_remove(sqlite_env, tmp_path):
+    flow(tmp_path)
+    proc = nbflow(sqlite_env, tmp_path, "schedule", "add", "job", "--cron", "0 9 * * *", "--tz", "Europe/Berlin",
+                  "-p", "n", "3", "--catch-up", "latest", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["parameters"] == {"n": 3} and doc["catch_up"] == "latest" and doc["active"]
+    assert nbflow(sqlite_env, tmp_path, "schedule", "pause", "job").returncode == 0
+    docs = json.loads(nbflow(sqlite_env, tmp_path, "schedule", "list", "--json").stdout)["schedules"]
+    assert [d["active"] for d in docs] == [False]
+    assert "active" in nbflow(sqlite_env, tmp_path, "schedule", "resume", "job").stdout
+    assert "cron '0 9 * * *'" in nbflow(sqlite_env, tmp_path, "schedule", "list").stdout
+    proc = nbflow(sqlite_env, tmp_path, "schedule", "pause", "job", "--name", "nightly")
+    assert proc.returncode == 2 and "no schedule named 'nightly'" in proc.stderr
+    assert nbflow(sqlite_env, tmp_path, "schedule", "remove", "job").returncode == 0
+    assert json.loads(nbflow(sqlite_env, tmp_path, "schedule", "list", "--json").stdout) == {"schedules": []}
+
+
+def test_cron_next_fire_honours_time_zone_and_dst(sqlite_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    winter = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin", now=T0)
+    assert winter.next_fire_at == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
+    summer = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin",
+                                    now=datetime(2026, 7, 10, 12, tzinfo=UTC))
+    assert summer.next_fire_at == datetime(2026, 7, 11, 7, 0, tzinfo=UTC)
+    assert count_schedules(store) == 1  # same (flow, name): updated, not duplicated
+
+
+def test_interval_schedule_fires_each_slot_once(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, interval="10s", parameters={"n": 7}, now=T0)
+    assert sched.next_fire_at == BASE
+    assert scheduler.fire_due(store, now=BASE - timedelta(seconds=0.5)) == []
+    first = scheduler.fire_due(store, now=BASE + timedelta(seconds=0.5))
+    assert len(first) == 1
+    assert scheduler.fire_due(store, now=BASE + timedelta(seconds=0.5)) == []
+    assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10.2))) == 1
+    runs = runs_of(store)
+    assert [r.scheduled_for for r in runs] == [BASE, BASE + timedelta(seconds=10)]
+    assert all(r.state == "PENDING" and r.trigger == "schedule" and r.schedule_id == sched.id for r in runs)
+    assert all(r.parameters == {"n": 7} and r.kernel_name == "python3" for r in runs)
+    with store.read() as session:
+        assert session.get(Schedule, sched.id).next_fire_at == BASE + timedelta(seconds=20)
+
+
+def test_concurrent_schedulers_create_exactly_one_run_per_slot(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="1m", now=T0)
+    now = BASE + timedelta(seconds=1)
+    barrier = threading.Barrier(6)
+    results: list[list] = []
+    errors: list[BaseException] = []
+
+    def fire() -> None:
+        try:
+            barrier.wait()
+            results.append(scheduler.fire_due(store, now=now))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fire) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sum(len(r) for r in results) == 1
+    assert len(runs_of(store)) == 1
+    # A scheduler that read stale state (next_fire_at still at the fired slot) creates nothing either:
+    # the UNIQUE slot key turns its insert into a no-op and the rest of its pass goes on.
+    with store.write() as session:
+        session.execute(update(Schedule).values(next_fire_at=BASE))
+    assert scheduler.fire_due(store, now=now) == []
+    assert len(runs_of(store)) == 1
+
+
+@pytest.mark.parametrize("policy, max_lateness, late_by, expected", [
+    ("skip", None, 90, []),  # the latest missed slot is older than the skip tolerance (60 s)
+    ("skip", None, 30, [3000]),
+    ("latest", None, 90, [3000]),
+    ("all", None, 90, [300 * k for k in range(11)]),
+    ("all", 1000, 90, [2100, 2400, 2700, 3000]),
+    ("latest", 60, 90, []),  # older than max lateness
+])
+def test_catch_up_after_downtime(nbflow_env, tmp_path, policy, max_lateness, late_by, expected):
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="5m", catch_up=policy, max_lateness=max_lateness, now=T0)
+    now = BASE + timedelta(seconds=3000 + late_by)  # down for 11 slots; the last one was late_by seconds ago
+    scheduler.fire_due(store, now=now)
+    runs = runs_of(store)
+    assert [(r.scheduled_for - BASE).total_seconds() for r in runs] == expected
+    for r in runs:  # runs of missed slots are Late, due now: the runner's claim queues them
+        assert (r.state, r.state_name, r.expected_start_at) == ("SCHEDULED", "Late", now)
+    with store.read() as session:
+        assert session.execute(select(Schedule.next_fire_at)).scalar_one() == BASE + timedelta(seconds=3300)
+
+
+def test_pause_stops_firing_and_resume_continues_from_now(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="1m", catch_up="all", now=T0)
+    scheduler.pause(store, name)
+    assert scheduler.fire_due(store, now=BASE + timedelta(hours=1)) == []
+    resumed = scheduler.resume(store, name, now=BASE + timedelta(hours=1, seconds=5))
+    assert resumed.active and resumed.next_fire_at == BASE + timedelta(hours=1, minutes=1)
+    assert len(scheduler.fire_due(store, now=BASE + timedelta(hours=1, minutes=1, seconds=1))) == 1
+    assert [r.scheduled_for for r in runs_of(store)] == [BASE + timedelta(hours=1, minutes=1)]
+
+
+def test_one_off_date_fires_once(sqlite_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, at="2026-01-10T15:00", timezone="Europe/Berlin", now=T0)
+    assert sched.next_fire_at == datetime(2026, 1, 10, 14, 0, tzinfo=UTC)
+    assert len(scheduler.fire_due(store, now=datetime(2026, 1, 10, 14, 0, 1, tzinfo=UTC))) == 1
+    assert scheduler.fire_due(store, now=datetime(2026, 1, 11, tzinfo=UTC)) == []
+    with store.read() as session:
+        assert session.get(Schedule, sched.id).next_fire_at is None
+
+
+def test_scheduler_and_worker_end_to_end(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "tick", ["print(n * 2)"], parameters="n = 1")
+    assert nbflow(sqlite_env, tmp_path, "register", str(nb)).returncode == 0
+    proc = nbflow(sqlite_env, tmp_path, "schedule", "add", "tick", "--interval", "1s", "-p", "n", "21")
+    assert proc.returncode == 0, proc.stderr
+    proc = nbflow(sqlite_env, tmp_path, "scheduler", "--tick", "0.2", "--exit-after", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "queued run" in proc.stderr
+    proc = nbflow(sqlite_env, tmp_path, "worker", "--exit-when-idle", "--poll", "0.2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = runs_of(open_store())
+    assert len(runs) >= 2
+    assert all(r.state == "COMPLETED" and r.parameters == {"n": 21} for r in runs), [r.state for r in runs]
+    assert len({r.scheduled_for for r in runs}) == len(runs)
+
+
+def test_late_runs_are_claimed_by_workers(sqlite_env, tmp_path):
+    from nbflow.runner import claim
+
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="5m", catch_up="latest", now=T0)
+    ids = scheduler.fire_due(store, now=BASE + timedelta(hours=1))
+    assert len(ids) == 1
+    assert claim(store, "w1", 5) == ids
+    with store.read() as session:
+        assert session.get(Run, ids[0]).state == "PENDING"
+
+
+def test_concurrent_scheduler_processes_create_one_run_per_slot(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="1m", catch_up="all", now=T0)
+    now = (BASE + timedelta(seconds=125)).isoformat()  # three slots due
+    code = ("import datetime, sys; from nbflow import scheduler; from nbflow.store import open_store; "
+            f"print(len(scheduler.fire_due(open_store(), now=datetime.datetime.fromisoformat({now!r}))))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=nbflow_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(int(out) for out, _ in outs) == 3
+    assert [(r.scheduled_for - BASE).total_seconds() for r in runs_of(store)] == [0, 60, 120]
