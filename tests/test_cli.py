@@ -11,7 +11,8 @@ import pytest
 from helpers import make_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "register", "flows", "runs", "show", "db", "db upgrade"]
+COMMANDS = ["run", "register", "flows", "runs", "show", "trigger", "cancel", "worker", "schedule", "schedule add",
+            "schedule list", "scheduler", "db", "db upgrade"]
 
 
 def nbflow(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def test_every_command_explains_itself(sqlite_env, tmp_path, command):
     # a sentence of its own, not just the usage line
     assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 3
     if command == "":
-        for name in ("run", "register", "flows", "runs", "show", "db"):
+        for name in ("run", "register", "flows", "runs", "show", "trigger", "cancel", "worker", "schedule", "db"):
             assert f"  {name} " in proc.stdout
 
 
