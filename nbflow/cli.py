@@ -263,36 +263,10 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
 
 
 def _flow_doc(store: Any, name: str) -> dict[str, Any]:
-    from nbflow.flows import get_flow
+    from nbflow.flows import flow_documents, get_flow
 
     with store.read() as session:
-        return _flows_docs(session, [get_flow(session, name)])[0]
-
-
-def _flows_docs(session: Any, flows: list[Any]) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from nbflow.flows import latest_version
-    from nbflow.store.models import Run
-
-    docs = []
-    for flow in flows:
-        version = latest_version(session, flow.id)
-        last = session.execute(
-            select(Run).where(Run.flow_id == flow.id).order_by(Run.created_at.desc()).limit(1)
-        ).scalar_one_or_none()
-        docs.append({
-            "name": flow.name, "version": version.version if version else None, "kind": flow.kind,
-            "source_path": flow.source_path, "kernel_name": flow.kernel_name, "tags": flow.tags,
-            "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
-            "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
-            "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
-                           for k, v in (version.parameters if version else {}).items()},
-            "last_run": None if last is None else {
-                "id": str(last.id), "state": last.state, "state_name": last.state_name,
-                "created_at": last.created_at.isoformat()},
-        })
-    return docs
+        return flow_documents(session, [get_flow(session, name)])[0]
 
 
 @cli.command()
@@ -302,11 +276,12 @@ def flows(as_json: bool) -> None:
     """List registered flows: name, version, parameters and last run."""
     from sqlalchemy import select
 
+    from nbflow.flows import flow_documents
     from nbflow.store.models import Flow
 
     store = _store()
     with store.read() as session:
-        docs = _flows_docs(session, list(session.execute(select(Flow).order_by(Flow.name)).scalars()))
+        docs = flow_documents(session, list(session.execute(select(Flow).order_by(Flow.name)).scalars()))
     if as_json:
         _emit_json({"flows": docs})
         return

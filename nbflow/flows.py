@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError
 from nbflow.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.store import Store
-from nbflow.store.models import Flow, FlowVersion, utcnow
+from nbflow.store.models import Flow, FlowVersion, Run, utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -289,3 +289,27 @@ def sync_version(store: Store, name: str, source: NotebookSource | None = None,
             if version is None:
                 raise NotebookError(f"flow {name!r} has no stored version and its notebook {path} is missing")
     return flow, version
+
+
+def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
+    """The JSON shape of flows (``nbflow flows --json``, and the REST API): settings, newest version's
+    parameters, last run."""
+
+    docs = []
+    for flow in flows:
+        version = latest_version(session, flow.id)
+        last = session.execute(
+            select(Run).where(Run.flow_id == flow.id).order_by(Run.created_at.desc()).limit(1)
+        ).scalar_one_or_none()
+        docs.append({
+            "name": flow.name, "version": version.version if version else None, "kind": flow.kind,
+            "source_path": flow.source_path, "kernel_name": flow.kernel_name, "tags": flow.tags,
+            "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
+            "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
+            "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
+                           for k, v in (version.parameters if version else {}).items()},
+            "last_run": None if last is None else {
+                "id": str(last.id), "state": last.state, "state_name": last.state_name,
+                "created_at": last.created_at.isoformat()},
+        })
+    return docs
