@@ -71,7 +71,6 @@ class RunRecorder:
         self._pending: list[Log] = []
         self._pending_bytes = 0
         self._last_flush = time.monotonic()
-        self.result: dict[str, Any] = {}
         self.input_label: str | None = None
 
     # -- cells ---------------------------------------------------------------------------------
@@ -129,7 +128,6 @@ class RunRecorder:
             if out.get("output_type") in ("display_data", "execute_result") and isinstance(payload, dict):
                 found[payload.get("name")] = payload.get("value")
         if found:
-            self.result.update(found)
             with self.store.write() as session:
                 run = session.get(Run, self.run_id)
                 run.result = {**(run.result or {}), **found}
