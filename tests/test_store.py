@@ -25,7 +25,8 @@ from nbflow.store import Store, open_store, reset_stores
 from nbflow.store.database import MIGRATIONS_DIR, SCHEMA_REVISION, SQLITE_BUSY_TIMEOUT_MS
 from nbflow.store.models import Base, Flow, FlowVersion, Run, Schedule
 
-TABLES = {"flow", "flow_version", "schedule", "run", "run_state_event", "cell_run", "log", "api_key"}
+TABLES = {"flow", "flow_version", "schedule", "run", "run_state_event", "cell_run", "log", "api_key", "tag_limit",
+          "flow_dependency", "file_trigger", "file_seen"}
 
 
 def table_names(store: Store) -> set[str]:

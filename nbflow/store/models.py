@@ -78,6 +78,8 @@ class Flow(Base):
     timeout: Mapped[float | None] = mapped_column(Float)
     cell_timeout: Mapped[float | None] = mapped_column(Float)
     concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    # What a run does when the flow is at its concurrency limit: ``enqueue`` (wait) or ``cancel-new``.
+    collision: Mapped[str] = mapped_column(String(20), default="enqueue", server_default="enqueue")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -129,6 +131,7 @@ class Run(Base):
         Index("ix_run_flow_created", "flow_id", "created_at"),
         Index("ix_run_state_created", "state", "created_at"),
         Index("ix_run_created", "created_at"),
+        Index("ix_run_parent", "parent_run_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -224,3 +227,55 @@ class ApiKey(Base):
     scopes: Mapped[list[str]] = mapped_column(JSONType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TagLimit(Base):
+    """At most ``limit`` runs of flows carrying ``tag`` are PENDING-claimed or RUNNING at once, across
+    all workers. The tag ``*`` is the global limit (every run)."""
+
+    __tablename__ = "tag_limit"
+
+    tag: Mapped[str] = mapped_column(String(200), primary_key=True)
+    limit: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FlowDependency(Base):
+    """Pipelines: ``flow`` runs after each run of ``upstream`` that ends (``on``: ``completed`` or ``any``)."""
+
+    __tablename__ = "flow_dependency"
+    __table_args__ = (UniqueConstraint("flow_id", "upstream_flow_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"))
+    upstream_flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"), index=True)
+    on: Mapped[str] = mapped_column(String(20), default="completed")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FileTrigger(Base):
+    """Run ``flow`` once for each new file matching ``pattern`` (an absolute glob), passing its path as
+    the parameter ``parameter``."""
+
+    __tablename__ = "file_trigger"
+    __table_args__ = (UniqueConstraint("flow_id", "pattern"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"))
+    pattern: Mapped[str] = mapped_column(Text)
+    parameter: Mapped[str] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FileSeen(Base):
+    """A file a trigger has already acted on (or found there when it was created): never again."""
+
+    __tablename__ = "file_seen"
+    __table_args__ = (UniqueConstraint("trigger_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("file_trigger.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("run.id", ondelete="SET NULL"))
