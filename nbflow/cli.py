@@ -239,20 +239,27 @@ def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float)
               help="Per-cell timeout in whole seconds: a cell running longer fails the run (TimedOut).")
 @click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
+@click.option("--schedule", "cron", metavar="CRON",
+              help="Also schedule it: a 5-field cron expression (the schedule named 'default').")
+@click.option("--tz", "timezone", default="UTC", show_default=True, help="IANA time zone of --schedule.")
 @click.option("--json", "as_json", is_flag=True, help="Print the flow as one JSON document.")
 @handle_errors
 def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
              retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
-             kernel: str | None, tags: tuple[str, ...], as_json: bool) -> None:
+             kernel: str | None, tags: tuple[str, ...], cron: str | None, timezone: str, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
     from nbflow.flows import FlowOptions
     from nbflow.flows import register as do_register
+    from nbflow.scheduler import add_schedule, make_trigger
 
+    if cron is not None:  # a bad cron string or time zone registers nothing
+        make_trigger("cron", {"expr": cron}, timezone)
     store = _store()
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
                           tags=tags or None)
     flow, version = do_register(store, notebook, name=name, options=options)
+    sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
     doc = _flow_doc(store, flow.name)
     if as_json:
         _emit_json(doc)
@@ -260,6 +267,9 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
         params = ", ".join(doc["parameters"]) or "none"
         click.echo(f"flow {flow.name} v{version.version} registered from {flow.source_path} "
                    f"(parameters: {params})")
+        if sched is not None:
+            click.echo(f"schedule default: cron '{sched.spec['expr']}' ({timezone}), "
+                       f"next at {sched.next_fire_at:%Y-%m-%d %H:%M} UTC")
 
 
 def _flow_doc(store: Any, name: str) -> dict[str, Any]:

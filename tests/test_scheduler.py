@@ -254,3 +254,16 @@ def test_concurrent_scheduler_processes_create_one_run_per_slot(nbflow_env, tmp_
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(int(out) for out, _ in outs) == 3
     assert [(r.scheduled_for - BASE).total_seconds() for r in runs_of(store)] == [0, 60, 120]
+
+
+def test_register_with_schedule_checks_cron_and_time_zone_before_writing(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "daily", ["x = 1"])
+    bad = nbflow(sqlite_env, tmp_path, "register", str(nb), "--schedule", "*/5 * * *")
+    assert bad.returncode == 2 and "invalid cron expression" in bad.stderr
+    bad = nbflow(sqlite_env, tmp_path, "register", str(nb), "--schedule", "0 9 * * *", "--tz", "Mars/Base")
+    assert bad.returncode == 2 and "unknown time zone 'Mars/Base'" in bad.stderr
+    assert json.loads(nbflow(sqlite_env, tmp_path, "flows", "--json").stdout)["flows"] == []
+    nbflow(sqlite_env, tmp_path, "register", str(nb), "--schedule", "0 9 * * *", "--tz", "Europe/Berlin")
+    (sched,) = json.loads(nbflow(sqlite_env, tmp_path, "schedule", "list", "--json").stdout)["schedules"]
+    assert sched["flow"] == "daily" and sched["timezone"] == "Europe/Berlin"
+    assert sched["next_fire_at"].endswith(("T08:00:00+00:00", "T07:00:00+00:00"))  # 09:00 Berlin, CET or CEST
