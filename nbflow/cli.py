@@ -197,13 +197,34 @@ def cancel(run_id: str, as_json: bool) -> None:
         click.echo(f"run {doc['id']} {doc['state']}")
 
 
+def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``worker`` and ``serve`` share."""
+    options = [
+        click.option("--slots", type=click.IntRange(min=1), default=2, show_default=True, help="Runs at once."),
+        click.option("--poll", "poll_interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+                     metavar="SECONDS", help="Fallback: how often to look for queued runs when nothing wakes us."),
+        click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+                     help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
+    """Run ``runner`` in the foreground; SIGTERM and Ctrl-C drain it, a second Ctrl-C cancels at once."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: runner.request_stop())
+    try:
+        runner.run(exit_when_idle=exit_when_idle, grace=grace)
+    except KeyboardInterrupt:  # a second Ctrl-C while the runs in flight were given their grace period
+        runner.shutdown(0)
+
+
 @cli.command()
-@click.option("--slots", type=click.IntRange(min=1), default=2, show_default=True, help="Runs at once.")
-@click.option("--poll", "poll_interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
-              metavar="SECONDS", help="How often to look for queued runs when idle.")
+@_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
-@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
-              help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled.")
 @handle_errors
 def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float) -> None:
     """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
@@ -212,17 +233,38 @@ def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float)
     SIGTERM or Ctrl-C stops claiming, lets the runs in flight finish for up to --grace seconds, then
     cancels them (CANCELLED). A second Ctrl-C cancels them at once.
     """
-    import signal
-
     from nbflow.runner import Runner
 
     runner = Runner(_store(), slots=slots, poll_interval=poll_interval)
-    signal.signal(signal.SIGTERM, lambda *_: runner.draining.set())
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s)", err=True)
+    _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
+
+
+@cli.command()
+@_runner_options
+@click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
+              help="How often the scheduler looks for due schedules and events.")
+@handle_errors
+def serve(slots: int, poll_interval: float, grace: float, tick: float) -> None:
+    """Scheduler and runner in one process: fire schedules and execute runs until stopped.
+
+    The embedded default: one `nbflow serve` is all a machine needs. A run queued in this process
+    starts at once; on PostgreSQL, runs queued by other processes too (LISTEN/NOTIFY). More
+    `nbflow worker` processes (here or on other machines sharing the database) add capacity.
+    """
+    from nbflow.runner import Runner
+    from nbflow.scheduler import Scheduler
+
+    store = _store()
+    runner = Runner(store, slots=slots, poll_interval=poll_interval)
+    sched = Scheduler(store, tick=tick)
+    click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), scheduler tick {tick:g}s, "
+               f"database {store.dialect}", err=True)
+    sched.start()
     try:
-        runner.run(exit_when_idle=exit_when_idle, grace=grace)
-    except KeyboardInterrupt:  # a second Ctrl-C while the runs in flight were given their grace period
-        runner.shutdown(0)
+        _run_runner(runner, exit_when_idle=False, grace=grace)
+    finally:
+        sched.shutdown()
 
 
 @cli.command()

@@ -123,16 +123,22 @@ class Runner:
         self.worker_id = worker_id or new_worker_id()
         self.draining = threading.Event()  # set: claim nothing more
         self.stop = threading.Event()  # set: stop the runs in flight too
+        # Set when there may be work: a run queued or a slot freed, in this process (Store.listen) or
+        # another (PostgreSQL NOTIFY). Polling every ``poll_interval`` is only the fallback.
+        self.wake = threading.Event()
         self._threads: dict[uuid.UUID, threading.Thread] = {}
         self.lease_seconds = get_settings().lease_seconds
         self._next_reap = 0.0  # reconcile what we find at start, then every half lease
 
     def _execute(self, run_id: uuid.UUID) -> None:
-        run = launcher.execute_run(self.store, run_id, stop=self.stop)
-        if run.state == states.S.SCHEDULED:  # stopped while waiting out a retry delay: let anyone take it
-            with self.store.write() as session:
-                session.execute(update(Run).where(Run.id == run_id, Run.worker_id == self.worker_id)
-                                .values(worker_id=None))
+        try:
+            run = launcher.execute_run(self.store, run_id, stop=self.stop)
+            if run.state == states.S.SCHEDULED:  # stopped while waiting out a retry delay: let anyone take it
+                with self.store.write() as session:
+                    session.execute(update(Run).where(Run.id == run_id, Run.worker_id == self.worker_id)
+                                    .values(worker_id=None))
+        finally:
+            self.wake.set()  # a slot is free
 
     def step(self) -> int:
         """Reap finished runs and claim new ones for free slots; returns how many runs are in flight."""
@@ -152,15 +158,27 @@ class Runner:
     def run(self, *, exit_when_idle: bool = False, grace: float = 30.0) -> None:
         """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
         then shut down gracefully."""
+        self.store.listen(self.wake)
+        listener = threading.Thread(target=self.store.notifications, args=(self.wake, self.draining),
+                                    name="nbflow-listen", daemon=True)
+        listener.start()
         try:
             while not self.draining.is_set():
+                self.wake.clear()  # before looking: a wake-up during step() is not lost
                 busy = self.step()
                 if busy == 0 and exit_when_idle:
                     break
-                self.draining.wait(self.poll_interval if busy == 0 else min(self.poll_interval, 0.2))
+                self.wake.wait(self.poll_interval)
         except KeyboardInterrupt:
             pass  # Ctrl-C asks for the same graceful stop as SIGTERM
+        finally:
+            self.store.unlisten(self.wake)
         self.shutdown(grace)
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (from a signal handler or another thread)."""
+        self.draining.set()
+        self.wake.set()
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Claim nothing more, let the runs in flight finish for up to ``grace`` seconds, then cancel

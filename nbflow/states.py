@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nbflow.errors import IllegalTransition, RunNotFound
+from nbflow.store import wake_runners
 from nbflow.store.models import Run, RunStateEvent, utcnow
 
 
@@ -109,6 +110,7 @@ def initial_state(
     run.state, run.state_name, run.state_message = to.value, name, message
     session.add(run)
     session.flush()
+    wake_runners(session)
     return _record(session, run, None, to, name, message, now)
 
 
@@ -144,6 +146,8 @@ def transition(
         run.attempt += 1
         run.ended_at = None
     run.state, run.state_name, run.state_message = to.value, name, message
+    if to is not S.RUNNING:  # queued work, a freed slot, or an end that may trigger other flows
+        wake_runners(session)
     return _record(session, run, current, to, name, message, now)
 
 

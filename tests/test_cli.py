@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import make_notebook
 
+from nbflow.store.database import SCHEMA_REVISION
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "register", "flows", "runs", "show", "trigger", "cancel", "worker", "schedule", "schedule add",
             "schedule list", "scheduler", "db", "db upgrade"]
@@ -85,5 +87,5 @@ def test_runs_filters_and_newest_first(sqlite_env, tmp_path):
 def test_db_upgrade(nbflow_env, tmp_path):
     proc = nbflow(nbflow_env, tmp_path, "db", "upgrade")
     assert proc.returncode == 0, proc.stderr
-    assert "revision 0001" in proc.stdout
+    assert f"revision {SCHEMA_REVISION}" in proc.stdout
     assert nbflow(nbflow_env, tmp_path, "db", "upgrade").returncode == 0

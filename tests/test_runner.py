@@ -257,12 +257,12 @@ def test_long_healthy_run_is_never_marked_crashed(sqlite_env, tmp_path):
 
 
 def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_grace(sqlite_env, tmp_path):
-    short = make_notebook(tmp_path, "short", ["import time\ntime.sleep(2)"])
+    short = make_notebook(tmp_path, "short", ["import time\ntime.sleep(5)"])
     long = make_notebook(tmp_path, "longer", ["import time\ntime.sleep(120)"])
     short_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(short), "--json").stdout)["id"]
     long_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(long), "--json").stdout)["id"]
     queued = make_notebook(tmp_path, "queued", ["x = 1"])
-    worker = start(sqlite_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--grace", "4")
+    worker = start(sqlite_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--grace", "7")
     try:
         wait_for_state(short_id, "RUNNING")
         wait_for_state(long_id, "RUNNING")

@@ -1,5 +1,5 @@
 """The SQL store: models, the engine/session handle, and migrations."""
 
-from nbflow.store.database import Store, open_store, reset_stores
+from nbflow.store.database import Store, open_store, reset_stores, wake_runners
 
-__all__ = ["Store", "open_store", "reset_stores"]
+__all__ = ["Store", "open_store", "reset_stores", "wake_runners"]

@@ -8,6 +8,7 @@ whatever the busy timeout says.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import threading
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ class Store:
         self._write = sessionmaker(
             self.engine.execution_options(nbflow_write=True), expire_on_commit=False
         )
+        self._listeners: list[threading.Event] = []
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -91,8 +93,47 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back if it raises."""
-        with self._write() as session, session.begin():
-            yield session
+        with self._write() as session:
+            with session.begin():
+                yield session
+            if session.info.pop(_WAKE, False):
+                for event in list(self._listeners):
+                    event.set()
+
+    # -- wake-ups -----------------------------------------------------------------------------------
+
+    def listen(self, event: threading.Event) -> None:
+        """Set ``event`` after each committed transaction that queued work (see ``wake_runners``) in
+        this process. Other processes learn of it through PostgreSQL's NOTIFY (``notifications``)."""
+        self._listeners.append(event)
+
+    def unlisten(self, event: threading.Event) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(event)
+
+    def notifications(self, event: threading.Event, stop: threading.Event) -> None:
+        """Set ``event`` whenever another process commits queued work, until ``stop`` is set.
+
+        PostgreSQL only (``LISTEN``, on a connection of its own, held for as long as this runs); SQLite
+        has no such channel and runners fall back to polling. Call it in a thread of its own.
+        """
+        if self.dialect != "postgresql":
+            return
+        import psycopg
+
+        while not stop.is_set():
+            try:
+                with self.engine.connect() as conn:
+                    conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
+                    conn.commit()
+                    raw = conn.connection.driver_connection
+                    event.set()  # anything queued while we were not listening
+                    while not stop.is_set():
+                        for _ in raw.notifies(timeout=0.5, stop_after=1):
+                            event.set()
+            except (SQLAlchemyError, psycopg.Error, OSError):
+                if stop.wait(1.0):  # the database went away: polling covers us until it is back
+                    return
 
     # -- migrations ---------------------------------------------------------------------------------
 
@@ -153,6 +194,21 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_WAKE = "nbflow_wake"
+WAKE_CHANNEL = "nbflow_runs"
+
+
+def wake_runners(session: Session) -> None:
+    """Say that this transaction queues work for runners: once it commits, runners in this process
+    wake at once (``Store.listen``) and, on PostgreSQL, so do runners elsewhere (``NOTIFY``, delivered
+    only if the transaction commits). Polling stays as the fallback."""
+    if session.info.get(_WAKE):
+        return
+    session.info[_WAKE] = True
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
 
 
 _stores: dict[str, Store] = {}
