@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from helpers import make_notebook
 from sqlalchemy import func, select
 from test_execution import kernels_left
@@ -208,17 +209,18 @@ def test_reap_crashes_expired_runs_and_requeues_their_retries(nbflow_env, tmp_pa
         assert session.get(Run, held).state == "PENDING"
 
 
-def test_killed_worker_run_is_recovered_and_retried(sqlite_env, tmp_path):
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_sigkilled_runner_run_is_recovered_and_retried(nbflow_env, tmp_path, command):
     marker = tmp_path / "attempted"
     nb = make_notebook(tmp_path, "survivor", [
         "import pathlib, time\np = pathlib.Path(marker)\nif not p.exists():\n    p.touch()\n    time.sleep(120)",
         "import nbflow\nnbflow.record('done', True)",
     ], parameters="marker = ''")
-    assert nbflow(sqlite_env, tmp_path, "register", str(nb), "--retries", "1").returncode == 0
-    run_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", "survivor", "-p", "marker", str(marker),
+    assert nbflow(nbflow_env, tmp_path, "register", str(nb), "--retries", "1").returncode == 0
+    run_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", "survivor", "-p", "marker", str(marker),
                                "--json").stdout)["id"]
-    env = dict(sqlite_env, NBFLOW_LEASE_SECONDS="2")
-    first = start(env, tmp_path, "worker", "--poll", "0.1")
+    env = dict(nbflow_env, NBFLOW_LEASE_SECONDS="2")
+    first = start(env, tmp_path, command, "--poll", "0.1")
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -226,7 +228,7 @@ def test_killed_worker_run_is_recovered_and_retried(sqlite_env, tmp_path):
     first.kill()  # SIGKILL: no chance to clean up
     first.communicate(timeout=30)
     assert kernels_left(run_id) == [], "the killed worker's run kept executing"
-    second = start(env, tmp_path, "worker", "--poll", "0.1")
+    second = start(env, tmp_path, command, "--poll", "0.1")
     try:
         wait_for_state(run_id, "COMPLETED", timeout=60)
     finally:

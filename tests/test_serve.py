@@ -1,0 +1,83 @@
+"""``nbflow serve``: scheduler and runner in one process, and runs that start without waiting for a poll."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+from helpers import make_notebook
+from sqlalchemy import select
+from test_runner import nbflow, start, wait_for_state
+
+from nbflow.runner import Runner
+from nbflow.runs import create_run
+from nbflow.store import open_store
+from nbflow.store.models import Run
+
+# Far longer than any test waits: a run that starts quickly was woken, not found by polling.
+SLOW_POLL = "120"
+
+
+def stop(proc) -> tuple[str, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_fires_schedules_and_executes_triggered_runs(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "tick", ["import nbflow\nnbflow.record('region', region)"],
+                       parameters="region = 'EU'")
+    assert nbflow(nbflow_env, tmp_path, "register", str(nb)).returncode == 0
+    assert nbflow(nbflow_env, tmp_path, "schedule", "add", "tick", "--interval", "2s").returncode == 0
+    serve = start(nbflow_env, tmp_path, "serve", "--tick", "0.2", "--poll", "0.2")
+    try:
+        manual = json.loads(nbflow(nbflow_env, tmp_path, "trigger", "tick", "-p", "region", "US", "--json").stdout)
+        wait_for_state(manual["id"], "COMPLETED", timeout=60)
+        store = open_store()
+        deadline = time.monotonic() + 30
+        scheduled: list[Run] = []
+        while time.monotonic() < deadline and not scheduled:
+            with store.read() as session:
+                scheduled = list(session.execute(
+                    select(Run).where(Run.trigger == "schedule", Run.state == "COMPLETED")).scalars())
+            time.sleep(0.2)
+        assert scheduled, "no scheduled run completed"
+    finally:
+        _out, err = stop(serve)
+    assert serve.returncode == 0, err
+    with store.read() as session:
+        assert session.get(Run, uuid.UUID(manual["id"])).result == {"region": "US"}
+        assert scheduled[0].result == {"region": "EU"}  # the flow's default: the schedule sets none
+
+
+def test_a_run_queued_in_process_starts_without_waiting_for_the_poll(nbflow_env, tmp_path):
+    nb = make_notebook(tmp_path, "quick", ["x = 1"])
+    store = open_store()
+    runner = Runner(store, slots=1, poll_interval=float(SLOW_POLL))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)  # the runner has looked once, found nothing, and gone to sleep
+        run = create_run(store, str(nb))
+        wait_for_state(str(run.id), "COMPLETED", timeout=45)
+    finally:
+        runner.request_stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_run_queued_by_another_process_wakes_a_postgresql_server(pg_env, tmp_path):
+    nb = make_notebook(tmp_path, "woken", ["x = 1"])
+    serve = start(pg_env, tmp_path, "serve", "--poll", SLOW_POLL)
+    try:
+        time.sleep(2.0)  # serve is up, listening, and idle
+        run_id = json.loads(nbflow(pg_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
+        wait_for_state(run_id, "COMPLETED", timeout=45)
+    finally:
+        stop(serve)
