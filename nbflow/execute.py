@@ -1,13 +1,16 @@
 """The papermill integration: one attempt of one run, inside the run's own OS process.
 
-``python -m nbflow.execute RUN_ID`` moves the run PENDING -> RUNNING, executes the flow version's stored
-notebook through ``papermill.execute_notebook`` with the ``nbflow`` engine, and ends the attempt. The
+``run_attempt`` (called by the run process, ``nbflow.runprocess``, with the kernel it started) moves the
+run PENDING -> RUNNING, executes the flow version's stored notebook through
+``papermill.execute_notebook`` with the ``nbflow`` engine, and ends the attempt. The
 engine is papermill's nbclient engine with a ``NotebookExecutionManager`` whose cell hooks also write
 ``cell_run`` rows as cells start and end (so progress can be watched live), stream output to ``log``
 and collect ``nbflow.record`` values into the run's result.
 
 Its own process, because papermill's ``cwd`` is a process-wide ``chdir`` and a kill must be clean:
-``nbflow.launcher`` supervises it (timeouts, cancellation, crashes, retries).
+``nbflow.launcher`` supervises it (timeouts, cancellation, crashes, retries). papermill is given the
+started kernel and its connected client (``km``/``kc``), so it neither waits for a kernel nor shuts one
+down: the run process kills the kernel after the end is written (see ``nbflow.kernels``).
 """
 
 from __future__ import annotations
@@ -15,31 +18,30 @@ from __future__ import annotations
 import io
 import math
 import os
-import signal
 import sys
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
 from sqlalchemy import select, update
 
 from nbflow import states
+from nbflow.launcher import working_directory
 from nbflow.record import RECORD_MIME
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, utcnow
 
+if TYPE_CHECKING:
+    from nbflow.kernels import Kernel
+
 ENGINE_NAME = "nbflow"
 LOG_FLUSH_SECONDS = 0.5
 LOG_FLUSH_BYTES = 64_000
-
-
-class Terminated(BaseException):
-    """Raised in the run process when the supervisor asks it to stop (timeout or cancel)."""
 
 
 def _error_from_outputs(cell: Any) -> dict[str, Any] | None:
@@ -102,8 +104,8 @@ class RunRecorder:
         # papermill calls this from a ``finally``: an exception on its way out (a cell timeout, a dead
         # kernel) means this cell did not complete, though its outputs show no error.
         inflight = sys.exc_info()[1]
-        if isinstance(inflight, Terminated):
-            return  # the supervisor settles the cells of a stopped run
+        if inflight is not None and not isinstance(inflight, Exception):
+            return  # stopped (Terminated, KeyboardInterrupt): the supervisor settles the cells
         error = _error_from_outputs(cell)
         if error is None and inflight is not None:
             error = {"ename": type(inflight).__name__, "evalue": str(inflight).strip(), "traceback": []}
@@ -269,8 +271,17 @@ def _end_attempt(store: Store, run_id: uuid.UUID, error: dict[str, Any] | None, 
             states.fail(session, run, error=error, name=name, message=message)
 
 
-def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
-    """Execute one attempt of a PENDING run; returns the state the attempt left it in."""
+def prepare() -> None:
+    """Open the store (and so its connection pool) before a run is known: a warm slot's first write
+    should not pay for connecting."""
+    store = open_store()
+    with store.read() as session:
+        session.execute(select(Run.id).limit(1)).first()
+
+
+def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:
+    """Execute one attempt of a PENDING run with ``kernel`` (started, maybe not yet ready); returns
+    the state the attempt left it in."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill import execute_notebook
     from papermill.exceptions import PapermillExecutionError
@@ -283,7 +294,8 @@ def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
     run, version, flow = started
     recorder = RunRecorder(store, run_id, run.attempt, run.log_bytes, get_settings().log_limit_bytes)
     recorder.log("system", f"attempt {run.attempt} of {run.max_attempts}: flow {flow.name} v{version.version}, "
-                           f"kernel {run.kernel_name}, pid {os.getpid()}", force=True)
+                           f"kernel {run.kernel_name} ({'warm' if kernel.warm else 'cold'}), pid {os.getpid()}",
+                 force=True)
     if not version.has_parameters_cell and run.parameters:
         recorder.log("system", "the notebook has no cell tagged 'parameters': papermill injects the parameters "
                                "in a new cell at the top", force=True)
@@ -291,17 +303,18 @@ def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
     nb = nbformat.reads(version.source, as_version=4)
     output = Path(run.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    source_dir = Path(flow.source_path).parent if flow.source_path else None
-    cwd = source_dir if source_dir and source_dir.is_dir() else output.parent
+    cwd = working_directory(flow.source_path, run.output_path)
     error: dict[str, Any] | None = None
     name: str | None = None
     try:
+        kernel.ready()
+        kernel.chdir(cwd)
         execute_notebook(
             nb, str(output), parameters=run.parameters, engine_name=ENGINE_NAME, kernel_name=run.kernel_name,
             progress_bar=progress, cwd=str(cwd), stdout_file=LogStream(recorder, "stdout"),
             stderr_file=LogStream(recorder, "stderr"),
             execution_timeout=math.ceil(run.cell_timeout) if run.cell_timeout else None,  # nbclient: whole seconds
-            shutdown_kernel="immediate", recorder=recorder,
+            km=kernel.km, kc=kernel.kc, recorder=recorder,
         )
     except PapermillExecutionError as exc:
         error = {"ename": exc.ename, "evalue": exc.evalue, "traceback": list(exc.traceback),
@@ -312,9 +325,6 @@ def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
         index = recorder.failed_cell[0] if recorder.failed_cell else None
         error = {"ename": "CellTimeoutError", "traceback": [str(exc)], "cell_index": index, "cell_id": None,
                  "evalue": f"cell {index} ran longer than the cell timeout of {run.cell_timeout:g}s"}
-    except Terminated:
-        recorder.flush_logs()
-        raise  # the supervisor stopped us: it writes the state and settles the cells
     except DeadKernelError as exc:
         error = {"ename": "DeadKernelError", "evalue": f"the kernel died: {exc}", "traceback": [],
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
@@ -322,6 +332,9 @@ def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
         error = {"ename": type(exc).__name__, "evalue": str(exc),
                  "traceback": traceback.format_exception(exc),
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
+    except BaseException:
+        recorder.flush_logs()
+        raise  # stopped by the supervisor: it writes the state and settles the cells
     recorder.notebook_end()
     if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
         with store.read() as session:
@@ -339,54 +352,3 @@ def run_attempt(run_id: uuid.UUID, *, progress: Any = False) -> str:
     recorder.flush_logs()
     with store.read() as session:
         return session.get(Run, run_id).state
-
-
-def _on_sigterm(_signum: int, _frame: Any) -> None:
-    raise Terminated()
-
-
-def _die_with(parent: int) -> None:
-    """Get SIGTERM when the supervising process dies (Linux), so a killed worker leaves no run behind
-    still executing while another runner retries it; the SIGTERM path shuts the kernel down."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request took effect
-        raise SystemExit(143)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    progress: Any = False
-    if "--progress-fd" in args:  # papermill's tqdm bar, drawn on the file descriptor the launcher passed
-        i = args.index("--progress-fd")
-        progress = {"file": os.fdopen(int(args[i + 1]), "w")}
-        del args[i:i + 2]
-    parent = None
-    if "--parent-pid" in args:
-        i = args.index("--parent-pid")
-        parent = int(args[i + 1])
-        del args[i:i + 2]
-    if len(args) != 1:
-        print("usage: python -m nbflow.execute RUN_ID [--progress-fd FD] [--parent-pid PID]", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    if parent is not None:
-        _die_with(parent)
-    try:
-        state = run_attempt(uuid.UUID(args[0]), progress=progress)
-    except Terminated:
-        return 143
-    return 0 if state == states.S.COMPLETED else 1
-
-
-if __name__ == "__main__":
-    code = main()
-    # Everything is written and the kernel is gone: skip the interpreter's ~110 ms of tear-down,
-    # which the launcher would otherwise wait for before the next attempt or returning to the user.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -1,7 +1,7 @@
 """Supervising run processes: start one per attempt, enforce the whole-run timeout, stop it cleanly
 on cancel, notice when it dies, and carry the run through its retries.
 
-The run process (``nbflow.execute``) writes the states it can know itself (RUNNING, COMPLETED, FAILED);
+The run process (``nbflow.runprocess``) writes the states it can know itself (RUNNING, COMPLETED, FAILED);
 this side writes the ones it cannot: TimedOut (it was stopped), CRASHED (it died), CANCELLED.
 Stopping is never merely cooperative: SIGTERM lets the process shut its kernel down, and after a grace
 period everything left of the process tree, the kernel included, gets SIGKILL.
@@ -18,7 +18,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import psutil
 from sqlalchemy import select, update
@@ -26,7 +27,7 @@ from sqlalchemy import select, update
 from nbflow import states
 from nbflow.settings import get_settings
 from nbflow.store import Store
-from nbflow.store.models import CellRun, Run, utcnow
+from nbflow.store.models import CellRun, Flow, Run, utcnow
 
 GRACE_SECONDS = 5.0
 WAIT_SLICE_SECONDS = 0.1
@@ -139,13 +140,66 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
             return cell, why
 
 
-def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
-                        stop: threading.Event | None = None) -> None:
-    """Run one attempt of a PENDING run in its own process and wait for it to end, one way or another."""
-    cmd = [sys.executable, "-m", "nbflow.execute", str(run.id), "--parent-pid", str(os.getpid())]
+def working_directory(source_path: str | None, output_path: str) -> Path:
+    """Where a run executes: the notebook's folder (relative paths in it work as in Jupyter), or the
+    output's folder for a flow whose file is gone."""
+    source_dir = Path(source_path).parent if source_path else None
+    return source_dir if source_dir and source_dir.is_dir() else Path(output_path).parent
+
+
+class RunProcess:
+    """A run process (``python -m nbflow.runprocess``) and the file its stderr goes to.
+
+    Its stderr (and its kernel's) goes to a file, so kernel chatter never reaches a terminal and a
+    crash's last words are kept for the run's error."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], err_path: str, kernel_name: str) -> None:
+        self.proc = proc
+        self.err_path = err_path
+        self.kernel_name = kernel_name
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def hand(self, run_id: uuid.UUID) -> bool:
+        """Give a warm slot its run; False if it is gone (the caller starts a cold one instead)."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f"{run_id}\n".encode())
+            self.proc.stdin.close()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def discard(self) -> None:
+        """An unused warm slot: EOF makes it kill its kernel and exit; a stuck one is killed."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            terminate_tree(self.proc.pid)
+            self.proc.wait()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.err_path)
+
+
+def spawn(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID | None = None,
+          progress: bool = False) -> RunProcess:
+    """Start a run process for ``run_id``, or, without one, a warm slot that waits for its run on stdin."""
+    cmd = [sys.executable, "-m", "nbflow.runprocess", "--kernel", kernel_name, "--cwd", str(cwd),
+           "--parent-pid", str(os.getpid())]
+    cmd += [str(run_id)] if run_id is not None else ["--warm"]
     env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
-    # The progress bar gets a copy of our stderr of its own; the process's (and its kernel's) stderr
-    # goes to a file, so kernel chatter never reaches the terminal and a crash's last words are kept.
+    # The progress bar gets a copy of our stderr of its own.
     progress_fd = os.dup(sys.stderr.fileno()) if progress else None
     if progress_fd is not None:
         cmd += ["--progress-fd", str(progress_fd)]
@@ -154,11 +208,40 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
     try:
         with open(err_path, "wb") as err_fh:
             proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_fh,
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_fh,
+                stdin=subprocess.PIPE if run_id is None else subprocess.DEVNULL,
                 start_new_session=True, pass_fds=() if progress_fd is None else (progress_fd,),
             )
+    except BaseException:
+        os.unlink(err_path)
+        raise
+    finally:
         if progress_fd is not None:
             os.close(progress_fd)
+    return RunProcess(proc, err_path, kernel_name)
+
+
+class WarmSource(Protocol):
+    """Where supervisors get warm run processes from (``nbflow.pool.KernelPool``)."""
+
+    def take(self, kernel_name: str) -> RunProcess | None: ...
+
+
+def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
+                        stop: threading.Event | None = None, pool: WarmSource | None = None) -> None:
+    """Run one attempt of a PENDING run in its own process (a warm one from ``pool`` if it has one
+    for the run's kernel) and wait for it to end, one way or another."""
+    rp = pool.take(run.kernel_name) if pool is not None else None
+    if rp is not None and not rp.hand(run.id):
+        rp.discard()
+        rp = None
+    if rp is None:
+        with store.read() as session:
+            source_path = session.get(Flow, run.flow_id).source_path
+        rp = spawn(store, run.kernel_name, working_directory(source_path, run.output_path), run_id=run.id,
+                   progress=progress)
+    proc = rp.proc
+    try:
         try:
             outcome, why = _watch(store, run, proc, stop)
         except KeyboardInterrupt:
@@ -177,11 +260,11 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
             return
         rc = outcome
         if rc != 0:
-            tail = _tail(err_path)
+            tail = _tail(rp.err_path)
             detail = f"the run process exited with code {rc}" + (f": {tail.splitlines()[-1]}" if tail else "")
             settle(store, run.id, "crash", detail, _running_cell(store, run))
     finally:
-        os.unlink(err_path)
+        rp.cleanup()
 
 
 def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> bool:
@@ -202,7 +285,8 @@ def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> b
 
 
 def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
-                wait: Callable[[float], Any] = time.sleep, stop: threading.Event | None = None) -> Run:
+                wait: Callable[[float], Any] = time.sleep, stop: threading.Event | None = None,
+                pool: WarmSource | None = None) -> Run:
     """Run a PENDING run in the foreground, through all its attempts, and return it ended."""
     if stop is not None and wait is time.sleep:
         wait = stop.wait
@@ -217,6 +301,6 @@ def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
             if not _promote(store, run_id, wait):
                 continue
         elif run.state == states.S.PENDING:
-            run_attempt_process(store, run, progress=progress, stop=stop)
+            run_attempt_process(store, run, progress=progress, stop=stop, pool=pool)
         else:
             return run

@@ -1,0 +1,129 @@
+"""The kernel of one run process: started before anything else, connected, used once, then killed.
+
+papermill (through nbclient) would start the kernel itself, wait ~430 ms for it, execute, and shut it
+down before returning (~110 ms, sometimes seconds). nbflow starts the kernel *itself*, first thing in
+the run process, so the kernel boots while the process imports papermill and opens the store; it hands
+papermill the started manager *and its connected, ready client* (``km=``/``kc=``: a client created by
+nbclient would wait ~200 ms more for IOPub); and it kills the kernel only after the run's end is
+written, off the critical path. In a warm slot (``nbflow.pool``) all of this happens before a run is
+even claimed.
+
+The kernel is started exactly as nbclient would (``AsyncKernelManager``, in-memory IPython history,
+stdin disallowed), so a notebook's results are the same warm or cold. A kernel never serves two runs.
+Only ``jupyter_client`` is imported here: this module must load fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client import AsyncKernelManager
+from jupyter_core.utils import run_sync
+
+START_ATTEMPTS = 3
+READY_TIMEOUT = 60.0
+
+
+class KernelStartError(RuntimeError):
+    """The kernel could not be started or never became ready."""
+
+
+class Kernel:
+    """One started kernel and its connected client, driven from the run process's main thread.
+
+    Every coroutine runs on the thread's event loop through ``jupyter_core``'s ``run_sync``, the loop
+    nbclient uses too, so the client's sockets keep working when papermill takes over.
+    """
+
+    def __init__(self, name: str, cwd: str | Path, *, warm: bool = False) -> None:
+        self.name = name
+        self.cwd = str(cwd)
+        self.warm = warm  # started for a warm slot, before its run was known
+        self.km: Any = None
+        self.kc: Any = None
+        self.started = time.monotonic()
+        self.start_error: Exception | None = None
+
+    def start(self) -> Kernel:
+        """Launch the kernel process; returns at once (it boots in parallel). A failure (no such
+        kernel...) is kept and raised by ``ready``, where the run's code expects kernel errors."""
+        self.start_error = None
+        try:
+            self.km = AsyncKernelManager(kernel_name=self.name)
+            extra = ["--HistoryManager.hist_file=:memory:"] if self.km.ipykernel else []
+            run_sync(self.km.start_kernel)(extra_arguments=extra, cwd=self.cwd)
+        except Exception as exc:
+            self.start_error = exc
+        self.started = time.monotonic()
+        return self
+
+    def ready(self, timeout: float = READY_TIMEOUT) -> Kernel:
+        """Connect a client and wait for the kernel to answer. Two kernels started at the same instant
+        can pick the same port and one dies at start; such a start is retried with fresh ports."""
+        if self.kc is not None:
+            return self
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                if self.start_error is not None:
+                    raise self.start_error
+                self.kc = self.km.client()
+                self.kc.start_channels()
+                run_sync(self.kc.wait_for_ready)(timeout=timeout)
+                self.kc.allow_stdin = False
+                return self
+            except Exception as exc:
+                self.kill()
+                if attempt == START_ATTEMPTS:
+                    raise KernelStartError(f"kernel {self.name!r} did not start: {exc}") from exc
+                self.start()
+        raise AssertionError("unreachable")
+
+    def chdir(self, path: str | Path) -> None:
+        """Move the kernel to ``path`` (a warm kernel was started before its run's folder was known).
+
+        A *silent* execution: no execution count, no history, no output, so the notebook's own cells
+        are numbered and shown exactly as in a kernel started there."""
+        path = str(path)
+        if path == self.cwd:
+            return
+        code = f"__import__('os').chdir({path!r})"
+
+        async def execute() -> dict[str, Any]:
+            return await self.kc.execute(code, silent=True, store_history=False, reply=True, timeout=30)
+
+        reply = run_sync(execute)()
+        if reply["content"].get("status") != "ok":
+            raise KernelStartError(f"could not move the kernel to {path}: {reply['content'].get('evalue')}")
+        self.cwd = path
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(Exception):
+            run_sync(self.km.interrupt_kernel)()
+
+    def kill(self) -> None:
+        """Kill the kernel and everything it started (it leads a process group of its own), now.
+
+        Used once the run's end is written: nothing is left to say to it, so no shutdown request and
+        none of jupyter_client's polling for it to exit."""
+        if self.kc is not None:
+            with contextlib.suppress(Exception):
+                self.kc.stop_channels()
+            self.kc = None
+        km, self.km = self.km, None
+        if km is None or not km.has_kernel:
+            return
+        pid = km.provisioner.pid if km.provisioner is not None else None
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+        with contextlib.suppress(Exception):
+            run_sync(km.cleanup_resources)(restart=False)
