@@ -205,6 +205,8 @@ def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      metavar="SECONDS", help="Fallback: how often to look for queued runs when nothing wakes us."),
         click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
                      help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled."),
+        click.option("--warm-kernels", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+                     help="Kernels kept started and connected per kernel name, each for one run (0: off)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -226,7 +228,7 @@ def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
 @_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
 @handle_errors
-def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float) -> None:
+def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, exit_when_idle: bool) -> None:
     """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
 
     Several workers, on one machine or many sharing a PostgreSQL database, never run the same run.
@@ -235,8 +237,8 @@ def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float)
     """
     from nbflow.runner import Runner
 
-    runner = Runner(_store(), slots=slots, poll_interval=poll_interval)
-    click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s)", err=True)
+    runner = Runner(_store(), slots=slots, poll_interval=poll_interval, warm_kernels=warm_kernels)
+    click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {warm_kernels} warm kernel(s)", err=True)
     _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
 
 
@@ -245,7 +247,7 @@ def worker(slots: int, poll_interval: float, exit_when_idle: bool, grace: float)
 @click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
               help="How often the scheduler looks for due schedules and events.")
 @handle_errors
-def serve(slots: int, poll_interval: float, grace: float, tick: float) -> None:
+def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, tick: float) -> None:
     """Scheduler and runner in one process: fire schedules and execute runs until stopped.
 
     The embedded default: one `nbflow serve` is all a machine needs. A run queued in this process
@@ -256,9 +258,9 @@ def serve(slots: int, poll_interval: float, grace: float, tick: float) -> None:
     from nbflow.scheduler import Scheduler
 
     store = _store()
-    runner = Runner(store, slots=slots, poll_interval=poll_interval)
+    runner = Runner(store, slots=slots, poll_interval=poll_interval, warm_kernels=warm_kernels)
     sched = Scheduler(store, tick=tick)
-    click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), scheduler tick {tick:g}s, "
+    click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {warm_kernels} warm kernel(s), tick {tick:g}s, "
                f"database {store.dialect}", err=True)
     sched.start()
     try:

@@ -157,6 +157,16 @@ class RunProcess:
         self.proc = proc
         self.err_path = err_path
         self.kernel_name = kernel_name
+        self._ready = False
+        if proc.stdout is not None:
+            os.set_blocking(proc.stdout.fileno(), False)
+
+    def ready(self) -> bool:
+        """A warm slot whose kernel is started and its client connected (it says so on stdout)."""
+        if not self._ready and self.proc.stdout is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._ready = b"ready" in (os.read(self.proc.stdout.fileno(), 64) or b"")
+        return self._ready
 
     @property
     def pid(self) -> int:
@@ -188,6 +198,9 @@ class RunProcess:
         self.cleanup()
 
     def cleanup(self) -> None:
+        if self.proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdout.close()
         with contextlib.suppress(OSError):
             os.unlink(self.err_path)
 
@@ -208,7 +221,8 @@ def spawn(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID 
     try:
         with open(err_path, "wb") as err_fh:
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_fh,
+                cmd, env=env, stderr=err_fh,
+                stdout=subprocess.PIPE if run_id is None else subprocess.DEVNULL,
                 stdin=subprocess.PIPE if run_id is None else subprocess.DEVNULL,
                 start_new_session=True, pass_fds=() if progress_fd is None else (progress_fd,),
             )

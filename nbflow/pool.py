@@ -2,15 +2,15 @@
 
 A warm slot is a run process (``python -m nbflow.runprocess --warm``) that has imported papermill, opened
 the store, started its kernel *and connected and readied its client*, and now waits on stdin for a run
-id. ``take`` hands out the oldest slot for a kernel name (the one most likely ready); a slot still
-booting is handed out too, since it can only be further along than a process started now. The slot
+id. ``take`` hands out a ready slot for a kernel name, else the oldest still booting (it can only be
+further along than a process started now). The slot
 executes its one run, kills its kernel and exits: a kernel never serves two runs, so nothing leaks
 from one run to the next. The pool refills in the background.
 
 Which kernels to keep warm: ``size`` slots for each kernel name asked for recently (at most
 ``MAX_KERNELS`` names, the least recently asked dropped first), seeded at start with the kernels of the
-newest runs in the store. A kernel whose slots keep dying before they are used (a broken kernelspec)
-is left cold for ``BACKOFF_SECONDS``. ``size`` 0 turns the pool off.
+newest runs in the store (``python3`` in a new store). A kernel whose slots keep dying before they are
+used (a broken kernelspec) is left cold for ``BACKOFF_SECONDS``. ``size`` 0 turns the pool off.
 
 Warm kernels start in ``NBFLOW_HOME`` and are moved to their run's folder with a silent ``chdir``
 (no execution count, no output), so one slot serves any flow that uses its kernel.
@@ -36,6 +36,7 @@ MAX_KERNELS = 4
 BACKOFF_SECONDS = 60.0
 FAILURES_BEFORE_BACKOFF = 3
 REFILL_CHECK_SECONDS = 1.0
+DEFAULT_KERNEL = "python3"
 
 
 class KernelPool:
@@ -68,6 +69,8 @@ class KernelPool:
                 if len(self._wanted) >= MAX_KERNELS // 2:
                     break
                 self._wanted[name] = None
+        if not self._wanted:  # a new instance: Jupyter's default kernel is the best guess
+            self._wanted[DEFAULT_KERNEL] = None
         # The spawning thread must outlive its slots: they get SIGTERM when it ends (PR_SET_PDEATHSIG).
         self._thread = threading.Thread(target=self._refill_loop, name="nbflow-pool", daemon=True)
         self._thread.start()
@@ -79,13 +82,13 @@ class KernelPool:
         found = None
         with self._lock:
             self._want(kernel_name)
-            slots = self._idle.get(kernel_name)
-            while slots:
-                rp = slots.popleft()
-                if rp.alive():
-                    found = rp
-                    break
+            slots = self._idle.get(kernel_name) or deque()
+            for rp in [rp for rp in slots if not rp.alive()]:
+                slots.remove(rp)
                 self._died(rp)
+            if slots:
+                found = next((rp for rp in slots if rp.ready()), slots[0])
+                slots.remove(found)
         if found is None:
             self.misses += 1
         else:
@@ -106,10 +109,11 @@ class KernelPool:
         for rp in slots:
             rp.discard()
 
-    def idle_count(self, kernel_name: str | None = None) -> int:
+    def ready_count(self, kernel_name: str | None = None) -> int:
+        """Warm slots ready to run at once (their kernel answered)."""
         with self._lock:
             queues = [self._idle.get(kernel_name, ())] if kernel_name else list(self._idle.values())
-            return sum(1 for q in queues for rp in q if rp.alive())
+            return sum(1 for q in queues for rp in q if rp.alive() and rp.ready())
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ Crash recovery needs no set-up: supervisors renew a heartbeat lease on the runs 
 (``NBFLOW_LEASE_SECONDS``, default 30) and every runner reaps runs whose lease ran out (``reap``).
 
 Schedules are fired into runs by ``nbflow.scheduler``; workers execute them like any queued run.
-Not yet here (issue 3 continues): concurrency limits per flow or tag, LISTEN/NOTIFY wake-ups, the warm
-kernel pool.
+A run queued in this process wakes the runner at once (``Store.listen``), and on PostgreSQL so does one
+queued anywhere (LISTEN/NOTIFY); polling is only the fallback. Claimed runs go to warm run processes
+from ``nbflow.pool`` when one is ready for their kernel, so they skip kernel start-up.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from nbflow import launcher, states
+from nbflow.pool import KernelPool
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import CellRun, Run, utcnow
+
+# Warm slots per kernel name. One is enough to take kernel start-up off a triggered run's path; more
+# help only when runs of one kernel arrive faster than a slot refills (~1 s).
+DEFAULT_WARM_KERNELS = 1
 
 
 def new_worker_id() -> str:
@@ -114,7 +120,7 @@ class Runner:
     """Claim-and-execute loop with ``slots`` runs at once."""
 
     def __init__(self, store: Store, *, slots: int = 2, poll_interval: float = 1.0,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, warm_kernels: int = DEFAULT_WARM_KERNELS) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.store = store
@@ -129,10 +135,11 @@ class Runner:
         self._threads: dict[uuid.UUID, threading.Thread] = {}
         self.lease_seconds = get_settings().lease_seconds
         self._next_reap = 0.0  # reconcile what we find at start, then every half lease
+        self.pool = KernelPool(store, warm_kernels)
 
     def _execute(self, run_id: uuid.UUID) -> None:
         try:
-            run = launcher.execute_run(self.store, run_id, stop=self.stop)
+            run = launcher.execute_run(self.store, run_id, stop=self.stop, pool=self.pool)
             if run.state == states.S.SCHEDULED:  # stopped while waiting out a retry delay: let anyone take it
                 with self.store.write() as session:
                     session.execute(update(Run).where(Run.id == run_id, Run.worker_id == self.worker_id)
@@ -159,6 +166,7 @@ class Runner:
         """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
         then shut down gracefully."""
         self.store.listen(self.wake)
+        self.pool.start()
         listener = threading.Thread(target=self.store.notifications, args=(self.wake, self.draining),
                                     name="nbflow-listen", daemon=True)
         listener.start()
@@ -192,3 +200,4 @@ class Runner:
             self.stop.set()
             for thread in list(self._threads.values()):
                 thread.join(launcher.GRACE_SECONDS * 3)
+            self.pool.close()  # after the runs: their processes go when the pool's thread does

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     print(f"nbflow: {exc}", file=sys.stderr)
                     return EXIT_NO_KERNEL
+                sys.stdout.write("ready\n")  # the pool prefers slots that said so
+                sys.stdout.flush()
                 line = sys.stdin.readline().strip()
                 if not line:
                     return 0  # the pool no longer needs this slot
