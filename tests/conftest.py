@@ -99,9 +99,3 @@ def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
     yield _instance(monkeypatch, home, f"sqlite:///{home / 'nbflow.db'}")
     reset_stores()
 
-
-@pytest.fixture
-def pg_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """Like ``nbflow_env`` on PostgreSQL only: for what only PostgreSQL has (LISTEN/NOTIFY)."""
-    yield _instance(monkeypatch, tmp_path / "home", _fresh_url("postgresql", tmp_path, request))
-    reset_stores()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from helpers import make_notebook
 from sqlalchemy import select
@@ -72,12 +74,22 @@ def test_a_run_queued_in_process_starts_without_waiting_for_the_poll(nbflow_env,
     assert not thread.is_alive()
 
 
-def test_a_run_queued_by_another_process_wakes_a_postgresql_server(pg_env, tmp_path):
+def test_a_run_queued_by_another_process_wakes_the_server(nbflow_env, tmp_path):
+    """PostgreSQL: LISTEN/NOTIFY; SQLite: the server's FIFO next to the database file."""
     nb = make_notebook(tmp_path, "woken", ["x = 1"])
-    serve = start(pg_env, tmp_path, "serve", "--poll", SLOW_POLL)
+    serve = start(nbflow_env, tmp_path, "serve", "--poll", SLOW_POLL)
     try:
         time.sleep(2.0)  # serve is up, listening, and idle
-        run_id = json.loads(nbflow(pg_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
+        run_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]
         wait_for_state(run_id, "COMPLETED", timeout=45)
     finally:
         stop(serve)
+
+
+def test_a_dead_listeners_fifo_is_forgotten_not_written_to_forever(sqlite_env, tmp_path):
+    store = open_store()
+    wake_dir = Path(sqlite_env["NBFLOW_HOME"]) / "nbflow.db.wake"
+    wake_dir.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(wake_dir / "4242-deadbeef")  # left by a process killed with SIGKILL: nobody reads it
+    create_run(store, str(make_notebook(tmp_path, "poke", ["x = 1"])))
+    assert not (wake_dir / "4242-deadbeef").exists()

@@ -9,8 +9,12 @@ whatever the busy timeout says.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import os
+import select
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +103,8 @@ class Store:
             if session.info.pop(_WAKE, False):
                 for event in list(self._listeners):
                     event.set()
+                if self.dialect == "sqlite":
+                    self._poke_local_listeners()
 
     # -- wake-ups -----------------------------------------------------------------------------------
 
@@ -113,12 +119,19 @@ class Store:
 
     def notifications(self, event: threading.Event, stop: threading.Event) -> None:
         """Set ``event`` whenever another process commits queued work, until ``stop`` is set.
+        Call it in a thread of its own.
 
-        PostgreSQL only (``LISTEN``, on a connection of its own, held for as long as this runs); SQLite
-        has no such channel and runners fall back to polling. Call it in a thread of its own.
+        PostgreSQL: ``LISTEN`` on a connection of its own, for as long as this runs, so runners on any
+        machine wake. SQLite: a FIFO of ours in ``<database>.wake/``, which every process committing
+        queued work on this database pokes (``_poke_local_listeners``), so ``nbflow trigger`` wakes a
+        local ``nbflow serve`` at once. Polling stays as the fallback either way.
         """
-        if self.dialect != "postgresql":
-            return
+        if self.dialect == "postgresql":
+            self._listen_postgresql(event, stop)
+        elif self._wake_dir() is not None:
+            self._listen_fifo(event, stop)
+
+    def _listen_postgresql(self, event: threading.Event, stop: threading.Event) -> None:
         import psycopg
 
         while not stop.is_set():
@@ -134,6 +147,62 @@ class Store:
             except (SQLAlchemyError, psycopg.Error, OSError):
                 if stop.wait(1.0):  # the database went away: polling covers us until it is back
                     return
+
+    def _wake_dir(self) -> Path | None:
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        return Path(database).with_name(Path(database).name + ".wake")
+
+    def _listen_fifo(self, event: threading.Event, stop: threading.Event) -> None:
+        wake_dir = self._wake_dir()
+        assert wake_dir is not None
+        wake_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Created under a hidden name and renamed once open: a poker never sees it without a reader
+        # (and so never takes it for the FIFO of a dead process).
+        hidden, path = wake_dir / f".{name}", wake_dir / name
+        os.mkfifo(hidden, 0o600)
+        reader = os.open(hidden, os.O_RDONLY | os.O_NONBLOCK)
+        keeper = os.open(hidden, os.O_WRONLY | os.O_NONBLOCK)  # without a writer, select reports EOF forever
+        os.rename(hidden, path)
+        try:
+            while not stop.is_set():
+                readable, _, _ = select.select([reader], [], [], 0.5)
+                if readable:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(reader, 4096)
+                    event.set()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(keeper)
+            os.close(reader)
+
+    def _poke_local_listeners(self) -> None:
+        """Wake the processes listening on this SQLite database; forget the FIFOs of dead ones."""
+        wake_dir = self._wake_dir()
+        try:
+            names = os.listdir(wake_dir) if wake_dir is not None else []
+        except OSError:
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(wake_dir, name)  # type: ignore[arg-type]
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nobody reads it: its process is gone
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                continue
+            try:
+                os.write(fd, b"!")
+            except OSError:
+                pass  # full: it has wake-ups pending already
+            finally:
+                os.close(fd)
 
     # -- migrations ---------------------------------------------------------------------------------
 
