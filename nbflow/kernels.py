@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,11 @@ class Kernel:
         kernel...) is kept and raised by ``ready``, where the run's code expects kernel errors."""
         self.start_error = None
         try:
-            self.km = AsyncKernelManager(kernel_name=self.name)
+            # IPC transport (UNIX sockets under the temp dir, named uniquely): TCP ports are picked
+            # by binding port 0 and closing it, and under load another process takes one before the
+            # kernel binds it ("Address already in use", the kernel dies at start).
+            ipc_base = os.path.join(tempfile.gettempdir(), f"nbflow-kernel-{uuid.uuid4().hex[:12]}")
+            self.km = AsyncKernelManager(kernel_name=self.name, transport="ipc", ip=ipc_base)
             extra = ["--HistoryManager.hist_file=:memory:"] if self.km.ipykernel else []
             run_sync(self.km.start_kernel)(extra_arguments=extra, cwd=self.cwd)
         except Exception as exc:

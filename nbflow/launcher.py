@@ -9,11 +9,8 @@ period everything left of the process tree, the kernel included, gets SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -21,33 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
 from sqlalchemy import select, update
 
-from nbflow import states
+from nbflow import processes, states
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import CellRun, Flow, Run, utcnow
 
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = processes.GRACE_SECONDS
 WAIT_SLICE_SECONDS = 0.1
 CANCEL_POLL_SECONDS = 0.5
-
-
-def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM the process, then SIGKILL it and every descendant still alive after ``grace`` seconds."""
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root.terminate()
-    _, alive = psutil.wait_procs([root], timeout=grace)
-    for proc in [*alive, *family[1:]]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(family, timeout=grace)
 
 
 def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
@@ -135,7 +115,7 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
                     why = "cancel"
         if why is not None:
             cell = _running_cell(store, run)
-            terminate_tree(proc.pid)
+            processes.terminate_tree(proc.pid)
             proc.wait()
             return cell, why
 
@@ -147,98 +127,10 @@ def working_directory(source_path: str | None, output_path: str) -> Path:
     return source_dir if source_dir and source_dir.is_dir() else Path(output_path).parent
 
 
-class RunProcess:
-    """A run process (``python -m nbflow.runprocess``) and the file its stderr goes to.
-
-    Its stderr (and its kernel's) goes to a file, so kernel chatter never reaches a terminal and a
-    crash's last words are kept for the run's error."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], err_path: str, kernel_name: str) -> None:
-        self.proc = proc
-        self.err_path = err_path
-        self.kernel_name = kernel_name
-        self._ready = False
-        if proc.stdout is not None:
-            os.set_blocking(proc.stdout.fileno(), False)
-
-    def ready(self) -> bool:
-        """A warm slot whose kernel is started and its client connected (it says so on stdout)."""
-        if not self._ready and self.proc.stdout is not None:
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._ready = b"ready" in (os.read(self.proc.stdout.fileno(), 64) or b"")
-        return self._ready
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def hand(self, run_id: uuid.UUID) -> bool:
-        """Give a warm slot its run; False if it is gone (the caller starts a cold one instead)."""
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(f"{run_id}\n".encode())
-            self.proc.stdin.close()
-            return True
-        except (BrokenPipeError, OSError, ValueError):
-            return False
-
-    def discard(self) -> None:
-        """An unused warm slot: EOF makes it kill its kernel and exit; a stuck one is killed."""
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            terminate_tree(self.proc.pid)
-            self.proc.wait()
-        self.cleanup()
-
-    def cleanup(self) -> None:
-        if self.proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdout.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.err_path)
-
-
-def spawn(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID | None = None,
-          progress: bool = False) -> RunProcess:
-    """Start a run process for ``run_id``, or, without one, a warm slot that waits for its run on stdin."""
-    cmd = [sys.executable, "-m", "nbflow.runprocess", "--kernel", kernel_name, "--cwd", str(cwd),
-           "--parent-pid", str(os.getpid())]
-    cmd += [str(run_id)] if run_id is not None else ["--warm"]
-    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
-    # The progress bar gets a copy of our stderr of its own.
-    progress_fd = os.dup(sys.stderr.fileno()) if progress else None
-    if progress_fd is not None:
-        cmd += ["--progress-fd", str(progress_fd)]
-    with tempfile.NamedTemporaryFile(prefix="nbflow-run-", suffix=".stderr", delete=False) as err:
-        err_path = err.name
-    try:
-        with open(err_path, "wb") as err_fh:
-            proc = subprocess.Popen(
-                cmd, env=env, stderr=err_fh,
-                stdout=subprocess.PIPE if run_id is None else subprocess.DEVNULL,
-                stdin=subprocess.PIPE if run_id is None else subprocess.DEVNULL,
-                start_new_session=True, pass_fds=() if progress_fd is None else (progress_fd,),
-            )
-    except BaseException:
-        os.unlink(err_path)
-        raise
-    finally:
-        if progress_fd is not None:
-            os.close(progress_fd)
-    return RunProcess(proc, err_path, kernel_name)
-
-
 class WarmSource(Protocol):
     """Where supervisors get warm run processes from (``nbflow.pool.KernelPool``)."""
 
-    def take(self, kernel_name: str) -> RunProcess | None: ...
+    def take(self, kernel_name: str) -> processes.RunProcess | None: ...
 
 
 def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
@@ -252,14 +144,17 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
     if rp is None:
         with store.read() as session:
             source_path = session.get(Flow, run.flow_id).source_path
-        rp = spawn(store, run.kernel_name, working_directory(source_path, run.output_path), run_id=run.id,
-                   progress=progress)
+        cwd = working_directory(source_path, run.output_path)
+        if pool is not None:  # a runner: forked, with everything imported
+            rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id)
+        else:  # the foreground `nbflow run`
+            rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress)
     proc = rp.proc
     try:
         try:
             outcome, why = _watch(store, run, proc, stop)
         except KeyboardInterrupt:
-            terminate_tree(proc.pid)
+            processes.terminate_tree(proc.pid)
             proc.wait()
             settle(store, run.id, "cancel", "cancelled by the user (interrupt)")
             raise

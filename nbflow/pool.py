@@ -1,8 +1,8 @@
 """The warm kernel pool: run processes started ahead of time, so a claimed run skips kernel start-up.
 
-A warm slot is a run process (``python -m nbflow.runprocess --warm``) that has imported papermill, opened
-the store, started its kernel *and connected and readied its client*, and now waits on stdin for a run
-id. ``take`` hands out a ready slot for a kernel name, else the oldest still booting (it can only be
+A warm slot is a run process (``nbflow.runprocess``, forked by the fork server of ``nbflow.processes``)
+that has opened the store, started its kernel *and connected and readied its client*, and now waits on
+its pipe for a run id. ``take`` hands out a ready slot for a kernel name, else the oldest still booting (it can only be
 further along than a process started now). The slot
 executes its one run, kills its kernel and exits: a kernel never serves two runs, so nothing leaks
 from one run to the next. The pool refills in the background.
@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 
 from sqlalchemy import select
 
-from nbflow.launcher import RunProcess, spawn
+from nbflow.processes import RunProcess, fork
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import Run
@@ -71,7 +71,6 @@ class KernelPool:
                 self._wanted[name] = None
         if not self._wanted:  # a new instance: Jupyter's default kernel is the best guess
             self._wanted[DEFAULT_KERNEL] = None
-        # The spawning thread must outlive its slots: they get SIGTERM when it ends (PR_SET_PDEATHSIG).
         self._thread = threading.Thread(target=self._refill_loop, name="nbflow-pool", daemon=True)
         self._thread.start()
 
@@ -97,8 +96,7 @@ class KernelPool:
         return found
 
     def close(self) -> None:
-        """Stop refilling and let every unused slot go (its kernel is killed). Call after the runs
-        handed out have ended: their processes follow the refill thread."""
+        """Stop refilling and let every unused slot go (its kernel is killed)."""
         self._closed.set()
         self._changed.set()
         if self._thread is not None:
@@ -155,7 +153,7 @@ class KernelPool:
                 if self._closed.is_set():
                     break
                 try:
-                    rp = spawn(self.store, name, home)
+                    rp = fork(self.store, name, home)
                 except OSError as exc:
                     log.warning("could not start a warm slot for kernel %s: %s", name, exc)
                     continue

@@ -5,12 +5,15 @@ Two ways in, one way through::
     python -m nbflow.runprocess RUN_ID --kernel NAME --cwd DIR    # cold: the run is known
     python -m nbflow.runprocess --warm --kernel NAME --cwd DIR    # warm slot: the run id comes on stdin
 
+A runner does not start these with ``python -m``: its fork server forks them with everything already
+imported, and calls ``forked_main`` (see ``nbflow.processes``).
+
 Either way the kernel is started first (``nbflow.kernels``, which only needs jupyter_client), and only
 then are papermill, nbclient and the store imported (``nbflow.execute``): the ~350 ms of imports
 overlap the kernel's ~430 ms boot instead of adding to it. A warm slot then waits for the kernel to be
 ready and for a run id on stdin (EOF: not needed after all, exit), so a claimed run skips all of it.
 
-Stopping: SIGTERM (the supervisor's timeout or cancel, or the supervisor dying: ``PR_SET_PDEATHSIG``)
+Stopping: SIGTERM (the supervisor's timeout or cancel, or the supervisor dying: ``_die_with``)
 raises ``Terminated`` in the main thread; the kernel is interrupted, given a moment to run the
 notebook's ``finally`` blocks, and killed. The supervisor writes the run's state.
 """
@@ -18,10 +21,14 @@ notebook's ``finally`` blocks, and killed. The supervisor writes the run's state
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import signal
 import sys
+import threading
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -40,22 +47,45 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(_signum: int, _frame: Any) -> None:
+    # Once is enough: a second SIGTERM (the supervisor's, after its dying watcher's) must not break
+    # off the kernel's clean-up halfway.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 
-def _die_with(parent: int) -> None:
-    """Get SIGTERM when the supervising process dies (Linux), so a killed worker leaves no run behind
-    still executing while another runner retries it; the SIGTERM path kills the kernel.
+def _die_with(supervisor: int) -> None:
+    """Stop (SIGTERM to ourselves) when the supervising process dies, so a killed worker leaves no run
+    behind still executing while another runner retries it; the SIGTERM path kills the kernel.
 
-    The signal follows the *thread* that spawned us: supervisors spawn from threads that outlive us."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    A thread waits on a pidfd of the supervisor (Linux; elsewhere it polls). Not PR_SET_PDEATHSIG: a
+    forked run process's parent is the fork server, which outlives a killed runner for as long as its
+    children do."""
+    try:
+        pidfd: int | None = os.pidfd_open(supervisor)
+    except (AttributeError, OSError):  # not Linux, or it is gone already
+        if not _pid_exists(supervisor):
+            raise SystemExit(EXIT_STOPPED) from None
+        pidfd = None
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request took effect
-        raise SystemExit(EXIT_STOPPED)
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _pid_exists(supervisor):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="nbflow-supervisor-watch", daemon=True).start()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -80,11 +110,28 @@ def _stop_kernel(kernel: Kernel) -> None:
     kernel.kill()
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Stdio:
+    """A warm slot's link to its pool when started as a plain process: stdout and stdin."""
+
+    def send(self, message: str) -> None:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+    def recv(self) -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.strip()
+
+
+def main(argv: list[str] | None = None, channel: Any = None) -> int:
+    """The run process. ``channel`` (a ``multiprocessing`` connection when forked by the fork server;
+    stdin/stdout otherwise) is where a warm slot says it is ready and takes its run id."""
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.parent_pid is not None:
         _die_with(args.parent_pid)
+    channel = channel or _Stdio()
     kernel = Kernel(args.kernel, args.cwd, warm=args.warm)
     try:
         try:
@@ -99,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     print(f"nbflow: {exc}", file=sys.stderr)
                     return EXIT_NO_KERNEL
-                sys.stdout.write("ready\n")  # the pool prefers slots that said so
-                sys.stdout.flush()
-                line = sys.stdin.readline().strip()
-                if not line:
+                with contextlib.suppress(OSError):  # the pool prefers slots that said so; it may have
+                    channel.send("ready")  # handed us a run already and closed its end
+                try:
+                    run_id = uuid.UUID(channel.recv())
+                except (EOFError, OSError):
                     return 0  # the pool no longer needs this slot
-                run_id = uuid.UUID(line)
             progress: Any = {"file": os.fdopen(args.progress_fd, "w")} if args.progress_fd is not None else False
             state = execute.run_attempt(run_id, kernel=kernel, progress=progress)
         except Terminated:
@@ -113,6 +160,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if state == "COMPLETED" else 1
     finally:
         kernel.kill()
+
+
+def forked_main(argv: list[str], env: dict[str, str], cwd: str, err_path: str, channel: Any) -> None:
+    """Entry point of a run process forked by the fork server (see ``nbflow.processes``): become what
+    ``python -m nbflow.runprocess`` would have been, then run ``main``."""
+    os.setsid()  # a session of its own: the supervisor stops it and its kernel together
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    err = os.open(err_path, os.O_WRONLY | os.O_APPEND)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd, target in ((null, 0), (null, 1), (err, 2)):
+        os.dup2(fd, target)
+    os.close(err)
+    os.close(null)
+    code = 1
+    try:
+        code = main(argv, channel=channel)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()  # the supervisor puts the last line in the run's error
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

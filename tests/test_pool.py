@@ -14,8 +14,8 @@ from sqlalchemy import select
 from test_execution import kernels_left
 from test_runner import wait_for_state
 
-from nbflow.launcher import spawn
 from nbflow.pool import KernelPool
+from nbflow.processes import fork
 from nbflow.runner import Runner
 from nbflow.runs import create_run
 from nbflow.store import open_store
@@ -131,7 +131,7 @@ def test_closing_the_pool_stops_its_idle_slots_and_their_kernels(sqlite_env, tmp
 
 def test_a_slot_whose_kernel_cannot_start_is_dropped_not_used(sqlite_env, tmp_path):
     store = open_store()
-    rp = spawn(store, "no-such-kernel", tmp_path)
+    rp = fork(store, "no-such-kernel", tmp_path)
     assert rp.proc.wait(60) == 3  # it said why on stderr and exited before taking any run
     with open(rp.err_path) as fh:
         assert "no-such-kernel" in fh.read()

@@ -19,7 +19,7 @@ from test_execution import kernels_left
 from nbflow.runner import claim
 from nbflow.runs import create_run, history
 from nbflow.store import open_store
-from nbflow.store.models import CellRun, Run, RunStateEvent
+from nbflow.store.models import CellRun, Log, Run, RunStateEvent
 
 
 def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -40,7 +40,13 @@ def wait_for_state(run_id: str, state: str, timeout: float = 30) -> None:
             if session.get(Run, uuid.UUID(run_id)).state == state:
                 return
         time.sleep(0.1)
-    raise AssertionError(f"run {run_id} never reached {state}")
+    with store.read() as session:
+        run = session.get(Run, uuid.UUID(run_id))
+        seen = [(e["to"], e["message"]) for e in history(session, run)]
+        lines = [f"{log.attempt}/{log.stream}: {log.text}" for log in session.execute(
+            select(Log).where(Log.run_id == run.id).order_by(Log.id)).scalars()]
+    raise AssertionError(f"run {run_id} never reached {state}: it is {run.state} ({run.state_message}); "
+                         f"history {seen}; error {run.error}; log {lines[-6:]}")
 
 
 def test_concurrent_claims_take_each_run_exactly_once(nbflow_env, tmp_path):
