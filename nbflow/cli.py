@@ -283,27 +283,56 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, tic
               help="Per-cell timeout in whole seconds: a cell running longer fails the run (TimedOut).")
 @click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
+@click.option("--concurrency", "concurrency_limit", type=int, metavar="N",
+              help="At most N runs of the flow at once, across all workers; 0 removes the limit.")
+@click.option("--collision", metavar="[enqueue|cancel-new]",
+              help="A run that finds the flow at its --concurrency limit waits (enqueue, the default) or "
+                   "ends CANCELLED (cancel-new).")
 @click.option("--schedule", "cron", metavar="CRON",
               help="Also schedule it: a 5-field cron expression (the schedule named 'default').")
 @click.option("--tz", "timezone", default="UTC", show_default=True, help="IANA time zone of --schedule.")
+@click.option("--after", "after", multiple=True, metavar="FLOW",
+              help="Run after each run of FLOW ends, with the results it recorded as parameters of the same "
+                   "name (repeatable; replaces the flows it runs after). Needs a running scheduler.")
+@click.option("--after-on", metavar="[completed|any]",
+              help="Which ends of the --after flows start this one: completed (the default), or any end "
+                   "(also FAILED, CANCELLED, CRASHED).")
+@click.option("--on-file", "on_file", multiple=True, metavar="GLOB",
+              help="Run once for each new file matching GLOB, relative to the current directory (repeatable; "
+                   "replaces the flow's file triggers). Files already there do not run. Needs a running scheduler.")
+@click.option("--file-param", metavar="NAME", help="The parameter that receives the file's path (default: path).")
 @click.option("--json", "as_json", is_flag=True, help="Print the flow as one JSON document.")
 @handle_errors
 def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
              retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
-             kernel: str | None, tags: tuple[str, ...], cron: str | None, timezone: str, as_json: bool) -> None:
+             kernel: str | None, tags: tuple[str, ...], concurrency_limit: int | None, collision: str | None,
+             cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
+             on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
+    from nbflow import events
     from nbflow.flows import FlowOptions
     from nbflow.flows import register as do_register
     from nbflow.scheduler import add_schedule, make_trigger
 
     if cron is not None:  # a bad cron string or time zone registers nothing
         make_trigger("cron", {"expr": cron}, timezone)
+    if after_on is not None and not after:
+        _fail("--after-on needs --after FLOW")
+    if file_param is not None and not on_file:
+        _fail("--file-param needs --on-file GLOB")
     store = _store()
+    patterns = events.check_register(  # unknown flows, cycles, bad globs, a missing parameter: nothing written
+        store, notebook, name=name, kernel=kernel, after=after, on=after_on or "completed", patterns=on_file,
+        parameter=file_param or "path") if after or on_file else []
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
-                          tags=tags or None)
+                          tags=tags or None, concurrency_limit=concurrency_limit, collision=collision)
     flow, version = do_register(store, notebook, name=name, options=options)
     sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
+    if after:
+        events.set_dependencies(store, flow.name, after, after_on or "completed")
+    if on_file:
+        events.set_file_triggers(store, flow.name, patterns, file_param or "path")
     doc = _flow_doc(store, flow.name)
     if as_json:
         _emit_json(doc)
@@ -314,6 +343,11 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
         if sched is not None:
             click.echo(f"schedule default: cron '{sched.spec['expr']}' ({timezone}), "
                        f"next at {sched.next_fire_at:%Y-%m-%d %H:%M} UTC")
+        if doc["after"]:
+            click.echo("runs after: " + ", ".join(f"{d['flow']} ({d['on']})" for d in doc["after"]))
+        for t in doc["file_triggers"]:
+            click.echo(f"runs on each new file {t['pattern']} (parameter {t['parameter']})"
+                       + ("" if t["active"] else ", paused"))
 
 
 def _flow_doc(store: Any, name: str) -> dict[str, Any]:
@@ -529,11 +563,12 @@ schedule.command("remove", help="Delete a schedule (its past runs stay).")(_sche
 
 @cli.command("scheduler")
 @click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
-              help="How often to look for due schedules.")
+              help="How often to look for due schedules and events.")
 @click.option("--exit-after", type=click.FloatRange(min=0), metavar="SECONDS", help="Stop after this long.")
 @handle_errors
 def scheduler_cmd(tick: float, exit_after: float | None) -> None:
-    """Fire due schedules into queued runs, in the foreground, until stopped (a worker executes them).
+    """Fire due schedules, and events (pipelines, file arrivals), into queued runs, in the foreground,
+    until stopped (a worker executes them).
 
     Several schedulers may share one database: each slot still gets exactly one run.
     """
@@ -552,6 +587,96 @@ def scheduler_cmd(tick: float, exit_after: float | None) -> None:
         sched.run(exit_after=exit_after)
     except KeyboardInterrupt:
         click.echo("nbflow scheduler: stopped", err=True)
+
+
+@cli.group()
+def limits() -> None:
+    """Concurrency limits per tag and globally (per flow: `nbflow register NB --concurrency N`).
+
+    At most N runs of the flows carrying a tag, or N runs in all (--global), hold a slot at once,
+    across every worker. A slot is a claimed or running run, counted when a worker claims: a run frees
+    its slot by ending. Runs held back by these limits wait in the queue. See docs/concurrency.md.
+    """
+
+
+def _limit_target(args: tuple[str, ...], is_global: bool, count: int, usage: str) -> list[str]:
+    """The positional arguments of a ``limits`` command: TAG (unless --global), then ``count - 1`` more."""
+    from nbflow.concurrency import GLOBAL
+    from nbflow.errors import InvalidLimit
+
+    wanted = count - 1 if is_global else count
+    if len(args) != wanted:
+        raise InvalidLimit(f"usage: {usage}")
+    return [GLOBAL, *args] if is_global else list(args)
+
+
+def _limit_doc_line(doc: dict[str, Any]) -> str:
+    what = "global limit" if doc["scope"] == "global" else f"{doc['scope']} {doc['name']}"
+    return f"{what}: at most {doc['limit']} run(s) at once ({doc['in_use']} in use)"
+
+
+@limits.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, metavar="(TAG | --global) N")
+@click.option("--global", "is_global", is_flag=True, help="Set the global limit: all runs, whatever their flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print the limit as one JSON document.")
+@handle_errors
+def limits_set(args: tuple[str, ...], is_global: bool, as_json: bool) -> None:
+    """Limit the runs of flows tagged TAG (or, with --global, all runs) to N at once (N >= 1).
+
+    An existing limit is replaced. It applies from the next claim; runs already running go on.
+    """
+    from nbflow import concurrency
+    from nbflow.errors import InvalidLimit
+
+    tag, raw = _limit_target(args, is_global, 2, "nbflow limits set TAG N, or nbflow limits set --global N")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidLimit(f"the limit must be a whole number of runs, at least 1; got {raw!r}") from None
+    store = _store()
+    with store.write() as session:
+        concurrency.set_tag_limit(session, tag, value)
+    with store.read() as session:
+        doc = next(d for d in concurrency.list_limits(session) if d["scope"] != "flow" and d["name"] == tag)
+    if as_json:
+        _emit_json(doc)
+    else:
+        click.echo(_limit_doc_line(doc))
+
+
+@limits.command("remove")
+@click.argument("args", nargs=-1, metavar="(TAG | --global)")
+@click.option("--global", "is_global", is_flag=True, help="Remove the global limit.")
+@handle_errors
+def limits_remove(args: tuple[str, ...], is_global: bool) -> None:
+    """Remove the limit of TAG (or, with --global, the global limit)."""
+    from nbflow import concurrency
+
+    (tag,) = _limit_target(args, is_global, 1, "nbflow limits remove TAG, or nbflow limits remove --global")
+    with _store().write() as session:
+        concurrency.remove_tag_limit(session, tag)
+    click.echo("global limit removed" if tag == concurrency.GLOBAL else f"limit on tag {tag} removed")
+
+
+@limits.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"limits\": [...]} as JSON.")
+@handle_errors
+def limits_list(as_json: bool) -> None:
+    """List every concurrency limit (global, per tag, per flow) and how many of its slots are in use."""
+    from nbflow import concurrency
+
+    with _store().read() as session:
+        docs = concurrency.list_limits(session)
+    if as_json:
+        _emit_json({"limits": docs})
+        return
+    if not docs:
+        click.echo("no concurrency limits: `nbflow limits set TAG N`, `nbflow limits set --global N`, "
+                   "`nbflow register NB --concurrency N`")
+        return
+    rows = [[d["scope"], "*" if d["scope"] == "global" else d["name"], str(d["limit"]), str(d["in_use"]),
+             d["collision"]] for d in docs]
+    click.echo(_table(["SCOPE", "NAME", "LIMIT", "IN USE", "COLLISION"], rows))
 
 
 @cli.group()

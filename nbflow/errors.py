@@ -73,3 +73,24 @@ class ScheduleError(NbflowError):
 
     code = "invalid_schedule"
     http_status = 422
+
+
+class InvalidLimit(NbflowError):
+    """A concurrency limit or collision strategy that cannot work (a limit below 1, an unknown strategy)."""
+
+    code = "invalid_limit"
+    http_status = 422
+
+
+class LimitNotFound(NbflowError):
+    """Removing a tag's (or the global) concurrency limit that is not set."""
+
+    code = "limit_not_found"
+    http_status = 404
+
+
+class TriggerError(NbflowError):
+    """An event trigger that cannot work: a flow after itself, a dependency cycle, an unusable file glob."""
+
+    code = "invalid_trigger"
+    http_status = 422

@@ -20,10 +20,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from nbflow.concurrency import check_collision, check_limit
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError
 from nbflow.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.store import Store
-from nbflow.store.models import Flow, FlowVersion, Run, utcnow
+from nbflow.store.models import FileTrigger, Flow, FlowDependency, FlowVersion, Run, utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -145,7 +146,12 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class FlowOptions:
-    """What ``register`` may set; ``None`` leaves an existing flow's value as it is."""
+    """What ``register`` may set; ``None`` leaves an existing flow's value as it is.
+
+    ``concurrency_limit``: at most that many runs of the flow hold a slot at once (``nbflow.concurrency``);
+    ``0`` removes the limit. ``collision``: what a run does when the flow is at its limit, ``enqueue``
+    (wait) or ``cancel-new`` (end CANCELLED).
+    """
 
     retries: int | None = None
     retry_delay: float | None = None
@@ -154,6 +160,8 @@ class FlowOptions:
     cell_timeout: float | None = None
     kernel_name: str | None = None
     tags: tuple[str, ...] | None = None
+    concurrency_limit: int | None = None
+    collision: str | None = None
 
     def validate(self) -> None:
         for field, value in (("retries", self.retries), ("retry-delay", self.retry_delay),
@@ -165,6 +173,10 @@ class FlowOptions:
         for field, value in (("timeout", self.timeout), ("cell-timeout", self.cell_timeout)):
             if value == 0:
                 raise NotebookError(f"--{field} must be positive (omit it for no timeout)")
+        if self.concurrency_limit is not None and self.concurrency_limit != 0:
+            check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")
+        if self.collision is not None:
+            check_collision(self.collision)
 
 
 def latest_version(session: Session, flow_id: int) -> FlowVersion | None:
@@ -226,6 +238,10 @@ def register_source(store: Store, source: NotebookSource, *, name: str | None = 
                 setattr(flow, field, value)
         if options.tags is not None:
             flow.tags = sorted(set(options.tags))
+        if options.concurrency_limit is not None:
+            flow.concurrency_limit = options.concurrency_limit or None  # 0: no limit
+        if options.collision is not None:
+            flow.collision = options.collision
         session.flush()
         version = _ensure_version(session, flow, source, kernel)
     return flow, version
@@ -293,7 +309,7 @@ def sync_version(store: Store, name: str, source: NotebookSource | None = None,
 
 def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
     """The JSON shape of flows (``nbflow flows --json``, and the REST API): settings, newest version's
-    parameters, last run."""
+    parameters, last run, and what triggers it besides a schedule (``after``, ``file_triggers``)."""
 
     docs = []
     for flow in flows:
@@ -301,13 +317,24 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
         last = session.execute(
             select(Run).where(Run.flow_id == flow.id).order_by(Run.created_at.desc()).limit(1)
         ).scalar_one_or_none()
+        after = session.execute(
+            select(Flow.name, FlowDependency.on).join(FlowDependency, FlowDependency.upstream_flow_id == Flow.id)
+            .where(FlowDependency.flow_id == flow.id).order_by(Flow.name)
+        ).all()
+        file_triggers = session.execute(
+            select(FileTrigger).where(FileTrigger.flow_id == flow.id).order_by(FileTrigger.id)
+        ).scalars()
         docs.append({
             "name": flow.name, "version": version.version if version else None, "kind": flow.kind,
             "source_path": flow.source_path, "kernel_name": flow.kernel_name, "tags": flow.tags,
             "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
             "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
+            "concurrency_limit": flow.concurrency_limit, "collision": flow.collision or "enqueue",
             "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
                            for k, v in (version.parameters if version else {}).items()},
+            "after": [{"flow": name, "on": on} for name, on in after],
+            "file_triggers": [{"pattern": t.pattern, "parameter": t.parameter, "active": t.active}
+                              for t in file_triggers],
             "last_run": None if last is None else {
                 "id": str(last.id), "state": last.state, "state_name": last.state_name,
                 "created_at": last.created_at.isoformat()},

@@ -17,6 +17,7 @@ from ``nbflow.pool`` when one is ready for their kernel, so they skip kernel sta
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -32,6 +33,8 @@ from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import CellRun, Run, utcnow
 
+log = logging.getLogger("nbflow.runner")
+
 # Warm slots per kernel name. One is enough to take kernel start-up off a triggered run's path; more
 # help only when runs of one kernel arrive faster than a slot refills (~1 s).
 DEFAULT_WARM_KERNELS = 1
@@ -42,10 +45,15 @@ def new_worker_id() -> str:
 
 
 def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
-    """Take up to ``limit`` unclaimed runs, oldest first, for ``worker_id``.
+    """Take up to ``limit`` unclaimed runs, oldest first, for ``worker_id``, within the concurrency limits.
 
     Retries that nobody holds (their worker died while they waited) become PENDING when due, first.
+    Runs that a flow, tag or global limit holds back are skipped (left queued, or CANCELLED for a flow
+    whose collision strategy is ``cancel-new``) and younger runs are taken instead: see
+    ``nbflow.concurrency``, which counts the slots in use in this same transaction.
     """
+    from nbflow import concurrency
+
     if limit <= 0:
         return []
     now = utcnow()
@@ -57,13 +65,7 @@ def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
         ).scalars()
         for run in due:
             states.transition(session, run, states.S.PENDING, message=f"attempt {run.attempt} is due")
-        ids = list(session.execute(
-            select(Run.id)
-            .where(Run.state == states.S.PENDING, Run.worker_id.is_(None))
-            .order_by(Run.created_at, Run.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).scalars())
+        ids = concurrency.admit(session, limit)
         if ids:
             session.execute(
                 update(Run).where(Run.id.in_(ids), Run.worker_id.is_(None))
@@ -147,6 +149,24 @@ class Runner:
         finally:
             self.wake.set()  # a slot is free
 
+    def _renew_leases(self) -> None:
+        """Renew the lease of every run this worker holds, every quarter lease, until it stops.
+
+        Each supervisor renews its own run too, but only once its process runs: a run claimed and
+        still being handed to a process (a slow start under load) must not look abandoned to the
+        reapers of other workers, or of this one."""
+        while not self.stop.wait(self.lease_seconds / 4):
+            try:
+                with self.store.write() as session:
+                    session.execute(
+                        update(Run)
+                        .where(Run.worker_id == self.worker_id,
+                               Run.state.in_([states.S.PENDING, states.S.RUNNING, states.S.CANCELLING]))
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # a database hiccup: the next beat tries again
+                log.exception("could not renew leases")
+
     def step(self) -> int:
         """Reap finished runs and claim new ones for free slots; returns how many runs are in flight."""
         for run_id, thread in list(self._threads.items()):
@@ -157,6 +177,8 @@ class Runner:
             reap(self.store, self.lease_seconds)
         if not self.draining.is_set():
             for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads)):
+                if run_id in self._threads:  # ours already (cannot happen while our lease holds): one supervisor
+                    continue
                 thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
                 self._threads[run_id] = thread
                 thread.start()
@@ -170,6 +192,7 @@ class Runner:
         listener = threading.Thread(target=self.store.notifications, args=(self.wake, self.draining),
                                     name="nbflow-listen", daemon=True)
         listener.start()
+        threading.Thread(target=self._renew_leases, name="nbflow-lease", daemon=True).start()
         try:
             while not self.draining.is_set():
                 self.wake.clear()  # before looking: a wake-up during step() is not lost

@@ -259,24 +259,47 @@ def create_schedule_run(
     caller's transaction usable. An on-time run is queued PENDING; a late one (a catch-up after downtime)
     is SCHEDULED/Late, due now, and the runner's claim makes it PENDING.
     """
-    from sqlalchemy.exc import IntegrityError
+    run = new_run(flow, version, parameters, stored_kernel(flow, version), trigger="schedule",
+                  schedule_id=schedule_id, scheduled_for=scheduled_for,
+                  expected_start_at=now if late else scheduled_for)
+    message = f"scheduled for {scheduled_for.isoformat()}"
+    state, name = (states.S.SCHEDULED, "Late") if late else (states.S.PENDING, None)
+    # None: the slot already has its run (another scheduler fired it).
+    return run if insert_unique_run(session, run, state, name=name, message=message) else None
 
+
+def stored_kernel(flow: Flow, version: FlowVersion) -> str:
+    """The kernel of a run nobody asked for by hand (a schedule slot, an event): the flow's, else the
+    stored notebook's kernelspec, else ``python3``. Not checked against the installed kernels here: the
+    process creating the run may not be the one executing it, and a missing kernel fails the run clearly."""
     kernel_name = flow.kernel_name
     if not kernel_name:
         try:
             kernel_name = parse_notebook(version.source, Path(flow.source_path or flow.name)).kernel_name
         except NbflowError:
             kernel_name = None
-    run = new_run(flow, version, parameters, kernel_name or "python3", trigger="schedule",
-                  schedule_id=schedule_id, scheduled_for=scheduled_for,
-                  expected_start_at=now if late else scheduled_for)
-    message = f"scheduled for {scheduled_for.isoformat()}"
+    return kernel_name or "python3"
+
+
+def insert_unique_run(
+    session: Session, run: Run, state: states.StateType = states.S.PENDING, *, name: str | None = None,
+    message: str | None = None, rows: tuple[Any, ...] = (),
+) -> bool:
+    """Insert a new ``run`` (and ``rows`` that belong with it, added after it) in a SAVEPOINT of the
+    caller's transaction; False, with nothing inserted, if a UNIQUE key says it exists already.
+
+    This is how every automatic run stays exactly-once whoever races to create it: the key (a schedule
+    slot, an idempotency key, a file already seen) is checked by the database, not by a prior read, and
+    the loser's failed insert is dropped without spoiling the rest of its transaction.
+    """
+    from sqlalchemy.exc import IntegrityError
+
     try:
         with session.begin_nested():
-            if late:
-                states.initial_state(session, run, states.S.SCHEDULED, name="Late", message=message)
-            else:
-                states.initial_state(session, run, states.S.PENDING, message=message)
-    except IntegrityError:  # the slot already has its run (another scheduler fired it)
-        return None
-    return run
+            states.initial_state(session, run, state, name=name, message=message)
+            if rows:
+                session.add_all(rows)
+                session.flush()
+    except IntegrityError:
+        return False
+    return True

@@ -360,7 +360,8 @@ def _fire(session: Any, schedule: Schedule, flow: Flow, version: FlowVersion, sl
 
 
 class Scheduler:
-    """Calls ``fire_due`` every ``tick`` seconds in a thread of its own until ``stop`` is set.
+    """Calls ``fire_due`` and ``nbflow.events.fire_events`` (pipelines, file arrivals) every ``tick``
+    seconds in a thread of its own until ``stop`` is set.
 
     Any number of schedulers may run against one database; they never create a run twice.
     """
@@ -377,10 +378,12 @@ class Scheduler:
 
     def run(self, *, exit_after: float | None = None) -> None:
         """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed)."""
+        from nbflow.events import fire_events
+
         deadline = time.monotonic() + exit_after if exit_after is not None else None
         while not self.stop.is_set():
             try:
-                ids = fire_due(self.store)
+                ids = fire_due(self.store) + fire_events(self.store)
                 if ids and self.on_fire:
                     self.on_fire(ids)
             except Exception:  # a database hiccup must not end the scheduler: log and try next tick
