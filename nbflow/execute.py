@@ -295,10 +295,29 @@ def _end_attempt(store: Store, run_id: uuid.UUID, error: dict[str, Any] | None, 
 def prepare() -> None:
     """Do what every run needs before a run is known: a warm slot's run should not pay for it."""
     store = open_store()
-    with store.read() as session:
-        session.execute(select(Run.id).limit(1)).first()
+    # SQLAlchemy compiles each statement on its first use in a process: compile an attempt's
+    # statements now, in a write transaction that changes nothing and is rolled back.
+    nobody = uuid.uuid4()
+    try:
+        with store.write() as session:
+            session.execute(select(Run).where(Run.id == nobody).with_for_update()).first()
+            session.get(Run, nobody)
+            session.get(FlowVersion, 0)
+            session.get(Flow, 0)
+            cell = (CellRun.run_id == nobody) & (CellRun.attempt == 0) & (CellRun.cell_index == 0)
+            session.execute(update(CellRun).where(cell).values(state="RUNNING", started_at=utcnow()))
+            session.execute(update(CellRun).where(cell).values(state="COMPLETED", ended_at=utcnow(),
+                                                               execution_count=1, error=None))
+            session.execute(update(Run).where(Run.id == nobody).values(log_bytes=0))
+            raise _Rollback
+    except _Rollback:
+        pass
     # nbformat compiles its JSON-schema validator on first use (~60 ms): not on a run's clock.
     nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
+
+
+class _Rollback(Exception):
+    """Ends ``prepare``'s transaction without committing it."""
 
 
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:

@@ -93,18 +93,14 @@ class Kernel:
         """Move the kernel to ``path`` (a warm kernel was started before its run's folder was known).
 
         A *silent* execution: no execution count, no history, no output, so the notebook's own cells
-        are numbered and shown exactly as in a kernel started there."""
+        are numbered and shown exactly as in a kernel started there. Sent without waiting for its
+        reply: the kernel handles requests in order, so it has moved before the first cell runs, and
+        nbclient ignores replies to requests that are not its own. ``path`` is a folder that exists
+        (``launcher.working_directory``)."""
         path = str(path)
         if path == self.cwd:
             return
-        code = f"__import__('os').chdir({path!r})"
-
-        async def execute() -> dict[str, Any]:
-            return await self.kc.execute(code, silent=True, store_history=False, reply=True, timeout=30)
-
-        reply = run_sync(execute)()
-        if reply["content"].get("status") != "ok":
-            raise KernelStartError(f"could not move the kernel to {path}: {reply['content'].get('evalue')}")
+        self.kc.execute(f"__import__('os').chdir({path!r})", silent=True, store_history=False)
         self.cwd = path
 
     def interrupt(self) -> None:

@@ -154,8 +154,10 @@ class KernelPool:
                     break
                 try:
                     rp = fork(self.store, name, home)
-                except OSError as exc:
+                except Exception as exc:  # the pool must outlive any failure to start a slot
                     log.warning("could not start a warm slot for kernel %s: %s", name, exc)
+                    with self._lock:
+                        self._cold_until[name] = time.monotonic() + BACKOFF_SECONDS
                     continue
                 with self._lock:
                     if name in self._wanted and not self._closed.is_set():
