@@ -40,7 +40,10 @@ sys.path.insert(0, str(BENCH_DIR))
 from run_overhead import percentile, write_notebook  # noqa: E402
 
 
-def wait_ended(store: Any, run_ids: list[uuid.UUID], timeout: float = 300) -> list[Any]:
+def wait_ended(store: Any, run_ids: list[uuid.UUID], timeout: float = 300, poll: float = 0.002) -> list[Any]:
+    """Wait for the runs to end. Timings come from the stored ``ended_at``, not from when this notices;
+    ``poll`` only has to be short enough not to delay the next trigger (and long enough, in the
+    throughput part, not to take CPU from the runs)."""
     from sqlalchemy import select
 
     from nbflow.store.models import Run
@@ -54,7 +57,7 @@ def wait_ended(store: Any, run_ids: list[uuid.UUID], timeout: float = 300) -> li
             if bad:
                 raise SystemExit(f"run {bad[0].id} ended {bad[0].state}: {bad[0].error}")
             return runs
-        time.sleep(0.002)
+        time.sleep(poll)
     raise SystemExit("runs did not end in time")
 
 
@@ -123,7 +126,7 @@ def runner_throughput(store: Any, nb: Path, total: int, warm: int) -> float:
     t0 = time.time()
     rt = RunnerThread(store, slots=2, warm=warm)
     try:
-        runs = wait_ended(store, ids, timeout=600)
+        runs = wait_ended(store, ids, timeout=600, poll=0.25)
     finally:
         rt.stop()
     return total / (max(r.ended_at.timestamp() for r in runs) - t0) * 60
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=40, help="runs queued at once for the throughput part")
     parser.add_argument("--warm-kernels", type=int, default=2, help="warm slots per kernel for throughput")
     parser.add_argument("--json", action="store_true", help="only print the JSON summary")
+    parser.add_argument("--only", choices=["latency", "throughput"], help="run one part only")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="nbflow-bench-"))
@@ -149,43 +153,46 @@ def main() -> None:
         store = open_store()
         say(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cpus")
         papermill_once(nb, tmp / "warmup.ipynb")
-        # Two runners on one store would share the runs: each variant runs alone, started afresh each round.
-        results: dict[str, list[float]] = {"papermill": [], "runner-cold": [], "runner-warm": []}
-        trigger_latency_warmup = True
-        for _ in range(args.n + 1):
-            results["papermill"].append(papermill_once(nb, tmp / "out.ipynb"))
-            rt = RunnerThread(store, slots=1, warm=0)
-            results["runner-cold"].append(trigger_latency(store, nb))
-            rt.stop()
-            rt = RunnerThread(store, slots=1, warm=1)
-            rt.wait_warm()
-            results["runner-warm"].append(trigger_latency(store, nb))
-            rt.stop()
-            if trigger_latency_warmup:  # the first round pays imports and first connections: drop it
-                for values in results.values():
-                    values.clear()
-                trigger_latency_warmup = False
-        medians = {k: statistics.median(v) for k, v in results.items()}
-        say(f"\ntrigger-to-COMPLETED, n={args.n}")
-        say(f"{'variant':<14}{'median ms':>10}{'p90 ms':>9}{'min ms':>9}")
-        for name, values in results.items():
-            say(f"{name:<14}{medians[name]:>10.0f}{percentile(values, 90):>9.0f}{min(values):>9.0f}")
-        say(f"papermill / runner-warm: {medians['papermill'] / medians['runner-warm']:.1f}x faster warm")
-        say(f"runner-cold / papermill: {medians['runner-cold'] / medians['papermill']:.2f}")
-
-        say(f"\nthroughput, {args.burst} trivial runs, 2 slots / 2 processes")
-        tput = {
-            "papermill-2proc": papermill_throughput(nb, tmp, args.burst),
-            "runner-cold": runner_throughput(store, nb, args.burst, 0),
-            f"runner-warm{args.warm_kernels}": runner_throughput(store, nb, args.burst, args.warm_kernels),
-        }
-        for name, value in tput.items():
-            say(f"{name:<18}{value:>8.0f} runs/min")
-        print(json.dumps({"latency_ms_median": {k: round(v, 1) for k, v in medians.items()},
-                          "warm_speedup_vs_papermill": round(medians["papermill"] / medians["runner-warm"], 2),
-                          "cold_ratio_vs_papermill": round(medians["runner-cold"] / medians["papermill"], 3),
-                          "runs_per_minute": {k: round(v) for k, v in tput.items()},
-                          "load_average": os.getloadavg()[0]}))
+        summary: dict[str, Any] = {}
+        if args.only in (None, "latency"):
+            # Two runners on one store would share the runs: each variant runs alone, started afresh each round.
+            results: dict[str, list[float]] = {"papermill": [], "runner-cold": [], "runner-warm": []}
+            trigger_latency_warmup = True
+            for _ in range(args.n + 1):
+                results["papermill"].append(papermill_once(nb, tmp / "out.ipynb"))
+                rt = RunnerThread(store, slots=1, warm=0)
+                results["runner-cold"].append(trigger_latency(store, nb))
+                rt.stop()
+                rt = RunnerThread(store, slots=1, warm=1)
+                rt.wait_warm()
+                results["runner-warm"].append(trigger_latency(store, nb))
+                rt.stop()
+                if trigger_latency_warmup:  # the first round pays imports and first connections: drop it
+                    for values in results.values():
+                        values.clear()
+                    trigger_latency_warmup = False
+            medians = {k: statistics.median(v) for k, v in results.items()}
+            say(f"\ntrigger-to-COMPLETED, n={args.n}")
+            say(f"{'variant':<14}{'median ms':>10}{'p90 ms':>9}{'min ms':>9}")
+            for name, values in results.items():
+                say(f"{name:<14}{medians[name]:>10.0f}{percentile(values, 90):>9.0f}{min(values):>9.0f}")
+            say(f"papermill / runner-warm: {medians['papermill'] / medians['runner-warm']:.1f}x faster warm")
+            say(f"runner-cold / papermill: {medians['runner-cold'] / medians['papermill']:.2f}")
+            summary.update(latency_ms_median={k: round(v, 1) for k, v in medians.items()},
+                           warm_speedup_vs_papermill=round(medians["papermill"] / medians["runner-warm"], 2),
+                           cold_ratio_vs_papermill=round(medians["runner-cold"] / medians["papermill"], 3))
+        if args.only in (None, "throughput"):
+            say(f"\nthroughput, {args.burst} trivial runs, 2 slots / 2 processes")
+            tput = {
+                "papermill-2proc": papermill_throughput(nb, tmp, args.burst),
+                "runner-cold": runner_throughput(store, nb, args.burst, 0),
+                f"runner-warm{args.warm_kernels}": runner_throughput(store, nb, args.burst, args.warm_kernels),
+            }
+            for name, value in tput.items():
+                say(f"{name:<18}{value:>8.0f} runs/min")
+            summary["runs_per_minute"] = {k: round(v) for k, v in tput.items()}
+        summary["load_average"] = os.getloadavg()[0]
+        print(json.dumps(summary))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
