@@ -102,7 +102,7 @@ def make_trigger(kind: str, spec: dict[str, Any], timezone: str = "UTC") -> Any:
     if kind == "cron":
         expr = str(spec.get("expr", ""))
         try:
-            return CronTrigger.from_crontab(expr, timezone=tz)
+            return CronTrigger.from_crontab(crontab_days_as_names(expr), timezone=tz)
         except (ValueError, TypeError, KeyError) as exc:
             raise ScheduleError(f"invalid cron expression {expr!r}: {exc}") from None
     if kind == "interval":
@@ -113,6 +113,41 @@ def make_trigger(kind: str, spec: dict[str, Any], timezone: str = "UTC") -> Any:
     if kind == "date":
         return DateTrigger(parse_at(str(spec.get("at")), tz), timezone=tz)
     raise ScheduleError(f"unknown schedule kind {kind!r}; kinds: cron, interval, date")
+
+
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def crontab_days_as_names(expr: str) -> str:
+    """Rewrite the day-of-week field of a 5-field crontab with day names.
+
+    In cron, day 0 (and 7) is Sunday; APScheduler 3's ``CronTrigger`` counts 0 as Monday
+    (agronholm/apscheduler#286), so ``0 9 * * 1-5`` would fire Tuesday to Saturday. Names mean the
+    same to both. Steps are expanded with cron's numbering (``*/2``: sun,tue,thu,sat). Anything this
+    does not recognise is left for APScheduler to accept or reject."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return expr
+    parts = []
+    for part in fields[4].split(","):
+        match = re.fullmatch(r"(\*|\d+(?:-\d+)?)(?:/(\d+))?", part)
+        if not match:
+            parts.append(part)  # names (MON-FRI) or something APScheduler will reject
+            continue
+        base, step = match.group(1), int(match.group(2) or 1)
+        if base == "*":
+            if step == 1:
+                parts.append(part)
+                continue
+            first, last = 0, 6
+        else:
+            first, _, end = base.partition("-")
+            first, last = int(first), int(end or (6 if match.group(2) else first))
+        if not (0 <= first <= last <= 7) or step < 1:
+            raise ScheduleError(f"invalid cron expression {expr!r}: day of week {part!r} is not within 0-7")
+        parts.extend(_DAY_NAMES[day] for day in range(first, last + 1, step))
+    fields[4] = ",".join(dict.fromkeys(parts))
+    return " ".join(fields)
 
 
 def _first_at_or_after(trigger: Any, when: datetime) -> datetime | None:

@@ -267,3 +267,24 @@ def test_register_with_schedule_checks_cron_and_time_zone_before_writing(sqlite_
     (sched,) = json.loads(nbflow(sqlite_env, tmp_path, "schedule", "list", "--json").stdout)["schedules"]
     assert sched["flow"] == "daily" and sched["timezone"] == "Europe/Berlin"
     assert sched["next_fire_at"].endswith(("T08:00:00+00:00", "T07:00:00+00:00"))  # 09:00 Berlin, CET or CEST
+
+
+@pytest.mark.parametrize("expr, first_days", [
+    ("0 9 * * 1-5", ["Mon", "Tue", "Wed", "Thu", "Fri", "Mon"]),  # cron numbers: 1 = Monday
+    ("0 9 * * 0", ["Sun", "Sun"]),
+    ("0 9 * * 7", ["Sun", "Sun"]),
+    ("0 9 * * */2", ["Sun", "Tue", "Thu", "Sat", "Sun"]),
+    ("0 9 * * MON-FRI", ["Mon", "Tue", "Wed", "Thu", "Fri", "Mon"]),
+])
+def test_cron_day_of_week_numbers_mean_what_they_mean_in_cron(expr, first_days):
+    trigger = scheduler.make_trigger("cron", {"expr": expr}, "UTC")
+    when, days = datetime(2026, 11, 21, 12, 0, tzinfo=UTC), []  # a Saturday, after 09:00
+    for _ in first_days:
+        when = trigger.get_next_fire_time(None, when + timedelta(seconds=1))
+        days.append(when.strftime("%a"))
+    assert days == first_days
+
+
+def test_cron_day_of_week_out_of_range_is_rejected():
+    with pytest.raises(ScheduleError, match="day of week '8' is not within 0-7"):
+        scheduler.make_trigger("cron", {"expr": "0 9 * * 8"}, "UTC")
