@@ -215,48 +215,56 @@ class Store:
 
     def upgrade(self) -> None:
         """Apply pending migrations, safely when several processes start at once on a new database."""
+        with self._file_lock(), self._migration_lock() as conn:
+            self._apply_migrations(conn)
+
+    def _apply_migrations(self, conn: Any) -> None:
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-        with self._migration_lock() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            conn.commit()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """SQLite: an exclusive lock on ``<database>.migrate.lock`` around the first look at a database
+        and its migration, taken *before* connecting: a new file's first connection switches it to WAL,
+        which fails at once ("database is locked") while another process is creating the tables."""
+        database = self.engine.url.database if self.dialect == "sqlite" else None
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.migrate.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
     def _migration_lock(self) -> Iterator[Any]:
-        if self.dialect == "sqlite":
-            database = self.engine.url.database
-            lock_path = Path(f"{database}.migrate.lock") if database and database != ":memory:" else None
-            with self.engine.connect() as conn:
-                if lock_path is None:
-                    yield conn
-                    return
-                with open(lock_path, "a") as fh:
-                    fcntl.flock(fh, fcntl.LOCK_EX)
-                    try:
-                        yield conn
-                    finally:
-                        fcntl.flock(fh, fcntl.LOCK_UN)
-        else:
-            with self.engine.connect() as conn:
+        """A connection to migrate with; on PostgreSQL holding an advisory lock (SQLite: ``_file_lock``)."""
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_lock(727001)"))
+            try:
+                yield conn
+            finally:
                 if self.dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_lock(727001)"))
-                try:
-                    yield conn
-                finally:
-                    if self.dialect == "postgresql":
-                        conn.rollback()
-                        conn.execute(text("SELECT pg_advisory_unlock(727001)"))
-                        conn.commit()
+                    conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(727001)"))
+                    conn.commit()
 
     def ensure_schema(self) -> None:
-        """Migrate on first use; a current schema costs one small query."""
+        """Migrate on first use; a current schema costs one small query (and, on SQLite, a file lock)."""
         try:
-            if self.current_revision() != SCHEMA_REVISION:
-                self.upgrade()
+            with self._file_lock():
+                if self.current_revision() != SCHEMA_REVISION:
+                    with self._migration_lock() as conn:
+                        self._apply_migrations(conn)
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise DatabaseError(f"cannot open database {_redact(self.url)!r}: {reason}") from None
