@@ -81,6 +81,7 @@ class RunRecorder:
     # -- cells ---------------------------------------------------------------------------------
     def notebook_start(self, nb: nbformat.NotebookNode) -> None:
         with self.store.write() as session:
+            self.write_logs(session)  # the attempt's first lines ride along: one transaction fewer
             for index, cell in enumerate(nb.cells):
                 if cell.get("cell_type") == "code":
                     session.add(CellRun(run_id=self.run_id, attempt=self.attempt, cell_index=index,
@@ -137,19 +138,21 @@ class RunRecorder:
                 run = session.get(Run, self.run_id)
                 run.result = {**(run.result or {}), **found}
 
-    def notebook_end(self) -> None:
-        """Cells that never ran (after a failure, a clean exit or a stop) are SKIPPED, not left PENDING."""
-        self.flush_logs()
-        with self.store.write() as session:
-            session.execute(
-                update(CellRun)
-                .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
-                       CellRun.state.in_(["PENDING", "RUNNING"]))
-                .values(state="SKIPPED")
-            )
+    def notebook_end(self, session: Any) -> None:
+        """In the transaction that ends the attempt: the last logs, and cells that never ran (after a
+        failure, a clean exit or a stop) SKIPPED, not left PENDING."""
+        self.write_logs(session)
+        session.execute(
+            update(CellRun)
+            .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
+                   CellRun.state.in_(["PENDING", "RUNNING"]))
+            .values(state="SKIPPED")
+        )
 
     # -- logs ----------------------------------------------------------------------------------
-    def log(self, stream: str, text: str, *, force: bool = False) -> None:
+    def log(self, stream: str, text: str, *, force: bool = False, flush: bool | None = None) -> None:
+        """Queue a log line; ``force`` bypasses the size limit and, unless ``flush=False`` (the line is
+        written with the next transaction), writes it now."""
         if not text or (self.truncated and not force):
             return
         data = text.encode("utf-8", "replace")
@@ -164,7 +167,7 @@ class RunRecorder:
         else:
             size = len(data)
         self._append(stream, text, size)
-        if (force or self._pending_bytes >= LOG_FLUSH_BYTES
+        if ((force if flush is None else flush) or self._pending_bytes >= LOG_FLUSH_BYTES
                 or time.monotonic() - self._last_flush >= LOG_FLUSH_SECONDS):
             self.flush_logs()
 
@@ -178,12 +181,18 @@ class RunRecorder:
 
     def flush_logs(self) -> None:
         self._last_flush = time.monotonic()
+        if self._pending:
+            with self.store.write() as session:
+                self.write_logs(session)
+
+    def write_logs(self, session: Any) -> None:
+        """Write the queued lines in the caller's transaction."""
+        self._last_flush = time.monotonic()
         if not self._pending:
             return
         rows, self._pending, self._pending_bytes = self._pending, [], 0
-        with self.store.write() as session:
-            session.add_all(rows)
-            session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=self.log_bytes))
+        session.add_all(rows)
+        session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=self.log_bytes))
 
 
 class LogStream(io.TextIOBase):
@@ -280,16 +289,25 @@ def _start_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, F
         return run, version, flow
 
 
-def _end_attempt(store: Store, run_id: uuid.UUID, error: dict[str, Any] | None, *, name: str | None = None,
-                 message: str | None = None) -> None:
+def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | None, *,
+                 name: str | None = None, message: str | None = None) -> str:
+    """End the attempt in one transaction: last logs, skipped cells, the failing cell's id, the state.
+    Returns the run's state after it."""
     with store.write() as session:
-        run = states.lock_run(session, run_id)
+        recorder.notebook_end(session)
+        run = states.lock_run(session, recorder.run_id)
         if run.state not in (states.S.RUNNING, states.S.CANCELLING):
-            return
+            return run.state
+        if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
+            error["cell_id"] = session.execute(
+                select(CellRun.cell_id).where(CellRun.run_id == run.id, CellRun.attempt == recorder.attempt,
+                                              CellRun.cell_index == error["cell_index"])
+            ).scalar()
         if error is None:
             states.finish(session, run, message=message)
         else:
             states.fail(session, run, error=error, name=name, message=message)
+        return run.state
 
 
 def prepare() -> None:
@@ -336,10 +354,10 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     recorder = RunRecorder(store, run_id, run.attempt, run.log_bytes, get_settings().log_limit_bytes)
     recorder.log("system", f"attempt {run.attempt} of {run.max_attempts}: flow {flow.name} v{version.version}, "
                            f"kernel {run.kernel_name} ({'warm' if kernel.warm else 'cold'}), pid {os.getpid()}",
-                 force=True)
+                 force=True, flush=False)
     if not version.has_parameters_cell and run.parameters:
         recorder.log("system", "the notebook has no cell tagged 'parameters': papermill injects the parameters "
-                               "in a new cell at the top", force=True)
+                               "in a new cell at the top", force=True, flush=False)
     recorder.input_label = f"{flow.source_path or flow.name} (nbflow flow {flow.name} v{version.version})"
     nb = nbformat.reads(version.source, as_version=4)
     output = Path(run.output_path)
@@ -376,20 +394,10 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     except BaseException:
         recorder.flush_logs()
         raise  # stopped by the supervisor: it writes the state and settles the cells
-    recorder.notebook_end()
-    if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
-        with store.read() as session:
-            error["cell_id"] = session.execute(
-                select(CellRun.cell_id).where(CellRun.run_id == run_id, CellRun.attempt == run.attempt,
-                                              CellRun.cell_index == error["cell_index"])
-            ).scalar()
     message = None
     if error:
         message = f"{error['ename']}: {error['evalue']}"[:500]
-        recorder.log("system", f"attempt {run.attempt} failed: {message}", force=True)
+        recorder.log("system", f"attempt {run.attempt} failed: {message}", force=True, flush=False)
     elif recorder.clean_exit:
         message = "the notebook called sys.exit(0)"
-    _end_attempt(store, run_id, error, name=name, message=message)
-    recorder.flush_logs()
-    with store.read() as session:
-        return session.get(Run, run_id).state
+    return _end_attempt(store, recorder, error, name=name, message=message)
