@@ -1,8 +1,11 @@
-"""Small helpers shared by tests: build real notebooks on disk."""
+"""Small helpers shared by tests: build real notebooks on disk, run the real ``nbflow`` command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -24,3 +27,15 @@ def make_notebook(
     path = directory / f"{name}.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+def nbflow(env: dict[str, str], cwd: Path, *args: Any, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``nbflow ARGS...`` in a process of its own, as a user types it; waits for it to end."""
+    return subprocess.run([sys.executable, "-m", "nbflow.cli", *map(str, args)], env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def start(env: dict[str, str], cwd: Path, *args: Any) -> subprocess.Popen:
+    """``nbflow ARGS...`` started in the background (a worker, a server...)."""
+    return subprocess.Popen([sys.executable, "-m", "nbflow.cli", *map(str, args)], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow
 from sqlalchemy import func, select
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -33,18 +32,6 @@ PARAMS = 'n = 3\nflag = True\nname = "x"\nratio = 0.5\nitems = [1, 2]'
 def typed_notebook(directory: Path) -> Path:
     """A notebook with one parameter of each common type; it records them."""
     return make_notebook(directory, "typed", ["import nbflow\nnbflow.record('n', n)"], parameters=PARAMS)
-
-
-def nbflow(env: dict[str, str], cwd: Path, *args: Any, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nbflow.cli", *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def assert_bad_input(proc: subprocess.CompletedProcess, *facts: str) -> str:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow
 
 from nbflow.store.database import SCHEMA_REVISION
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "register", "flows", "runs", "show", "trigger", "cancel", "worker", "schedule", "schedule add",
             "schedule list", "scheduler", "db", "db upgrade"]
-
-
-def nbflow(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])

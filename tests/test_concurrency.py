@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow
 from sqlalchemy import event, func, select
 
 from nbflow import concurrency, states
@@ -373,10 +373,6 @@ def test_workers_respect_tag_and_global_limits_together(nbflow_env, tmp_path):
 
 
 # -- the command line -------------------------------------------------------------------------------------
-
-def nbflow(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_register_concurrency_and_limits_commands(sqlite_env, tmp_path):

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow, start
 from sqlalchemy import func, select
 
 from nbflow import events, states
@@ -24,16 +23,6 @@ from nbflow.flows import FlowOptions, register
 from nbflow.runs import create_run
 from nbflow.store import open_store
 from nbflow.store.models import FileSeen, FileTrigger, Flow, FlowDependency, Run, utcnow
-
-
-def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def flow(tmp_path: Path, name: str, parameters: str | None = None, cells: tuple[str, ...] = ("pass",),

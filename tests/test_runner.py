@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow, start
 from sqlalchemy import func, select
 from test_execution import kernels_left
 
@@ -20,16 +17,6 @@ from nbflow.runner import claim
 from nbflow.runs import create_run, history
 from nbflow.store import open_store
 from nbflow.store.models import CellRun, Log, Run, RunStateEvent
-
-
-def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_state(run_id: str, state: str, timeout: float = 30) -> None:

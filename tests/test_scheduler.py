@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook
+from helpers import make_notebook, nbflow
 from sqlalchemy import func, select, update
 
 from nbflow import scheduler
@@ -21,11 +21,6 @@ from nbflow.store.models import Run, Schedule
 
 T0 = datetime(2026, 1, 10, 12, 0, 0, tzinfo=UTC)
 BASE = T0 + timedelta(seconds=1)  # the first slot of an interval schedule added at T0
-
-
-def nbflow(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def flow(tmp_path: Path, name: str = "job") -> str:

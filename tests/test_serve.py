@@ -10,9 +10,9 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import make_notebook
+from helpers import make_notebook, nbflow, start
 from sqlalchemy import select
-from test_runner import nbflow, start, wait_for_state
+from test_runner import wait_for_state
 
 from nbflow.runner import Runner
 from nbflow.runs import create_run
