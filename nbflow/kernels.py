@@ -27,6 +27,8 @@ from typing import Any
 from jupyter_client import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
+from nbflow.settings import KERNEL_SOCKET_PREFIX
+
 START_ATTEMPTS = 3
 READY_TIMEOUT = 60.0
 
@@ -59,7 +61,8 @@ class Kernel:
             # IPC transport (UNIX sockets under the temp dir, named uniquely): TCP ports are picked
             # by binding port 0 and closing it, and under load another process takes one before the
             # kernel binds it ("Address already in use", the kernel dies at start).
-            ipc_base = os.path.join(tempfile.gettempdir(), f"nbflow-kernel-{uuid.uuid4().hex[:12]}")
+            name = f"{KERNEL_SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            ipc_base = os.path.join(tempfile.gettempdir(), name)
             self.km = AsyncKernelManager(kernel_name=self.name, transport="ipc", ip=ipc_base)
             extra = ["--HistoryManager.hist_file=:memory:"] if self.km.ipykernel else []
             run_sync(self.km.start_kernel)(extra_arguments=extra, cwd=self.cwd)

@@ -18,6 +18,7 @@ terminal; a crash's last words are kept for the run's error), and it dies with i
 from __future__ import annotations
 
 import contextlib
+import glob
 import multiprocessing
 import os
 import subprocess
@@ -29,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from nbflow.settings import KERNEL_SOCKET_PREFIX
 from nbflow.store import Store
 
 GRACE_SECONDS = 5.0
@@ -119,8 +121,14 @@ class RunProcess:
         self.cleanup()
 
     def cleanup(self) -> None:
+        """Once the process has ended: its stderr file, and the socket files of its kernel if it was
+        killed before it could remove them."""
         with contextlib.suppress(OSError):
             os.unlink(self.err_path)
+        if self.proc.poll() is not None:
+            for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{KERNEL_SOCKET_PREFIX}{self.pid}-*")):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def _err_file() -> str:

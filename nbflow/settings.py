@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Kernels listen on UNIX sockets /tmp/nbflow-kernel-<run process pid>-<random>-<n> (nbflow.kernels); whoever
+# reaps a run process killed before it cleaned up removes its kernel's by the pid (nbflow.processes).
+KERNEL_SOCKET_PREFIX = "nbflow-kernel-"
+
 
 @dataclass(frozen=True)
 class Settings:
