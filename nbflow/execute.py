@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,11 +219,24 @@ class LogStream(io.TextIOBase):
 
 
 class NbflowExecutionManager(NotebookExecutionManager):
-    """papermill's execution manager, plus the recorder's hooks."""
+    """papermill's execution manager, plus the recorder's hooks.
+
+    papermill saves the output notebook as each cell starts and as it completes. The save at a cell's
+    start is skipped when the notebook was saved less than ``START_SAVE_AFTER`` ago (the previous cell's
+    completion, a millisecond earlier): it would only mark the cell running, which the run's
+    ``cell_run`` rows already show live. Completions, failures and papermill's autosaves still save."""
+
+    START_SAVE_AFTER = timedelta(seconds=1)
 
     def __init__(self, nb: Any, recorder: RunRecorder | None, **kwargs: Any) -> None:
         super().__init__(nb, **kwargs)
         self.recorder = recorder
+        self._starting = False
+
+    def save(self, **kwargs: Any) -> None:
+        if self._starting and self.now() - self.last_save_time < self.START_SAVE_AFTER:
+            return
+        super().save(**kwargs)
 
     def notebook_start(self, **kwargs: Any) -> None:
         super().notebook_start(**kwargs)
@@ -230,7 +244,11 @@ class NbflowExecutionManager(NotebookExecutionManager):
             self.recorder.notebook_start(self.nb)
 
     def cell_start(self, cell: Any, cell_index: int | None = None, **kwargs: Any) -> None:
-        super().cell_start(cell, cell_index, **kwargs)
+        self._starting = True
+        try:
+            super().cell_start(cell, cell_index, **kwargs)
+        finally:
+            self._starting = False
         if self.recorder and cell_index is not None:
             self.recorder.cell_start(cell_index, cell)
 
