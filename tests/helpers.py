@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nbformat
+
+T = TypeVar("T")
 
 
 def make_notebook(
@@ -39,3 +43,27 @@ def start(env: dict[str, str], cwd: Path, *args: Any) -> subprocess.Popen:
     """``nbflow ARGS...`` started in the background (a worker, a server...)."""
     return subprocess.Popen([sys.executable, "-m", "nbflow.cli", *map(str, args)], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def at_once(calls: list[Callable[[], T]], timeout: float = 60) -> list[T]:
+    """Run each call in a thread of its own, all released at the same instant (a race on purpose);
+    return their results in order, or raise the first error any of them met."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout)
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    return results

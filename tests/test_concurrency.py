@@ -12,14 +12,13 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook, nbflow
+from helpers import at_once, make_notebook, nbflow
 from sqlalchemy import event, func, select
 
 from nbflow import concurrency, states
@@ -219,27 +218,8 @@ def test_claim_without_limits_does_no_extra_work_per_run(nbflow_env, tmp_path):
 
 def claim_at_once(store: Store, claimers: int, each: int) -> list[uuid.UUID]:
     """``claimers`` threads call ``claim`` at the same instant; returns every run they took."""
-    barrier = threading.Barrier(claimers)
-    got: list[uuid.UUID] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def grab(worker: str) -> None:
-        try:
-            barrier.wait(10)
-            ids = claim(store, worker, each)
-            with lock:
-                got.extend(ids)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=grab, args=(f"w{i}",)) for i in range(claimers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return got
+    taken = at_once([lambda worker=f"w{i}": claim(store, worker, each) for i in range(claimers)])
+    return [run_id for ids in taken for run_id in ids]
 
 
 @pytest.mark.parametrize("scope", ["flow", "tag", "global"])

@@ -7,14 +7,13 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook, nbflow, start
+from helpers import at_once, make_notebook, nbflow, start
 from sqlalchemy import func, select
 
 from nbflow import events, states
@@ -138,23 +137,7 @@ def test_concurrent_passes_create_one_run_per_upstream_run(nbflow_env, tmp_path)
     store = open_store()
     events.set_dependencies(store, "sink", ["src"])
     ended = {ended_run("src") for _ in range(5)}
-    barrier = threading.Barrier(6)
-    results: list[list] = []
-    errors: list[BaseException] = []
-
-    def fire() -> None:
-        try:
-            barrier.wait()
-            results.append(events.fire_events(store))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=fire) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    results = at_once([lambda: events.fire_events(store)] * 6)
     assert sum(len(r) for r in results) == 5
     assert sorted(str(r.parent_run_id) for r in runs_of("sink")) == sorted(map(str, ended))
 
@@ -253,18 +236,7 @@ def test_concurrent_passes_take_each_file_once(nbflow_env, tmp_path):
     store = open_store()
     events.add_file_trigger(store, "ingest", str(tmp_path / "drop" / "**" / "*.json"))
     files = [write(tmp_path / "drop" / sub / f"{i}.json", "{}") for i, sub in enumerate(["", "a", "a/b"])]
-    barrier = threading.Barrier(4)
-    results: list[list] = []
-
-    def fire() -> None:
-        barrier.wait()
-        results.append(events.fire_events(store))
-
-    threads = [threading.Thread(target=fire) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = at_once([lambda: events.fire_events(store)] * 4)
     assert sum(len(r) for r in results) == 3
     assert sorted(r.parameters["path"] for r in runs_of("ingest")) == sorted(map(str, files))
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_notebook, nbflow
+from helpers import at_once, make_notebook, nbflow
 from sqlalchemy import func, select, update
 
 from nbflow import scheduler
@@ -135,23 +134,7 @@ def test_concurrent_schedulers_create_exactly_one_run_per_slot(nbflow_env, tmp_p
     name = flow(tmp_path)
     scheduler.add_schedule(store, name, interval="1m", now=T0)
     now = BASE + timedelta(seconds=1)
-    barrier = threading.Barrier(6)
-    results: list[list] = []
-    errors: list[BaseException] = []
-
-    def fire() -> None:
-        try:
-            barrier.wait()
-            results.append(scheduler.fire_due(store, now=now))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=fire) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    results = at_once([lambda: scheduler.fire_due(store, now=now)] * 6)
     assert sum(len(r) for r in results) == 1
     assert len(runs_of(store)) == 1
     # A scheduler that read stale state (next_fire_at still at the fired slot) creates nothing either:
