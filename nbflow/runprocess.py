@@ -1,17 +1,14 @@
 """The run process: ``python -m nbflow.runprocess``, one per attempt, supervised by ``nbflow.launcher``.
 
-Two ways in, one way through::
-
-    python -m nbflow.runprocess RUN_ID --kernel NAME --cwd DIR    # cold: the run is known
-    python -m nbflow.runprocess --warm --kernel NAME --cwd DIR    # warm slot: the run id comes on stdin
-
-A runner does not start these with ``python -m``: its fork server forks them with everything already
-imported, and calls ``forked_main`` (see ``nbflow.processes``).
+Two ways in, one way through: ``python -m nbflow.runprocess RUN_ID --kernel NAME --cwd DIR`` (the
+foreground ``nbflow run``), or ``forked_main`` in a process a runner's fork server forked with everything
+already imported (see ``nbflow.processes``), for a known run or, with ``--warm``, as a warm slot that
+takes its run id from the pipe it was given.
 
 Either way the kernel is started first (``nbflow.kernels``, which only needs jupyter_client), and only
 then are papermill, nbclient and the store imported (``nbflow.execute``): the ~350 ms of imports
 overlap the kernel's ~430 ms boot instead of adding to it. A warm slot then waits for the kernel to be
-ready and for a run id on stdin (EOF: not needed after all, exit), so a claimed run skips all of it.
+ready and for a run id on its pipe (closed: not needed after all, exit), so a claimed run skips all of it.
 
 Stopping: SIGTERM (the supervisor's timeout or cancel, or the supervisor dying: ``_die_with``)
 raises ``Terminated`` in the main thread; the kernel is interrupted, given a moment to run the
@@ -91,7 +88,7 @@ def _pid_exists(pid: int) -> bool:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m nbflow.runprocess")
     parser.add_argument("run_id", nargs="?", type=uuid.UUID)
-    parser.add_argument("--warm", action="store_true", help="wait for the run id on stdin")
+    parser.add_argument("--warm", action="store_true", help="a warm slot (only from the fork server)")
     parser.add_argument("--kernel", required=True)
     parser.add_argument("--cwd", required=True)
     parser.add_argument("--progress-fd", type=int, help="draw papermill's progress bar on this descriptor")
@@ -110,28 +107,15 @@ def _stop_kernel(kernel: Kernel) -> None:
     kernel.kill()
 
 
-class _Stdio:
-    """A warm slot's link to its pool when started as a plain process: stdout and stdin."""
-
-    def send(self, message: str) -> None:
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
-
-    def recv(self) -> str:
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.strip()
-
-
 def main(argv: list[str] | None = None, channel: Any = None) -> int:
-    """The run process. ``channel`` (a ``multiprocessing`` connection when forked by the fork server;
-    stdin/stdout otherwise) is where a warm slot says it is ready and takes its run id."""
+    """The run process. ``channel`` (the ``multiprocessing`` connection a warm slot is forked with) is
+    where it says it is ready and takes its run id."""
     args = _parse(list(sys.argv[1:] if argv is None else argv))
+    if args.warm and channel is None:
+        raise SystemExit("nbflow.runprocess: --warm slots are forked by a runner's fork server, not started")
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.parent_pid is not None:
         _die_with(args.parent_pid)
-    channel = channel or _Stdio()
     kernel = Kernel(args.kernel, args.cwd, warm=args.warm)
     try:
         try:
