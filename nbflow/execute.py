@@ -15,10 +15,12 @@ down: the run process kills the kernel after the end is written (see ``nbflow.ke
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -31,11 +33,12 @@ from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
 from papermill.log import logger as papermill_logger
 from papermill.utils import merge_kwargs, remove_args
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from nbflow import states
 from nbflow.launcher import working_directory
 from nbflow.record import RECORD_MIME
+from nbflow.secrets import Redactor
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
@@ -61,8 +64,19 @@ def _is_clean_exit(error: dict[str, Any] | None) -> bool:
     return bool(error) and error["ename"] == "SystemExit" and str(error["evalue"]) in ("", "0", "None")
 
 
+class NotStarted(Exception):
+    """The run stopped being PENDING (cancelled) before its attempt could start: nothing was executed."""
+
+
 class RunRecorder:
-    """Writes what the engine sees into the store: cells, logs, results. One per attempt."""
+    """Writes what the engine sees into the store: the start, cells, logs, results. One per attempt.
+
+    Writes happen in a thread of their own (``_write_loop``): a cell never waits for the database.
+    What the engine reports is queued under a lock, and the writer commits everything queued so far in
+    one transaction, in order, so a run's records are at most one commit behind what it does. Two
+    points wait for the writer: the first cell (nothing executes before the run is RUNNING, and a run
+    cancelled meanwhile executes nothing) and the attempt's end, which is written after all the rest.
+    """
 
     def __init__(self, store: Store, run_id: uuid.UUID, attempt: int, log_bytes: int, log_limit: int) -> None:
         self.store = store
@@ -74,23 +88,106 @@ class RunRecorder:
         self.current_cell: int | None = None
         self.failed_cell: tuple[int, str | None, dict[str, Any]] | None = None
         self.clean_exit = False
-        self._pending: list[Log] = []
-        self._pending_bytes = 0
-        # A cell's end and its results are written with the next write (the next cell's start, a log
-        # flush, the attempt's end): one transaction per cell instead of two, ~1 ms later.
-        self._done_cell: tuple[int, dict[str, Any]] | None = None
-        self._results: dict[str, Any] = {}
-        self._last_flush = time.monotonic()
         self.input_label: str | None = None
+        # What the writer has yet to write, guarded by _lock: the start, new cell rows, cell updates
+        # (in order), results and log lines.
+        self._lock = threading.Lock()
+        self._start = False
+        self._new_cells: list[dict[str, Any]] = []
+        self._cell_updates: list[tuple[int, dict[str, Any]]] = []
+        self._results: dict[str, Any] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._pending_bytes = 0
+        self._last_flush = time.monotonic()
+        # nbflow.secrets: the values of secrets the notebook reads become *** in all the run stores.
+        self.redactor = Redactor(store)
+        self._started = False
+        # The writer: ``_queued`` counts the batches asked for, ``_written`` those committed.
+        self._cond = threading.Condition()
+        self._queued = 0
+        self._written = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- the writer ----------------------------------------------------------------------------
+    def _kick(self) -> int:
+        """Ask the writer to write what is queued; returns the ticket ``sync`` waits for. Once closed,
+        nothing more is written here (the attempt's end writes what is left): nothing to wait for."""
+        with self._cond:
+            if self._closed:
+                return self._written
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="nbflow-recorder", daemon=True)
+                self._thread.start()
+            self._queued += 1
+            self._cond.notify_all()
+            return self._queued
+
+    def sync(self) -> None:
+        """Wait until everything queued is committed; raise what the writer met (NotStarted included)."""
+        ticket = self._kick()
+        with self._cond:
+            while self._written < ticket and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._written >= self._queued and not self._closed:
+                    self._cond.wait()
+                if self._written >= self._queued:
+                    return
+                target = self._queued
+            try:
+                if self._has_pending():
+                    with self.store.write() as session:
+                        self.write_pending(session)
+            except BaseException as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._written = target
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer; the caller writes the end itself."""
+        try:
+            self.sync()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+
+    # -- the attempt ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Queue PENDING -> RUNNING: written while papermill prepares the notebook."""
+        with self._lock:
+            self._start = True
+        self._kick()
+
+    def _write_start(self, session: Any) -> None:
+        run = states.lock_run(session, self.run_id)
+        if run.state != states.S.PENDING:
+            raise NotStarted(run.state)
+        states.transition(session, run, states.S.RUNNING)
+        run.process_id = os.getpid()
+        run.heartbeat_at = utcnow()
 
     # -- cells ---------------------------------------------------------------------------------
     def notebook_start(self, nb: nbformat.NotebookNode) -> None:
-        with self.store.write() as session:
-            self.write_pending(session)  # the attempt's first lines ride along: one transaction fewer
+        with self._lock:
             for index, cell in enumerate(nb.cells):
                 if cell.get("cell_type") == "code":
-                    session.add(CellRun(run_id=self.run_id, attempt=self.attempt, cell_index=index,
-                                        cell_id=cell.get("id"), state="PENDING"))
+                    self._new_cells.append({"run_id": self.run_id, "attempt": self.attempt, "cell_index": index,
+                                            "cell_id": cell.get("id"), "state": "PENDING"})
+        self._kick()
 
     def _update_cell(self, session: Any, index: int, **values: Any) -> None:
         session.execute(
@@ -100,12 +197,15 @@ class RunRecorder:
         )
 
     def cell_start(self, index: int, cell: Any) -> None:
+        if not self._started:
+            self.sync()  # RUNNING is committed before any cell executes (NotStarted: it was cancelled)
+            self._started = True
         if cell.get("cell_type") != "code":
             return
         self.current_cell = index
-        with self.store.write() as session:
-            self.write_pending(session)
-            self._update_cell(session, index, state="RUNNING", started_at=utcnow())
+        with self._lock:
+            self._cell_updates.append((index, {"state": "RUNNING", "started_at": utcnow()}))
+        self._kick()
 
     def cell_complete(self, index: int, cell: Any) -> None:
         if cell.get("cell_type") != "code":
@@ -126,9 +226,11 @@ class RunRecorder:
             else:
                 state = "FAILED"
                 self.failed_cell = (index, cell.get("id"), error)
-        self._collect_results(cell)
-        self._done_cell = (index, {"state": state, "ended_at": utcnow(),
-                                   "execution_count": cell.get("execution_count"), "error": error})
+        with self._lock:
+            self._collect_results(cell)
+            self._cell_updates.append((index, {"state": state, "ended_at": utcnow(),
+                                               "execution_count": cell.get("execution_count"), "error": error}))
+        self._kick()
         self.current_cell = None
 
     def _collect_results(self, cell: Any) -> None:
@@ -154,6 +256,7 @@ class RunRecorder:
         written with the next transaction), writes it now."""
         if not text or (self.truncated and not force):
             return
+        text = self.redactor.redact(text)
         data = text.encode("utf-8", "replace")
         if not force and self.log_bytes + len(data) > self.log_limit:
             # Keep what fits, then say once that the rest is only in the output notebook.
@@ -173,34 +276,44 @@ class RunRecorder:
     def _append(self, stream: str, text: str, size: int) -> None:
         if not text:
             return
-        self.log_bytes += size
-        self._pending.append(Log(run_id=self.run_id, attempt=self.attempt, at=utcnow(), stream=stream,
-                                 cell_index=self.current_cell, text=text))
-        self._pending_bytes += size
+        with self._lock:
+            self.log_bytes += size
+            self._pending.append({"run_id": self.run_id, "attempt": self.attempt, "at": utcnow(), "stream": stream,
+                                  "cell_index": self.current_cell, "text": text})
+            self._pending_bytes += size
 
     def flush(self) -> None:
-        """Write what is pending (log lines, a cell's end, results) now."""
+        """Have what is queued (log lines, cells, results) written soon, without waiting for it."""
         self._last_flush = time.monotonic()
-        if self._pending or self._done_cell or self._results:
-            with self.store.write() as session:
-                self.write_pending(session)
+        self._kick()
+
+    def _has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._start or self._new_cells or self._cell_updates or self._results or self._pending)
 
     def write_pending(self, session: Any) -> None:
-        """Write what is pending in the caller's transaction."""
-        self._last_flush = time.monotonic()
-        if self._done_cell is not None:
-            index, values = self._done_cell
-            self._done_cell = None
-            self._update_cell(session, index, **values)
-        if self._results:
+        """Write what is queued, in the caller's transaction (the writer's, or the attempt's end)."""
+        with self._lock:
+            start, self._start = self._start, False
+            new_cells, self._new_cells = self._new_cells, []
+            updates, self._cell_updates = self._cell_updates, []
             found, self._results = self._results, {}
+            rows, self._pending, self._pending_bytes = self._pending, [], 0
+            log_bytes = self.log_bytes
+        if start:
+            self._write_start(session)
+        # Rows as Core INSERTs, not ORM objects: a fraction of the CPU, on a process whose main thread runs
+        # the notebook meanwhile.
+        if new_cells:
+            session.execute(insert(CellRun), new_cells)
+        for index, values in updates:
+            self._update_cell(session, index, **values)
+        if found:
             run = session.get(Run, self.run_id)
             run.result = {**(run.result or {}), **found}
-        if not self._pending:
-            return
-        rows, self._pending, self._pending_bytes = self._pending, [], 0
-        session.add_all(rows)
-        session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=self.log_bytes))
+        if rows:
+            session.execute(insert(Log), rows)
+            session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=log_bytes))
 
 
 class LogStream(io.TextIOBase):
@@ -229,14 +342,28 @@ class NbflowExecutionManager(NotebookExecutionManager):
     START_SAVE_AFTER = timedelta(seconds=1)
 
     def __init__(self, nb: Any, recorder: RunRecorder | None, **kwargs: Any) -> None:
+        self._starting = False
+        self._final = False
         super().__init__(nb, **kwargs)
         self.recorder = recorder
-        self._starting = False
 
     def save(self, **kwargs: Any) -> None:
-        if self._starting and self.now() - self.last_save_time < self.START_SAVE_AFTER:
+        if self._final or (self._starting and self.now() - self.last_save_time < self.START_SAVE_AFTER):
+            self.last_save_time = self.now()
             return
+        if self.recorder:
+            self.recorder.redactor.scrub_notebook(self.nb)  # before any write, and before cells are read
         super().save(**kwargs)
+
+    def notebook_complete(self, **kwargs: Any) -> None:
+        """papermill's, without its save when execution ended normally: ``papermill.execute_notebook``
+        writes the output once more as it returns. An engine leaving with an exception (a dead kernel, a
+        stop) skips that write, so then this one saves."""
+        self._final = sys.exc_info()[1] is None
+        try:
+            super().notebook_complete(**kwargs)
+        finally:
+            self._final = False
 
     def notebook_start(self, **kwargs: Any) -> None:
         super().notebook_start(**kwargs)
@@ -276,6 +403,8 @@ class NbflowEngine(NBClientEngine):
             cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
         finally:
             nb_man.cleanup_pbar()
+            if recorder is not None:
+                recorder.redactor.scrub_notebook(nb_man.nb, drop_markers=True)
             nb_man.notebook_complete()
         return nb_man.nb
 
@@ -293,22 +422,32 @@ class NbflowEngine(NBClientEngine):
             startup_timeout=start_timeout, kernel_name=kernel_name, log=papermill_logger, log_output=log_output,
             stdout_file=stdout_file, stderr_file=stderr_file,
         )
-        client = PapermillNotebookClient(nb_man, **final_kwargs)
+        client = _NbflowNotebookClient(nb_man, **final_kwargs)
         client.kc = kc
         return client.execute()
+
+
+class _NbflowNotebookClient(PapermillNotebookClient):
+    """Shows each kernel message to the run's redactor before it is stored or logged: a secret's marker
+    (nbflow.secrets) arrives before its value can appear in any later output."""
+
+    def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+        recorder = getattr(self.nb_man, "recorder", None)
+        if recorder is not None:
+            recorder.redactor.observe(msg)
+        return super().process_message(msg, cell, cell_index)
 
 
 papermill_engines.register(ENGINE_NAME, NbflowEngine)
 
 
-def _start_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Flow] | None:
-    with store.write() as session:
-        run = states.lock_run(session, run_id)
-        if run.state != states.S.PENDING:
+def _load_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Flow] | None:
+    """The run and what it executes, if it is still PENDING. The recorder writes RUNNING (checking again
+    that it is still PENDING) while papermill prepares the notebook."""
+    with store.read() as session:
+        run = session.get(Run, run_id)
+        if run is None or run.state != states.S.PENDING:
             return None  # cancelled (or claimed) before this process got to it
-        states.transition(session, run, states.S.RUNNING)
-        run.process_id = os.getpid()
-        run.heartbeat_at = utcnow()
         version = session.get(FlowVersion, run.flow_version_id)
         flow = session.get(Flow, run.flow_id)
         return run, version, flow
@@ -316,8 +455,12 @@ def _start_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, F
 
 def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | None, *,
                  name: str | None = None, message: str | None = None) -> str:
-    """End the attempt in one transaction: last logs, skipped cells, the failing cell's id, the state.
-    Returns the run's state after it."""
+    """End the attempt in one transaction, after everything the recorder queued: last logs, skipped
+    cells, the failing cell's id, the state. Returns the run's state after it."""
+    try:
+        recorder.close()
+    except NotStarted:  # a notebook without cells, cancelled before it started
+        return _state_of(store, recorder.run_id)
     with store.write() as session:
         recorder.notebook_end(session)
         run = states.lock_run(session, recorder.run_id)
@@ -353,7 +496,7 @@ def prepare() -> None:
                                                                execution_count=1, error=None))
             session.execute(update(Run).where(Run.id == nobody).values(log_bytes=0))
             # The flush of PENDING -> RUNNING (the run's UPDATE, its event's INSERT) compiled on the newest
-            # run, as ``_start_attempt`` will change it: 5-7 ms off a warm run's first write.
+            # run, as ``RunRecorder._write_start`` will change it: 5-7 ms off a warm run's first write.
             sample = session.execute(select(Run).order_by(Run.created_at.desc()).limit(1)).scalar()
             if sample is not None:
                 now = utcnow()
@@ -362,6 +505,11 @@ def prepare() -> None:
                 session.add(RunStateEvent(run_id=sample.id, from_state="PENDING", to_state="RUNNING",
                                           to_name="Running", attempt=sample.attempt, at=now, message=None))
                 session.flush()
+                for _ in range(2):  # one row, then two: the INSERT and the executemany INSERT
+                    session.execute(insert(CellRun), [{"run_id": sample.id, "attempt": -1 - _, "cell_index": i,
+                                                       "cell_id": None, "state": "PENDING"} for i in range(_ + 1)])
+                    session.execute(insert(Log), [{"run_id": sample.id, "attempt": -1, "at": now, "stream": "system",
+                                                   "cell_index": None, "text": ""}] * (_ + 1))
             raise _Rollback
     except _Rollback:
         pass
@@ -373,6 +521,11 @@ class _Rollback(Exception):
     """Ends ``prepare``'s transaction without committing it."""
 
 
+def _state_of(store: Store, run_id: uuid.UUID) -> str:
+    with store.read() as session:
+        return session.get(Run, run_id).state
+
+
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:
     """Execute one attempt of a PENDING run with ``kernel`` (started, maybe not yet ready); returns
     the state the attempt left it in."""
@@ -381,12 +534,12 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     from papermill.exceptions import PapermillExecutionError
 
     store = open_store()
-    started = _start_attempt(store, run_id)
-    if started is None:
-        with store.read() as session:
-            return session.get(Run, run_id).state
-    run, version, flow = started
+    loaded = _load_attempt(store, run_id)
+    if loaded is None:
+        return _state_of(store, run_id)
+    run, version, flow = loaded
     recorder = RunRecorder(store, run_id, run.attempt, run.log_bytes, get_settings().log_limit_bytes)
+    recorder.start()
     recorder.log("system", f"attempt {run.attempt} of {run.max_attempts}: flow {flow.name} v{version.version}, "
                            f"kernel {run.kernel_name} ({'warm' if kernel.warm else 'cold'}), pid {os.getpid()}",
                  force=True, flush=False)
@@ -410,6 +563,8 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
             execution_timeout=math.ceil(run.cell_timeout) if run.cell_timeout else None,  # nbclient: whole seconds
             km=kernel.km, kc=kernel.kc, recorder=recorder,
         )
+    except NotStarted:  # nothing executed, nothing else to write (the writer stopped at the error)
+        return _state_of(store, run_id)
     except PapermillExecutionError as exc:
         error = {"ename": exc.ename, "evalue": exc.evalue, "traceback": list(exc.traceback),
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else exc.cell_index,
@@ -427,10 +582,12 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
                  "traceback": traceback.format_exception(exc),
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
     except BaseException:
-        recorder.flush()
+        with contextlib.suppress(Exception):
+            recorder.close()
         raise  # stopped by the supervisor: it writes the state and settles the cells
     message = None
     if error:
+        error = recorder.redactor.redact_value(error)
         message = f"{error['ename']}: {error['evalue']}"[:500]
         recorder.log("system", f"attempt {run.attempt} failed: {message}", force=True, flush=False)
     elif recorder.clean_exit:

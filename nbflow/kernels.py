@@ -106,6 +106,17 @@ class Kernel:
         self.kc.execute(f"__import__('os').chdir({path!r})", silent=True, store_history=False)
         self.cwd = path
 
+    def warm_up(self, timeout: float = READY_TIMEOUT) -> None:
+        """Execute a silent ``pass`` and wait for it: a fresh IPython kernel's first execution pays
+        one-time costs (lazy imports and set-up on its execute path) that would otherwise land on the
+        run's first cell. Silent: no execution count, no history, no output, so results are unchanged."""
+        msg_id = self.kc.execute("pass", silent=True, store_history=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = run_sync(self.kc.get_shell_msg)(timeout=max(deadline - time.monotonic(), 0.001))
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                return
+
     def interrupt(self) -> None:
         with contextlib.suppress(Exception):
             run_sync(self.km.interrupt_kernel)()

@@ -5,6 +5,9 @@ The run process (``nbflow.runprocess``) writes the states it can know itself (RU
 this side writes the ones it cannot: TimedOut (it was stopped), CRASHED (it died), CANCELLED.
 Stopping is never merely cooperative: SIGTERM lets the process shut its kernel down, and after a grace
 period everything left of the process tree, the kernel included, gets SIGKILL.
+
+The supervision (``supervise``) needs only an ``Attempt``: a run process here (``start_local``), or an
+attempt executing elsewhere, such as a task on a Dask cluster (``nbflow.executors``).
 """
 
 from __future__ import annotations
@@ -85,21 +88,74 @@ def _tail(path: str, limit: int = 2000) -> str:
         return ""
 
 
-def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threading.Event | None
-           ) -> tuple[Any, str | None]:
-    """Wait for the run process; stop it early on timeout, on a cancel request (the run turned
+class Attempt(Protocol):
+    """One attempt executing somewhere, as its supervisor sees it: a run process here (``LocalAttempt``)
+    or one on a Dask worker (``nbflow.executors.dask``). ``supervise`` needs nothing more of it."""
+
+    def started(self) -> bool:
+        """Whether it is executing: the run's timeout counts from then, not while it waits for a place."""
+        ...
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once it has ended, else None after up to ``timeout`` seconds."""
+        ...
+
+    def terminate(self) -> None:
+        """Stop it and everything it started (its kernel too); return once they are gone."""
+        ...
+
+    def exit_detail(self, code: int) -> str:
+        """Why it ended with non-zero ``code``: the message of the CRASHED state."""
+        ...
+
+    def cleanup(self) -> None:
+        """Once it has ended: release what it left behind."""
+        ...
+
+
+class LocalAttempt:
+    """A run process on this machine."""
+
+    def __init__(self, rp: processes.RunProcess) -> None:
+        self.rp = rp
+
+    def started(self) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.rp.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def terminate(self) -> None:
+        processes.terminate_tree(self.rp.pid)
+        self.rp.proc.wait()
+
+    def exit_detail(self, code: int) -> str:
+        tail = _tail(self.rp.err_path)
+        return f"the run process exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
+
+    def cleanup(self) -> None:
+        self.rp.cleanup()
+
+
+def _watch(store: Store, run: Run, attempt: Attempt, stop: threading.Event | None) -> tuple[Any, str | None]:
+    """Wait for the attempt; stop it early on timeout, on a cancel request (the run turned
     CANCELLING, from any process) or when ``stop`` is set. Returns (exit code or the running cell, why)."""
-    deadline = time.monotonic() + run.timeout if run.timeout else None
+    # The timeout counts from when the attempt executes: not while it waits for a place on a cluster.
+    deadline = time.monotonic() + run.timeout if run.timeout and attempt.started() else None
     next_check = time.monotonic() + CANCEL_POLL_SECONDS
     beat_every = get_settings().lease_seconds / 4
     next_beat = time.monotonic()
     while True:
-        try:
-            return proc.wait(timeout=WAIT_SLICE_SECONDS), None
-        except subprocess.TimeoutExpired:
-            pass
+        code = attempt.wait(WAIT_SLICE_SECONDS)
+        if code is not None:
+            return code, None
         now = time.monotonic()
         why = None
+        if deadline is None and run.timeout and attempt.started():
+            deadline = now + run.timeout
         if deadline is not None and now >= deadline:
             why = "timeout"
         elif stop is not None and stop.is_set():
@@ -115,8 +171,7 @@ def _watch(store: Store, run: Run, proc: subprocess.Popen[bytes], stop: threadin
                     why = "cancel"
         if why is not None:
             cell = _running_cell(store, run)
-            processes.terminate_tree(proc.pid)
-            proc.wait()
+            attempt.terminate()
             return cell, why
 
 
@@ -133,10 +188,9 @@ class WarmSource(Protocol):
     def take(self, kernel_name: str) -> processes.RunProcess | None: ...
 
 
-def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
-                        stop: threading.Event | None = None, pool: WarmSource | None = None) -> None:
-    """Run one attempt of a PENDING run in its own process (a warm one from ``pool`` if it has one
-    for the run's kernel) and wait for it to end, one way or another."""
+def start_local(store: Store, run: Run, *, progress: bool = False, pool: WarmSource | None = None) -> LocalAttempt:
+    """Start one attempt of a PENDING run in its own process here: a warm one from ``pool`` if it has one
+    for the run's kernel, else a forked one (a runner) or a fresh ``python -m nbflow.runprocess``."""
     rp = pool.take(run.kernel_name) if pool is not None else None
     if rp is not None and not rp.hand(run.id):
         rp.discard()
@@ -149,13 +203,17 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
             rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id)
         else:  # the foreground `nbflow run`
             rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress)
-    proc = rp.proc
+    return LocalAttempt(rp)
+
+
+def supervise(store: Store, run: Run, attempt: Attempt, stop: threading.Event | None = None) -> None:
+    """Wait for a started attempt to end, one way or another, and write the end it could not write
+    itself: TimedOut, CANCELLED (a cancel request or ``stop``) or CRASHED (a non-zero exit)."""
     try:
         try:
-            outcome, why = _watch(store, run, proc, stop)
+            outcome, why = _watch(store, run, attempt, stop)
         except KeyboardInterrupt:
-            processes.terminate_tree(proc.pid)
-            proc.wait()
+            attempt.terminate()
             settle(store, run.id, "cancel", "cancelled by the user (interrupt)")
             raise
         if why == "timeout":
@@ -167,13 +225,10 @@ def run_attempt_process(store: Store, run: Run, *, progress: bool = False,
         if why == "stop":
             settle(store, run.id, "cancel", "the worker shut down before the run finished", outcome)
             return
-        rc = outcome
-        if rc != 0:
-            tail = _tail(rp.err_path)
-            detail = f"the run process exited with code {rc}" + (f": {tail.splitlines()[-1]}" if tail else "")
-            settle(store, run.id, "crash", detail, _running_cell(store, run))
+        if outcome != 0:
+            settle(store, run.id, "crash", attempt.exit_detail(outcome), _running_cell(store, run))
     finally:
-        rp.cleanup()
+        attempt.cleanup()
 
 
 def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> bool:
@@ -195,8 +250,11 @@ def _promote(store: Store, run_id: uuid.UUID, wait: Callable[[float], Any]) -> b
 
 def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
                 wait: Callable[[float], Any] = time.sleep, stop: threading.Event | None = None,
-                pool: WarmSource | None = None) -> Run:
-    """Run a PENDING run in the foreground, through all its attempts, and return it ended."""
+                pool: WarmSource | None = None, start: Callable[[Store, Run], Attempt] | None = None) -> Run:
+    """Run a PENDING run in the foreground, through all its attempts, and return it ended.
+
+    Each attempt is started by ``start`` (default: a run process here, see ``start_local``) and
+    supervised here whatever started it, so retries, timeouts and cancels mean the same everywhere."""
     if stop is not None and wait is time.sleep:
         wait = stop.wait
     while True:
@@ -210,6 +268,7 @@ def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
             if not _promote(store, run_id, wait):
                 continue
         elif run.state == states.S.PENDING:
-            run_attempt_process(store, run, progress=progress, stop=stop, pool=pool)
+            attempt = start_local(store, run, progress=progress, pool=pool) if start is None else start(store, run)
+            supervise(store, run, attempt, stop)
         else:
             return run

@@ -7,7 +7,11 @@ Either way a run is executed by exactly one worker. Each claimed run is supervis
 own by ``launcher.execute_run`` (its own process per attempt, timeouts, cancel requests, retries).
 
 Crash recovery needs no set-up: supervisors renew a heartbeat lease on the runs they hold
-(``NBFLOW_LEASE_SECONDS``, default 30) and every runner reaps runs whose lease ran out (``reap``).
+(``NBFLOW_LEASE_SECONDS``, default 30) and the runner leading the ``reaper`` role (``nbflow.leader``; any
+runner, failing over when it dies) reaps runs whose lease ran out (``reap``).
+
+A runner declares labels (``--labels gpu``) and claims only runs of flows whose labels it has all
+(``nbflow.workers``); it registers itself in the ``worker`` table while it runs (``nbflow workers``).
 
 Schedules are fired into runs by ``nbflow.scheduler``; workers execute them like any queued run.
 A run queued in this process wakes the runner at once (``Store.listen``), and on PostgreSQL so does one
@@ -23,11 +27,15 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from nbflow import launcher, states
+from nbflow import launcher, states, workers
+from nbflow.executors.base import Executor
+from nbflow.executors.local import LocalExecutor
+from nbflow.leader import REAPER, Leadership
 from nbflow.pool import KernelPool
 from nbflow.settings import get_settings
 from nbflow.store import Store
@@ -40,12 +48,13 @@ log = logging.getLogger("nbflow.runner")
 DEFAULT_WARM_KERNELS = 1
 
 
-def new_worker_id() -> str:
-    return f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+def new_worker_id(kind: str = "worker") -> str:
+    return f"{kind}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
+def claim(store: Store, worker_id: str, limit: int, labels: Sequence[str] = ()) -> list[uuid.UUID]:
     """Take up to ``limit`` unclaimed runs, oldest first, for ``worker_id``, within the concurrency limits.
+    Only runs of flows whose labels are all among ``labels`` (the worker's) are taken (``nbflow.workers``).
 
     Retries that nobody holds (their worker died while they waited) become PENDING when due, first.
     Runs that a flow, tag or global limit holds back are skipped (left queued, or CANCELLED for a flow
@@ -65,7 +74,7 @@ def claim(store: Store, worker_id: str, limit: int) -> list[uuid.UUID]:
         ).scalars()
         for run in due:
             states.transition(session, run, states.S.PENDING, message=f"attempt {run.attempt} is due")
-        ids = concurrency.admit(session, limit)
+        ids = concurrency.admit(session, limit, labels)
         if ids:
             session.execute(
                 update(Run).where(Run.id.in_(ids), Run.worker_id.is_(None))
@@ -122,13 +131,15 @@ class Runner:
     """Claim-and-execute loop with ``slots`` runs at once."""
 
     def __init__(self, store: Store, *, slots: int = 2, poll_interval: float = 1.0,
-                 worker_id: str | None = None, warm_kernels: int = DEFAULT_WARM_KERNELS) -> None:
+                 worker_id: str | None = None, warm_kernels: int = DEFAULT_WARM_KERNELS,
+                 labels: Sequence[str] = (), executor: Executor | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.store = store
         self.slots = slots
         self.poll_interval = poll_interval
         self.worker_id = worker_id or new_worker_id()
+        self.labels = workers.check_labels(labels)
         self.draining = threading.Event()  # set: claim nothing more
         self.stop = threading.Event()  # set: stop the runs in flight too
         # Set when there may be work: a run queued or a slot freed, in this process (Store.listen) or
@@ -136,12 +147,15 @@ class Runner:
         self.wake = threading.Event()
         self._threads: dict[uuid.UUID, threading.Thread] = {}
         self.lease_seconds = get_settings().lease_seconds
-        self._next_reap = 0.0  # reconcile what we find at start, then every half lease
+        # Reaping is housekeeping: only the runner leading the reaper role does it (nbflow.leader).
+        self.leadership = Leadership(store, REAPER, self.worker_id, self.lease_seconds)
+        self._next_reap = 0.0  # on taking the role, reconcile what we find, then every half lease
         self.pool = KernelPool(store, warm_kernels)
+        self.executor = executor or LocalExecutor(self.pool)  # where claimed runs execute (nbflow.executors)
 
     def _execute(self, run_id: uuid.UUID) -> None:
         try:
-            run = launcher.execute_run(self.store, run_id, stop=self.stop, pool=self.pool)
+            run = self.executor.execute(self.store, run_id, stop=self.stop)
             if run.state == states.S.SCHEDULED:  # stopped while waiting out a retry delay: let anyone take it
                 with self.store.write() as session:
                     session.execute(update(Run).where(Run.id == run_id, Run.worker_id == self.worker_id)
@@ -164,6 +178,7 @@ class Runner:
                                Run.state.in_([states.S.PENDING, states.S.RUNNING, states.S.CANCELLING]))
                         .values(heartbeat_at=utcnow())
                     )
+                    workers.beat(session, self.worker_id, self.labels)
             except Exception:  # a database hiccup: the next beat tries again
                 log.exception("could not renew leases")
 
@@ -172,11 +187,14 @@ class Runner:
         for run_id, thread in list(self._threads.items()):
             if not thread.is_alive():
                 del self._threads[run_id]
-        if time.monotonic() >= self._next_reap:
+        if not self.leadership.check():
+            self._next_reap = 0.0  # whenever we take the role over, reap at once
+        elif time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + self.lease_seconds / 2
             reap(self.store, self.lease_seconds)
+            workers.prune(self.store, self.lease_seconds)
         if not self.draining.is_set():
-            for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads)):
+            for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads), self.labels):
                 if run_id in self._threads:  # ours already (cannot happen while our lease holds): one supervisor
                     continue
                 thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
@@ -188,6 +206,7 @@ class Runner:
         """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
         then shut down gracefully."""
         self.store.listen(self.wake)
+        workers.register(self.store, self.worker_id, self.labels)
         self.pool.start()
         listener = threading.Thread(target=self.store.notifications, args=(self.wake, self.draining),
                                     name="nbflow-listen", daemon=True)
@@ -224,3 +243,8 @@ class Runner:
             for thread in list(self._threads.values()):
                 thread.join(launcher.GRACE_SECONDS * 3)
             self.pool.close()  # after the runs: their processes go when the pool's thread does
+            self.leadership.resign()
+            try:
+                workers.unregister(self.store, self.worker_id)
+            except Exception:  # the database is gone: the reaper leader forgets us once our beat is old
+                log.exception("could not unregister worker %s", self.worker_id)

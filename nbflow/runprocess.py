@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None, channel: Any = None) -> int:
     """The run process. ``channel`` (the ``multiprocessing`` connection a warm slot is forked with) is
     where it says it is ready and takes its run id."""
     args = _parse(list(sys.argv[1:] if argv is None else argv))
+    # The recorder writes from a thread of its own (nbflow.execute): hand the GIL over within 1 ms, not
+    # CPython's default 5 ms, when the main thread wakes with a kernel message to handle.
+    sys.setswitchinterval(0.001)
     if args.warm and channel is None:
         raise SystemExit("nbflow.runprocess: --warm slots are forked by a runner's fork server, not started")
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None, channel: Any = None) -> int:
             if args.warm:
                 try:
                     kernel.ready()
+                    kernel.warm_up()
                 except Exception as exc:
                     print(f"nbflow: {exc}", file=sys.stderr)
                     return EXIT_NO_KERNEL

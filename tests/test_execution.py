@@ -127,13 +127,14 @@ def kernels_left(run_id: str) -> list[int]:
 
 
 def test_whole_run_timeout_kills_kernel_and_ends_timed_out(sqlite_env, tmp_path):
+    # The timeout counts from the run process's start: 10 s leaves a loaded machine time to reach cell 1.
     nb = make_notebook(tmp_path, "slow", ["x = 1", "import time\ntime.sleep(60)"])
-    register(open_store(), nb, name="slow", options=FlowOptions(timeout=3))
+    register(open_store(), nb, name="slow", options=FlowOptions(timeout=10))
     t0 = time.monotonic()
     doc, _events, _ = run_to_end("slow")
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 30
     assert doc["state"] == "FAILED" and doc["state_name"] == "TimedOut"
-    assert doc["error"]["ename"] == "TimedOut" and "timeout of 3s" in doc["error"]["evalue"]
+    assert doc["error"]["ename"] == "TimedOut" and "timeout of 10s" in doc["error"]["evalue"]
     assert doc["error"]["cell_index"] == 1
     assert [c["state"] for c in doc["cells"]] == ["COMPLETED", "FAILED"]  # the cell it was stuck in
     assert kernels_left(doc["id"]) == [], "the run's kernel outlived the timeout"
@@ -294,3 +295,34 @@ def test_cells_and_logs_can_be_watched_while_the_run_is_going(nbflow_env, tmp_pa
     assert any("first" in text for text in seen[2]), "the first cell's output was not in the log yet"
     with store.read() as session:
         assert session.get(Run, run.id).state == "COMPLETED"
+
+
+def test_a_run_cancelled_before_its_running_write_executes_nothing(nbflow_env, tmp_path):
+    """The run process writes PENDING -> RUNNING from its recorder's thread, checking the run is still
+    PENDING; a cancel that lands first stops the attempt before its first cell, and writes nothing else."""
+    from nbflow.execute import NotStarted, RunRecorder
+    from nbflow.runs import request_cancel
+    from nbflow.store.models import CellRun
+
+    store = open_store()
+    nb = make_notebook(tmp_path, "never", ["x = 1"])
+    run = create_run(store, str(nb), worker_id="worker:test")  # held by a process: a cancel is CANCELLING
+    recorder = RunRecorder(store, run.id, 1, 0, 1_000_000)
+    request_cancel(store, run.id)
+    recorder.start()
+    recorder.log("system", "a line the start's transaction carries", force=True, flush=False)
+    with pytest.raises(NotStarted):
+        recorder.cell_start(0, {"cell_type": "code"})
+    with pytest.raises(NotStarted):
+        recorder.close()
+    recorder.flush()  # closed: returns at once, writes nothing
+    with store.read() as session:
+        assert session.get(Run, run.id).state == "CANCELLING"
+        assert session.execute(select(func.count()).select_from(CellRun)).scalar() == 0
+        assert session.execute(select(func.count()).select_from(Log).where(Log.run_id == run.id)).scalar() == 0
+    assert [e["to"] for e in history_of(store, run.id)] == ["PENDING", "CANCELLING"]
+
+
+def history_of(store, run_id):  # type: ignore[no-untyped-def]
+    with store.read() as session:
+        return history(session, session.get(Run, run_id))

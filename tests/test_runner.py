@@ -213,7 +213,8 @@ def test_sigkilled_runner_run_is_recovered_and_retried(nbflow_env, tmp_path, com
     run_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", "survivor", "-p", "marker", str(marker),
                                "--json").stdout)["id"]
     env = dict(nbflow_env, NBFLOW_LEASE_SECONDS="2")
-    first = start(env, tmp_path, command, "--poll", "0.1")
+    port = ["--port", "0"] if command == "serve" else []  # any free port: tests run side by side
+    first = start(env, tmp_path, command, "--poll", "0.1", *port)
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -221,7 +222,7 @@ def test_sigkilled_runner_run_is_recovered_and_retried(nbflow_env, tmp_path, com
     first.kill()  # SIGKILL: no chance to clean up
     first.communicate(timeout=30)
     assert kernels_left(run_id) == [], "the killed worker's run kept executing"
-    second = start(env, tmp_path, command, "--poll", "0.1")
+    second = start(env, tmp_path, command, "--poll", "0.1", *port)
     try:
         wait_for_state(run_id, "COMPLETED", timeout=60)
     finally:
@@ -252,7 +253,11 @@ def test_long_healthy_run_is_never_marked_crashed(sqlite_env, tmp_path):
 
 
 def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_grace(sqlite_env, tmp_path):
-    short = make_notebook(tmp_path, "short", ["import time\ntime.sleep(5)"])
+    # The short run ends only once the test says so, after SIGTERM: a fixed sleep could end before the signal on
+    # a loaded machine, and its free slot would rightly be given to the queued run.
+    release = tmp_path / "release"
+    short = make_notebook(tmp_path, "short", [
+        f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)"])
     long = make_notebook(tmp_path, "longer", ["import time\ntime.sleep(120)"])
     short_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(short), "--json").stdout)["id"]
     long_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(long), "--json").stdout)["id"]
@@ -263,6 +268,8 @@ def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_grace(sq
         wait_for_state(long_id, "RUNNING")
         later_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(queued), "--json").stdout)["id"]
         worker.send_signal(signal.SIGTERM)
+        time.sleep(1)  # the worker has stopped claiming by now
+        release.touch()
         worker.communicate(timeout=60)
     finally:
         if worker.poll() is None:
