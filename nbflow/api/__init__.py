@@ -1,0 +1,10 @@
+"""nbflow's REST API: ``create_app()`` builds the FastAPI application that ``nbflow serve`` runs.
+
+Layered as Prefect's server is: routes (``nbflow.api.routes``) translate HTTP to calls of the service
+layer and contain no SQL; authentication is ``nbflow.api.auth``; every error leaves through one handler
+(``nbflow.api.errors``) in one JSON shape. docs/api.md is the user's guide.
+"""
+
+from nbflow.api.app import API_VERSION, create_app
+
+__all__ = ["API_VERSION", "create_app"]

@@ -1,0 +1,82 @@
+"""The FastAPI application: routers under ``/api``, one error shape, a body size limit.
+
+``create_app`` takes the store and, when ``nbflow serve`` hosts it, the scheduler and runner it runs, so
+that ``/api/health`` can say whether they are alive; a bare app (tests, an embedding program) reports
+them as not running.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nbflow import __version__
+from nbflow.api import errors
+from nbflow.api.routes import flows, health, hooks, runs, schedules, secrets
+from nbflow.store import Store, open_store
+
+API_VERSION = "1.0"
+MAX_BODY_BYTES = 1024 * 1024
+DRAIN_FACTOR = 16  # a refused body up to this many times the limit is read and dropped (see BodyLimit)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, before they are read into memory: at once
+    from ``Content-Length``, else (a chunked body) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            if length.isdigit() and int(length) <= DRAIN_FACTOR * self.limit:
+                # Read the body first: a connection closed with unread data is reset (RST), and a client
+                # still sending would then lose our answer instead of reading a clear 413.
+                while (await receive()).get("more_body", False):
+                    pass
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise errors.BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(errors.error_body(
+            "payload_too_large", f"request body larger than {self.limit} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(
+        title="nbflow", version=__version__, summary="Trigger, watch and manage notebook runs.",
+        openapi_url="/api/openapi.json", docs_url="/api/docs", redoc_url=None,
+    )
+    app.state.store = store or open_store()
+    app.state.scheduler = scheduler
+    app.state.runner = runner
+    errors.install(app)
+    app.include_router(health.router, prefix="/api")
+    for module in (flows, runs, schedules, secrets, hooks):
+        # every other route validates its input, may need a key and reads the database
+        app.include_router(module.router, prefix="/api", responses=errors.documented(401, 403, 422, 503))
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app

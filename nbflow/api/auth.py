@@ -1,0 +1,73 @@
+"""Who may call what: Bearer API keys with ordered scopes, or, while no key exists, loopback clients only.
+
+``read`` sees, ``trigger`` also runs and cancels, ``admin`` also registers flows, schedules, secrets and
+webhooks (``nbflow.keys.SCOPES`` is ordered; each scope includes the ones before it). A server with no
+active key has nobody to authenticate, so it trusts only its own machine: any client that is not on a
+loopback address is refused, whatever it sends. Keys are checked by ``nbflow.keys.authenticate``, which
+compares hashes in constant time; this module only decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from nbflow.api.errors import Forbidden, Unauthorized
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `nbflow keys create NAME --scope SCOPE`.")
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str  # the key's name, or "loopback" when the server has no keys
+    scope: str
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, needed: str) -> Caller:
+    from nbflow.keys import SCOPES, any_active_keys, authenticate
+
+    store = request.app.state.store
+    if credentials is not None:
+        key = authenticate(store, credentials.credentials)
+        if key is None:
+            raise Unauthorized("invalid or revoked API key")
+    elif any_active_keys(store):
+        raise Unauthorized("an API key is required: send the header 'Authorization: Bearer KEY'")
+    else:
+        host = request.client.host if request.client else None
+        if not is_loopback(host):
+            raise Forbidden(f"this server has no API keys, so it accepts loopback clients only (you are {host}); "
+                            "create a key with `nbflow keys create NAME --scope SCOPE`")
+        return Caller("loopback", SCOPES[-1])
+    if not key.allows(needed):
+        raise Forbidden(f"API key {key.name!r} has scope {key.scope!r}; this needs {needed!r}")
+    return Caller(key.name, key.scope)
+
+
+def require(needed: str) -> Callable[..., Caller]:
+    """A dependency that lets the request through only for a caller with scope ``needed`` or above."""
+
+    def dependency(request: Request,
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+        return authorize(request, credentials, needed)
+
+    return dependency
+
+
+READ = Depends(require("read"))
+TRIGGER = Depends(require("trigger"))
+ADMIN = Depends(require("admin"))

@@ -1,0 +1,97 @@
+"""Flows: list, read, register a notebook (admin), change settings (admin), and trigger runs (trigger)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from nbflow.api.auth import ADMIN, READ, TRIGGER
+from nbflow.api.errors import documented
+from nbflow.api.routes import store_of
+from nbflow.api.schemas import FlowPatch, RegisterRequest, TriggerRequest
+from nbflow.errors import FlowNotFound, ParameterError
+from nbflow.flows import (
+    FlowOptions,
+    default_flow_name,
+    flow_documents,
+    get_flow,
+    latest_version,
+    list_flows,
+    register,
+    resolve_notebook_path,
+    update_flow,
+)
+from nbflow.runs import create_run_once, run_document
+from nbflow.store import Store
+
+router = APIRouter(tags=["flows"])
+
+
+def flow_doc(store: Store, name: str) -> dict[str, Any]:
+    with store.read() as session:
+        return flow_documents(session, [get_flow(session, name)])[0]
+
+
+@router.get("/flows", dependencies=[READ], summary="All flows, by name")
+def flows(request: Request) -> dict[str, Any]:
+    with store_of(request).read() as session:
+        return {"flows": flow_documents(session, list_flows(session))}
+
+
+@router.get("/flows/{name}", dependencies=[READ], summary="One flow", responses=documented(404))
+def flow(name: str, request: Request) -> dict[str, Any]:
+    return flow_doc(store_of(request), name)
+
+
+@router.post("/flows", dependencies=[ADMIN], status_code=201, responses=documented(400, 413),
+             summary="Register a notebook under the notebooks root as a flow (201), or update it (200)")
+def register_flow(body: RegisterRequest, request: Request, response: Response) -> dict[str, Any]:
+    store = store_of(request)
+    path = resolve_notebook_path(body.path)
+    settings = body.model_dump(exclude={"path", "name"}, exclude_none=True)
+    if "tags" in settings:
+        settings["tags"] = tuple(settings["tags"])
+    options = FlowOptions(**settings)
+    options.validate()  # before the notebook is read: a bad setting costs no kernel inspection
+    name = body.name or default_flow_name(path)
+    try:
+        flow_doc(store, name)
+        response.status_code = 200
+    except FlowNotFound:
+        pass
+    register(store, path, name=name, options=options)
+    return flow_doc(store, name)
+
+
+@router.patch("/flows/{name}", dependencies=[ADMIN], summary="Change a flow's settings",
+              responses=documented(400, 404, 413))
+def patch_flow(name: str, body: FlowPatch, request: Request) -> dict[str, Any]:
+    store = store_of(request)
+    update_flow(store, name, body.model_dump(exclude_unset=True))
+    return flow_doc(store, name)
+
+
+@router.post("/flows/{name}/runs", dependencies=[TRIGGER], status_code=201,
+             responses=documented(400, 404, 409, 413),
+             summary="Queue a run (201); a repeated idempotency key returns the first run (200)")
+def trigger(name: str, request: Request, response: Response, body: TriggerRequest | None = None) -> dict[str, Any]:
+    store = store_of(request)
+    body = body or TriggerRequest()
+    try:
+        run, created = create_run_once(store, name, body.parameters, idempotency_key=body.idempotency_key)
+    except ParameterError as exc:
+        exc.details = {"parameters": _parameter_spec(store, name)}  # type: ignore[attr-defined]
+        raise
+    if not created:
+        response.status_code = 200
+    with store.read() as session:
+        return run_document(session, run)
+
+
+def _parameter_spec(store: Store, name: str) -> dict[str, Any]:
+    """What a caller whose parameters were refused needs to fix them: each valid name, type and default."""
+    with store.read() as session:
+        version = latest_version(session, get_flow(session, name).id)
+        spec = version.parameters if version else {}
+    return {k: {"type": v.get("type"), "default": v.get("default")} for k, v in spec.items()}

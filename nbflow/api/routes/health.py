@@ -1,0 +1,37 @@
+"""``GET /api/health``: open to anyone (no key), so load balancers and clients can check the server and
+its API version before they authenticate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy.exc import SQLAlchemyError
+
+from nbflow import __version__
+from nbflow.api.routes import store_of
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Server status, versions, database and background services")
+def health(request: Request) -> dict[str, Any]:
+    from nbflow.api import API_VERSION
+
+    store = store_of(request)
+    try:
+        revision = store.current_revision()
+    except SQLAlchemyError:  # cannot connect: that is what this route reports, not an error of its own
+        revision = None
+    reachable = revision is not None
+    scheduler, runner = request.app.state.scheduler, request.app.state.runner
+    scheduler_alive = scheduler is not None and not scheduler.stop.is_set()
+    runner_alive = runner is not None and not runner.draining.is_set()
+    return {
+        "status": "ok" if reachable else "degraded",
+        "version": __version__,
+        "api_version": API_VERSION,
+        "database": {"reachable": reachable, "dialect": store.dialect, "schema_revision": revision},
+        "scheduler": {"running": scheduler_alive},
+        "runner": {"running": runner_alive, "worker_id": runner.worker_id if runner is not None else None},
+    }

@@ -1,0 +1,155 @@
+"""Runs: list with filters and cursor pagination, read one (document, cells, logs, result, output
+notebook), cancel and retry."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+
+from nbflow.api.auth import READ, TRIGGER
+from nbflow.api.errors import documented
+from nbflow.api.routes import store_of
+from nbflow.errors import InvalidQuery, NbflowError
+from nbflow.runs import (
+    cell_document,
+    cells_of,
+    find_run,
+    history,
+    list_runs,
+    logs,
+    request_cancel,
+    retry_run,
+    run_cursor,
+    run_document,
+)
+
+router = APIRouter(tags=["runs"])
+
+MAX_PAGE = 500
+MAX_LOG_LINES = 5000
+
+
+class NotebookNotFound(NbflowError):
+    code = "notebook_not_found"
+    http_status = 404
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise InvalidQuery(f"{name} must carry a time zone offset, e.g. 2026-11-24T18:00:00Z")
+    return value
+
+
+@router.get("/runs", dependencies=[READ], summary="Runs, newest first, a page at a time",
+            responses=documented(400, 404))
+def runs(
+    request: Request,
+    flow: str | None = None,
+    state: str | None = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601 with offset; inclusive")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601 with offset; exclusive")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+) -> dict[str, Any]:
+    """Pages follow each other by cursor, not offset: runs created while a client pages never make it
+    see a run twice or miss one. ``next_cursor`` is null on the last page."""
+    with store_of(request).read() as session:
+        found = list_runs(session, flow=flow, state=state, limit=limit + 1, cursor=cursor,
+                          created_after=_aware(created_after, "created_after"),
+                          created_before=_aware(created_before, "created_before"))
+        page = found[:limit]
+        return {"runs": [run_document(session, r, cells=False) for r in page],
+                "next_cursor": run_cursor(page[-1]) if len(found) > limit else None}
+
+
+@router.get("/runs/{run_id}", dependencies=[READ], summary="One run (a unique id prefix works too)",
+            responses=documented(404))
+def run(run_id: str, request: Request) -> dict[str, Any]:
+    with store_of(request).read() as session:
+        found = find_run(session, run_id)
+        return {**run_document(session, found), "history": history(session, found)}
+
+
+@router.get("/runs/{run_id}/cells", dependencies=[READ], summary="The code cells of the latest attempt",
+            responses=documented(404))
+def cells(run_id: str, request: Request) -> dict[str, Any]:
+    with store_of(request).read() as session:
+        found = find_run(session, run_id)
+        return {"run_id": str(found.id), "attempt": found.attempt,
+                "cells": [cell_document(c) for c in cells_of(session, found)]}
+
+
+@router.get("/runs/{run_id}/logs", dependencies=[READ], summary="Log lines, oldest first; ?after= to tail",
+            responses=documented(400, 404))
+def run_logs(
+    run_id: str, request: Request,
+    after: Annotated[str | None, Query(description="a line's id, or an ISO 8601 time: only later lines")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 1000,
+) -> dict[str, Any]:
+    """To follow a run, call again with ``after`` = the ``next_after`` of the previous answer."""
+    since = _parse_after(after)
+    with store_of(request).read() as session:
+        found = find_run(session, run_id)
+        lines = logs(session, found, after=since if since is not None else 0, limit=limit)
+        return {"run_id": str(found.id), "state": found.state, "logs": lines,
+                "next_after": str(lines[-1]["id"]) if lines else after}
+
+
+def _parse_after(after: str | None) -> int | datetime | None:
+    if after is None or after == "":
+        return None
+    if after.isdigit():
+        return int(after)
+    try:
+        when = datetime.fromisoformat(after.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidQuery(f"after={after!r} is neither a log line id nor an ISO 8601 time") from None
+    return _aware(when, "after")
+
+
+@router.get("/runs/{run_id}/result", dependencies=[READ], summary="The values the notebook recorded",
+            responses=documented(404))
+def result(run_id: str, request: Request) -> dict[str, Any]:
+    with store_of(request).read() as session:
+        found = find_run(session, run_id)
+        return {"run_id": str(found.id), "state": found.state, "result": found.result or {}}
+
+
+@router.get("/runs/{run_id}/notebook", dependencies=[READ], summary="The executed notebook, as ipynb or HTML",
+            response_class=Response,
+            responses={200: {"content": {"application/x-ipynb+json": {}, "text/html": {}}}, **documented(404)})
+def notebook(run_id: str, request: Request, format: Literal["ipynb", "html"] = "ipynb") -> Response:
+    with store_of(request).read() as session:
+        found = find_run(session, run_id)
+        run_id, path = str(found.id), Path(found.output_path or "")
+    if not found.output_path or not path.is_file():
+        raise NotebookNotFound(f"run {run_id} has no output notebook yet ({found.state})")
+    if format == "ipynb":
+        return Response(path.read_bytes(), media_type="application/x-ipynb+json",
+                        headers={"Content-Disposition": f'attachment; filename="{run_id}.ipynb"'})
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _resources = HTMLExporter().from_notebook_node(nbformat.read(path, as_version=4))
+    return Response(body, media_type="text/html")
+
+
+@router.post("/runs/{run_id}/cancel", dependencies=[TRIGGER], summary="Cancel a run (409 if it has ended)",
+             responses=documented(404, 409))
+def cancel(run_id: str, request: Request) -> dict[str, Any]:
+    store = store_of(request)
+    cancelled = request_cancel(store, run_id)
+    with store.read() as session:
+        return run_document(session, cancelled)
+
+
+@router.post("/runs/{run_id}/retry", dependencies=[TRIGGER], status_code=201, responses=documented(404, 409),
+             summary="Run an ended run again as a new run (409 if it has not ended)")
+def retry(run_id: str, request: Request) -> dict[str, Any]:
+    store = store_of(request)
+    new = retry_run(store, run_id)
+    with store.read() as session:
+        return run_document(session, new)

@@ -1,0 +1,34 @@
+"""Secrets (admin only): values go in and never come out. No route returns a value, and request
+validation errors never echo the submitted body (``nbflow.api.errors``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from nbflow.api.auth import ADMIN
+from nbflow.api.errors import documented
+from nbflow.api.routes import store_of
+from nbflow.api.schemas import SecretRequest
+from nbflow.secrets import delete_secret, list_secrets, set_secret
+
+router = APIRouter(tags=["secrets"], dependencies=[ADMIN])
+
+
+@router.get("/secrets", summary="Secret names and times (never values)")
+def secrets(request: Request) -> dict[str, Any]:
+    return {"secrets": list_secrets(store_of(request))}
+
+
+@router.put("/secrets/{name}", status_code=204, summary="Create or replace a secret (write-only)",
+            responses=documented(400, 413))
+def put_secret(name: str, body: SecretRequest, request: Request) -> Response:
+    set_secret(store_of(request), name, body.value)
+    return Response(status_code=204)
+
+
+@router.delete("/secrets/{name}", status_code=204, summary="Delete a secret", responses=documented(404))
+def remove_secret(name: str, request: Request) -> Response:
+    delete_secret(store_of(request), name)
+    return Response(status_code=204)

@@ -1,0 +1,303 @@
+"""A Python client of nbflow's REST API (``nbflow serve``), synchronous (``Client``) and asynchronous
+(``AsyncClient``), over httpx.
+
+Every method returns the server's JSON documents as dicts (docs/run-json.md, docs/api.md): fields may
+be added by newer servers, so a dict ignores what it does not know where a class would break. A server
+error raises ``ApiError`` carrying its ``status``, stable ``code``, ``message`` and ``details``.
+
+On first use a client reads ``/api/health`` and refuses a server whose API major version differs from
+its own (``IncompatibleServer``), with both versions in the message: a mismatch fails at once and
+clearly, not later as an odd 404 or a missing field.
+
+    from nbflow.client import Client
+
+    with Client("http://127.0.0.1:8765", api_key=KEY) as nb:
+        run = nb.trigger("report", {"region": "EU"}, idempotency_key="nightly-2026-11-24")
+        run = nb.wait(run["id"], timeout=600)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from nbflow.settings import get_settings
+
+API_VERSION = "1.0"
+DEFAULT_URL = "http://127.0.0.1:8765"
+TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+
+
+class ApiError(Exception):
+    """An error answered by the server (or ``unreachable``, status 0, when there was no answer)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{message} (HTTP {status}, {code})" if status else message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+class IncompatibleServer(ApiError):
+    """The server speaks another major version of the API than this client."""
+
+
+@dataclass
+class _Request:
+    """One call, described once and sent by either transport."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    raw: bool = False  # return the body as bytes, not JSON
+    expect: tuple[int, ...] = field(default=(200, 201, 204))
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _settings(url: str | None, api_key: str | None) -> tuple[str, str | None]:
+    settings = get_settings()
+    return (url or settings.api_url or DEFAULT_URL).rstrip("/"), api_key or settings.api_key
+
+
+def _result(request: _Request, response: httpx.Response) -> Any:
+    if response.status_code not in request.expect:
+        try:
+            error = response.json()["error"]
+            code, message, details = error["code"], error["message"], error.get("details")
+        except (ValueError, KeyError, TypeError):  # not nbflow's JSON: a proxy's page, another server
+            text = response.text[:200] or response.reason_phrase
+            code, message, details = "http_error", f"{request.method} {request.path}: {text}", None
+        raise ApiError(response.status_code, code, message, details)
+    if request.raw:
+        return response.content
+    return None if response.status_code == 204 else response.json()
+
+
+def _check_version(health: dict[str, Any], url: str) -> None:
+    server, version = str(health.get("api_version", "?")), health.get("version", "?")
+    if server.split(".")[0] != API_VERSION.split(".")[0]:
+        raise IncompatibleServer(
+            0, "incompatible_server",
+            f"the nbflow server at {url} speaks API {server} (nbflow {version}); this client speaks API "
+            f"{API_VERSION}: use a client of the same major API version (pip install 'nbflow=={version}')",
+        )
+
+
+def _trigger(flow: str, parameters: dict[str, Any] | None, params: dict[str, Any],
+             idempotency_key: str | None) -> _Request:
+    body = {"parameters": {**(parameters or {}), **params}, "idempotency_key": idempotency_key}
+    return _Request("POST", f"/api/flows/{flow}/runs", json=body)
+
+
+HEALTH = _Request("GET", "/api/health")
+
+
+class Client:
+    """Synchronous client. ``url`` and ``api_key`` default to ``NBFLOW_API_URL`` / ``NBFLOW_API_KEY``."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url, key = _settings(url, api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._checked = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, request: _Request) -> Any:
+        try:
+            response = self._http.request(request.method, request.path, params=request.params, json=request.json)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach the nbflow server at {self.url}: {exc}") from None
+        return _result(request, response)
+
+    def _call(self, request: _Request) -> Any:
+        if not self._checked:
+            _check_version(self._send(HEALTH), self.url)
+            self._checked = True
+        return self._send(request)
+
+    # -- server ------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._send(HEALTH)
+
+    # -- flows -------------------------------------------------------------------------------------
+    def flows(self) -> list[dict[str, Any]]:
+        return self._call(_Request("GET", "/api/flows"))["flows"]
+
+    def flow(self, name: str) -> dict[str, Any]:
+        return self._call(_Request("GET", f"/api/flows/{name}"))
+
+    def register(self, path: str, name: str | None = None, **settings: Any) -> dict[str, Any]:
+        """Register the notebook ``path`` (relative to the server's notebooks root) as a flow."""
+        return self._call(_Request("POST", "/api/flows", json={"path": path, "name": name, **settings}))
+
+    def update_flow(self, name: str, **changes: Any) -> dict[str, Any]:
+        return self._call(_Request("PATCH", f"/api/flows/{name}", json=changes))
+
+    # -- runs --------------------------------------------------------------------------------------
+    def trigger(self, flow: str, parameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
+                **params: Any) -> dict[str, Any]:
+        """Queue a run of ``flow``: parameters as a dict, as keywords, or both. With an idempotency key,
+        sending the same request again (after a timeout, say) returns the same run."""
+        return self._call(_trigger(flow, parameters, params, idempotency_key))
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self._call(_Request("GET", f"/api/runs/{run_id}"))
+
+    get_run = run
+
+    def runs(self, *, flow: str | None = None, state: str | None = None, created_after: str | None = None,
+             created_before: str | None = None, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every matching run, newest first, fetched a page at a time as the iteration goes."""
+        cursor = None
+        while True:
+            page = self._call(_Request("GET", "/api/runs", params=_params(
+                flow=flow, state=state, created_after=created_after, created_before=created_before,
+                limit=page_size, cursor=cursor)))
+            yield from page["runs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def cells(self, run_id: str) -> list[dict[str, Any]]:
+        return self._call(_Request("GET", f"/api/runs/{run_id}/cells"))["cells"]
+
+    def logs(self, run_id: str, *, after: str | int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """``{"logs": [...], "next_after": ...}``; pass ``next_after`` back as ``after`` to tail."""
+        return self._call(_Request("GET", f"/api/runs/{run_id}/logs", params=_params(after=after, limit=limit)))
+
+    def result(self, run_id: str) -> dict[str, Any]:
+        return self._call(_Request("GET", f"/api/runs/{run_id}/result"))["result"]
+
+    def notebook(self, run_id: str, format: str = "ipynb") -> bytes:
+        return self._call(_Request("GET", f"/api/runs/{run_id}/notebook", params={"format": format}, raw=True))
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        return self._call(_Request("POST", f"/api/runs/{run_id}/cancel"))
+
+    def retry(self, run_id: str) -> dict[str, Any]:
+        return self._call(_Request("POST", f"/api/runs/{run_id}/retry"))
+
+    def wait(self, run_id: str, timeout: float | None = None, *, poll: float = 0.5) -> dict[str, Any]:
+        """Follow a run until it ends and return it; ``TimeoutError`` if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.run(run_id)
+            if run["state"] in TERMINAL_STATES:
+                return run
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {run['state']} after {timeout:g}s")
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def schedules(self, flow: str | None = None) -> list[dict[str, Any]]:
+        return self._call(_Request("GET", "/api/schedules", params=_params(flow=flow)))["schedules"]
+
+    def add_schedule(self, flow: str, **definition: Any) -> dict[str, Any]:
+        """``definition``: ``cron``, ``interval`` or ``at``, and optionally ``name``, ``timezone``,
+        ``parameters``, ``catch_up``, ``max_lateness``."""
+        return self._call(_Request("POST", "/api/schedules", json={"flow": flow, **definition}))
+
+    def set_schedule_active(self, flow: str, name: str, active: bool) -> dict[str, Any]:
+        return self._call(_Request("PATCH", f"/api/schedules/{flow}/{name}", json={"active": active}))
+
+    def remove_schedule(self, flow: str, name: str = "default") -> None:
+        self._call(_Request("DELETE", f"/api/schedules/{flow}/{name}"))
+
+
+class AsyncClient:
+    """``Client`` for asyncio programs: the same methods, awaited (``runs`` is an async iterator)."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url, key = _settings(url, api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._checked = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, request: _Request) -> Any:
+        try:
+            response = await self._http.request(request.method, request.path, params=request.params,
+                                                json=request.json)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach the nbflow server at {self.url}: {exc}") from None
+        return _result(request, response)
+
+    async def _call(self, request: _Request) -> Any:
+        if not self._checked:
+            _check_version(await self._send(HEALTH), self.url)
+            self._checked = True
+        return await self._send(request)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._send(HEALTH)
+
+    async def flows(self) -> list[dict[str, Any]]:
+        return (await self._call(_Request("GET", "/api/flows")))["flows"]
+
+    async def flow(self, name: str) -> dict[str, Any]:
+        return await self._call(_Request("GET", f"/api/flows/{name}"))
+
+    async def trigger(self, flow: str, parameters: dict[str, Any] | None = None, *,
+                      idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
+        return await self._call(_trigger(flow, parameters, params, idempotency_key))
+
+    async def run(self, run_id: str) -> dict[str, Any]:
+        return await self._call(_Request("GET", f"/api/runs/{run_id}"))
+
+    get_run = run
+
+    async def runs(self, *, flow: str | None = None, state: str | None = None,
+                   page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            page = await self._call(_Request("GET", "/api/runs", params=_params(
+                flow=flow, state=state, limit=page_size, cursor=cursor)))
+            for run in page["runs"]:
+                yield run
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    async def logs(self, run_id: str, *, after: str | int | None = None) -> dict[str, Any]:
+        return await self._call(_Request("GET", f"/api/runs/{run_id}/logs", params=_params(after=after)))
+
+    async def cancel(self, run_id: str) -> dict[str, Any]:
+        return await self._call(_Request("POST", f"/api/runs/{run_id}/cancel"))
+
+    async def retry(self, run_id: str) -> dict[str, Any]:
+        return await self._call(_Request("POST", f"/api/runs/{run_id}/retry"))
+
+    async def wait(self, run_id: str, timeout: float | None = None, *, poll: float = 0.5) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = await self.run(run_id)
+            if run["state"] in TERMINAL_STATES:
+                return run
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {run['state']} after {timeout:g}s")
+            await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))

@@ -1,0 +1,384 @@
+"""The API over a real socket: uvicorn on a free loopback port, driven by raw httpx and by
+``nbflow.client``; and ``nbflow serve --port`` end to end, with a real kernel executing what HTTP asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from helpers import at_once, make_notebook, nbflow, run_cli, serve_api, start
+from sqlalchemy import func, select
+
+from nbflow import client as client_module
+from nbflow.client import ApiError, AsyncClient, Client, IncompatibleServer
+from nbflow.flows import register
+from nbflow.keys import create_key
+from nbflow.runs import find_run, run_document
+from nbflow.store import open_store
+from nbflow.store.models import Run
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(folder))
+    make_notebook(folder, "hello", ["import nbflow\nnbflow.record('greeting', f'hi {name} x{n}')"],
+                  parameters="name = 'World'\nn = 2")
+    return folder
+
+
+@pytest.fixture
+def live(nbflow_env, root):
+    """A real uvicorn server on a free loopback port (both databases); its URL."""
+    server = serve_api(open_store())
+    try:
+        yield server.url
+    finally:
+        server.stop()
+    assert not server._thread.is_alive()
+
+
+def test_the_client_drives_every_read_and_write_route(live, root):
+    with Client(live) as nb:
+        assert nb.health()["status"] == "ok"
+        flow = nb.register("hello.ipynb", retries=1)
+        assert (flow["name"], flow["retries"]) == ("hello", 1)
+        assert [f["name"] for f in nb.flows()] == ["hello"] and nb.flow("hello")["version"] == 1
+        assert nb.update_flow("hello", tags=["x"])["tags"] == ["x"]
+
+        run = nb.trigger("hello", {"name": "Ada"}, n=3)
+        assert (run["state"], run["parameters"]) == ("PENDING", {"name": "Ada", "n": 3})
+        assert nb.trigger("hello", idempotency_key="k", n=1)["id"] == nb.trigger("hello", {"n": 1},
+                                                                                     idempotency_key="k")["id"]
+        assert nb.get_run(run["id"][:8])["id"] == run["id"]
+        assert nb.cells(run["id"]) == [] and nb.result(run["id"]) == {}
+        assert nb.logs(run["id"]) == {"run_id": run["id"], "state": "PENDING", "logs": [], "next_after": None}
+        cancelled = nb.cancel(run["id"])
+        assert cancelled["state"] == "CANCELLED"
+        retried = nb.retry(run["id"])
+        assert retried["parent_run_id"] == run["id"]
+        with pytest.raises(TimeoutError, match="still PENDING"):
+            nb.wait(retried["id"], timeout=0.3, poll=0.1)  # nothing executes runs here
+        keyed = nb.trigger("hello", idempotency_key="k", n=1)["id"]
+        assert [r["id"] for r in nb.runs(flow="hello", state="PENDING")] == [retried["id"], keyed]
+        assert {r["id"] for r in nb.runs(page_size=2)} == {run["id"], retried["id"], keyed}
+
+        schedule = nb.add_schedule("hello", interval="1h", name="hourly")
+        assert schedule["active"] is True
+        assert nb.set_schedule_active("hello", "hourly", False)["active"] is False
+        assert [s["name"] for s in nb.schedules("hello")] == ["hourly"]
+        nb.remove_schedule("hello", "hourly")
+        assert nb.schedules() == []
+
+        with pytest.raises(ApiError) as info:
+            nb.trigger("hello", nme="typo")
+        assert (info.value.status, info.value.code) == (422, "invalid_parameter")
+        assert info.value.details == {"parameters": {"name": {"type": "str", "default": "World"},
+                                                     "n": {"type": "int", "default": 2}}}
+        with pytest.raises(ApiError) as info:
+            nb.cancel(run["id"])
+        assert (info.value.status, info.value.code) == (409, "illegal_transition")
+        with pytest.raises(ApiError) as info:
+            nb.run("ffffffff-0000-0000-0000-000000000000")
+        assert (info.value.status, info.value.code) == (404, "run_not_found")
+
+
+def test_raw_http_error_shapes_over_the_socket(live):
+    with httpx.Client(base_url=live) as http:
+        malformed = http.post("/api/flows", content=b"{nope", headers={"content-type": "application/json"})
+        assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "malformed_body"
+        huge = http.post("/api/flows", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+        missing = http.get("/api/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert http.get("/api/openapi.json").json()["info"]["title"] == "nbflow"
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_run(live, root):
+    with Client(live) as nb:
+        nb.register("hello.ipynb")
+
+    def send() -> httpx.Response:
+        return httpx.post(f"{live}/api/flows/hello/runs", json={"parameters": {"n": 7}, "idempotency_key": "once"},
+                          timeout=60)
+
+    responses = at_once([send] * 8)
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    with open_store().read() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def test_webhook_trigger_and_revocation(live, root):
+    with Client(live) as nb:
+        nb.register("hello.ipynb")
+    with httpx.Client(base_url=live) as http:
+        hook = http.post("/api/flows/hello/webhooks", json={"mapping": {"name": "sender.login", "n": "count"}})
+        assert hook.status_code == 201, hook.text
+        token, path = hook.json()["token"], hook.json()["path"]
+        assert path == f"/api/hooks/{token}"
+        assert token not in json.dumps(http.get("/api/webhooks").json())
+
+        fired = http.post(path, json={"sender": {"login": "octocat"}, "count": 4, "ignored": [1, 2]})
+        assert fired.status_code == 201, fired.text
+        assert (fired.json()["trigger"], fired.json()["parameters"]) == ("event", {"name": "octocat", "n": 4})
+        bad = http.post(path, json={"sender": {}, "count": 4})
+        assert bad.status_code == 422 and "sender.login" in bad.json()["error"]["message"]
+
+        assert http.delete(f"/api/webhooks/{hook.json()['id']}").status_code == 204
+        gone = http.post(path, json={"sender": {"login": "x"}, "count": 1})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "webhook_not_found"
+        assert http.post("/api/hooks/nbh_guess", json={}).status_code == 404
+    with open_store().read() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def test_secrets_are_write_only(live, monkeypatch):
+    monkeypatch.setenv("NBFLOW_SECRET_KEY", "a-passphrase-for-the-api-tests-123456")
+    value = "tok-9f8e7d6c5b4a-SECRET"
+    with httpx.Client(base_url=live) as http:
+        assert http.put("/api/secrets/DB_TOKEN", json={"value": value}).status_code == 204
+        assert http.put("/api/secrets/DB_TOKEN", json={"value": value + "2"}).status_code == 204
+        listed = http.get("/api/secrets")
+        assert [s["name"] for s in listed.json()["secrets"]] == ["DB_TOKEN"] and value not in listed.text
+        refused = http.put("/api/secrets/DB_TOKEN", json={"value": value, "extra": value})
+        assert refused.status_code == 422 and value not in refused.text  # errors never echo what was sent
+        assert http.delete("/api/secrets/DB_TOKEN").status_code == 204
+        assert http.delete("/api/secrets/DB_TOKEN").json()["error"]["code"] == "secret_not_found"
+
+
+def test_async_client(live, root):
+    async def main() -> None:
+        async with AsyncClient(live) as nb:
+            assert (await nb.health())["api_version"] == client_module.API_VERSION
+            Client(live).register("hello.ipynb")
+            runs = await asyncio.gather(*(nb.trigger("hello", n=i) for i in range(3)))
+            assert sorted(r["parameters"]["n"] for r in runs) == [0, 1, 2]
+            listed = [r["id"] async for r in nb.runs(flow="hello", page_size=2)]
+            assert sorted(listed) == sorted(r["id"] for r in runs)
+            assert (await nb.cancel(runs[0]["id"]))["state"] == "CANCELLED"
+            assert (await nb.wait(runs[0]["id"], timeout=5))["state"] == "CANCELLED"
+            with pytest.raises(ApiError) as info:
+                await nb.trigger("nope")
+            assert info.value.code == "flow_not_found"
+
+    asyncio.run(main())
+
+
+def test_the_client_refuses_a_server_of_another_major_api_version(live, monkeypatch):
+    monkeypatch.setattr(client_module, "API_VERSION", "2.0")
+    with Client(live) as nb, pytest.raises(IncompatibleServer, match=r"speaks API 1\.0 .* this client speaks API 2\.0"):
+        nb.flows()
+    monkeypatch.setattr(client_module, "API_VERSION", "1.7")  # a minor difference is compatible
+    with Client(live) as nb:
+        assert nb.flows() == []
+
+
+def test_the_client_reads_url_and_key_from_the_environment(sqlite_env, root, monkeypatch):
+    store = open_store()
+    key = create_key(store, "ci", "read")
+    server = serve_api(store)
+    try:
+        monkeypatch.setenv("NBFLOW_API_URL", server.url)
+        with Client() as nb, pytest.raises(ApiError) as info:
+            nb.flows()
+        assert (info.value.status, info.value.code) == (401, "unauthorized")
+        monkeypatch.setenv("NBFLOW_API_KEY", key)
+        with Client() as nb:
+            assert nb.flows() == []
+    finally:
+        server.stop()
+    with Client(server.url) as nb, pytest.raises(ApiError) as info:
+        nb.flows()
+    assert (info.value.status, info.value.code) == (0, "unreachable") and server.url in info.value.message
+
+
+# -- nbflow trigger through the API (NBFLOW_API_URL) ----------------------------------------------
+
+
+def test_trigger_goes_through_the_server_when_nbflow_api_url_is_set(sqlite_env, root, monkeypatch, tmp_path):
+    store = open_store()
+    register(store, root / "hello.ipynb")
+    keys = {scope: create_key(store, f"cli-{scope}", scope) for scope in ("read", "trigger")}
+    server = serve_api(store)
+    elsewhere = tmp_path / "elsewhere"
+    try:
+        # the local instance is another, empty one: whatever trigger does must go over HTTP
+        monkeypatch.setenv("NBFLOW_HOME", str(elsewhere))
+        monkeypatch.setenv("NBFLOW_DATABASE_URL", f"sqlite:///{elsewhere / 'nbflow.db'}")
+        monkeypatch.setenv("NBFLOW_API_URL", server.url)
+        monkeypatch.setenv("NBFLOW_API_KEY", keys["trigger"])
+
+        queued = run_cli("trigger", "hello", "-p", "name", "Ada", "-p", "n", "3")
+        assert queued.exit_code == 0, queued.stderr
+        run_id = queued.stdout.split()[1]
+        assert queued.stdout == f"run {run_id} PENDING (flow hello v1)\n"
+        as_json = run_cli("trigger", "hello", "--json", "-p", "n", "4")
+        assert as_json.exit_code == 0, as_json.stderr
+        doc = json.loads(as_json.stdout)
+        with store.read() as session:
+            assert doc == run_document(session, find_run(session, doc["id"]))  # what a local trigger prints
+            assert find_run(session, run_id).parameters == {"name": "Ada", "n": 3}  # converted by the server
+
+        def refused(*args: str) -> str:
+            result = run_cli("trigger", *args)
+            assert (result.exit_code, result.stdout) == (2, ""), (args, result.stdout, result.stderr)
+            assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+            return result.stderr
+
+        assert refused("hello", "-p", "nme", "x") == (
+            "nbflow: error: unknown parameter 'nme'; valid parameters: n, name\n")
+        assert "parameter 'n'" in refused("hello", "-p", "n", "many")
+        assert "no flow named 'nope'" in refused("nope")
+        assert "--kernel cannot be sent" in refused("hello", "--kernel", "python3", "--wait")
+        assert "'hello.ipynb' is a notebook path" in refused("hello.ipynb")
+        monkeypatch.setenv("NBFLOW_API_KEY", keys["read"])
+        assert "scope 'read'; this needs 'trigger'" in refused("hello", "--wait")
+        monkeypatch.setenv("NBFLOW_API_KEY", "nbf_not-a-key")
+        assert "invalid or revoked API key" in refused("hello")
+    finally:
+        server.stop()
+    assert f"cannot reach the nbflow server at {server.url}" in refused("hello")
+    with store.read() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 2  # refused requests wrote nothing
+    assert not (elsewhere / "nbflow.db").exists()
+
+
+@pytest.mark.slow
+def test_trigger_wait_through_nbflow_serve(sqlite_env, root, tmp_path):
+    make_notebook(root, "boom", ["raise ValueError('boom')"])
+    store = open_store()
+    register(store, root / "hello.ipynb")
+    register(store, root / "boom.ipynb")
+    key = create_key(store, "ci", "trigger")
+    proc, url = started_serve(dict(sqlite_env, NBFLOW_NOTEBOOKS_ROOT=str(root)), tmp_path, "--poll", "0.2")
+    elsewhere = tmp_path / "elsewhere"
+    env = dict(sqlite_env, NBFLOW_API_URL=url, NBFLOW_API_KEY=key, NBFLOW_HOME=str(elsewhere),
+               NBFLOW_DATABASE_URL=f"sqlite:///{elsewhere / 'nbflow.db'}")
+    try:
+        done = nbflow(env, tmp_path, "trigger", "hello", "--wait", "-p", "name", "Ada")
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert re.fullmatch(r"run [0-9a-f-]{36} COMPLETED in \d+\.\d\ds", lines[0]), lines
+        assert lines[1:3] == ['result: {"greeting": "hi Ada x2"}', f"output: {lines[2][len('output: '):]}"]
+        assert lines[2].endswith(".ipynb") and len(lines) == 3
+
+        failed = nbflow(env, tmp_path, "trigger", "boom", "--wait", "--json")
+        assert failed.returncode == 1, failed.stderr
+        doc = json.loads(failed.stdout)
+        assert (doc["state"], doc["error"]["ename"], doc["error"]["evalue"]) == ("FAILED", "ValueError", "boom")
+
+        bad = nbflow(env, tmp_path, "trigger", "hello", "--wait", "-p", "colour", "red")
+        assert (bad.returncode, bad.stdout) == (2, "")
+        assert bad.stderr == "nbflow: error: unknown parameter 'colour'; valid parameters: n, name\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert not (elsewhere / "nbflow.db").exists()
+
+
+# -- nbflow serve ----------------------------------------------------------------------------------
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+def started_serve(env, cwd, *args) -> tuple[object, str]:
+    """``nbflow serve --port 0 ARGS``, and the URL it says it listens on. What ``readline`` buffered
+    beyond that line is lost to ``communicate`` (it reads the pipe itself): read ``proc.stderr`` instead."""
+    proc = start(env, cwd, "serve", "--port", "0", *args)
+    lines = []
+    for _ in range(10):
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "REST API on " in line:
+            return proc, line.split("REST API on ")[1].split("/api")[0]
+    proc.kill()
+    raise AssertionError("nbflow serve did not say where it listens: " + "".join(lines) + proc.stderr.read())
+
+
+@pytest.mark.slow
+def test_serve_runs_what_http_triggers_and_notifies(nbflow_env, root, tmp_path):
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Receiver.received.clear()
+    env = dict(nbflow_env, NBFLOW_NOTEBOOKS_ROOT=str(root))
+    proc, url = started_serve(env, tmp_path, "--poll", "0.2", "--tick", "0.2")
+    try:
+        with Client(url) as nb:
+            health = nb.health()
+            assert health["scheduler"]["running"] and health["runner"]["running"], health
+            nb.register("hello.ipynb")
+            notification = httpx.post(f"{url}/api/flows/hello/notifications", json={
+                "url": f"http://127.0.0.1:{receiver.server_port}/hook", "on": ["COMPLETED"]})
+            assert notification.status_code == 201, notification.text
+            run = nb.trigger("hello", name="Ada", idempotency_key="e2e")
+            done = nb.wait(run["id"], timeout=90)
+            assert (done["state"], done["result"]) == ("COMPLETED", {"greeting": "hi Ada x2"}), done
+            assert b"hi Ada x2" in nb.notebook(run["id"])
+            deadline = time.monotonic() + 30
+            while not Receiver.received and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert Receiver.received and json.dumps(Receiver.received[0]).count(run["id"]) >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        receiver.shutdown()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/api/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_taken_port_and_an_open_host_without_keys(sqlite_env, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = nbflow(sqlite_env, tmp_path, "serve", "--port", port, timeout=60)
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr, busy.stderr
+    open_host = nbflow(sqlite_env, tmp_path, "serve", "--host", "0.0.0.0", "--port", "0", timeout=60)
+    assert open_host.returncode == 2, open_host.stderr
+    assert "refusing to listen on 0.0.0.0: no API key exists" in open_host.stderr
+    assert "Traceback" not in busy.stderr + open_host.stderr
+
+
+@pytest.mark.slow
+def test_serve_says_when_it_accepts_loopback_clients_only_and_can_run_without_the_api(sqlite_env, tmp_path):
+    proc, url = started_serve(sqlite_env, tmp_path)
+    try:
+        assert httpx.get(f"{url}/api/health", timeout=10).json()["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert "only loopback clients are accepted" in err and proc.returncode == 0
+
+    quiet = start(sqlite_env, tmp_path, "serve", "--no-api")
+    first = quiet.stderr.readline()
+    time.sleep(1.5)  # its SIGTERM handler is installed once the runner starts, just after this line
+    quiet.send_signal(signal.SIGTERM)
+    _out, err = quiet.communicate(timeout=60)
+    assert first.startswith("nbflow serve worker:") and "REST API" not in first + err and quiet.returncode == 0
