@@ -1,10 +1,43 @@
 """nbflow: Jupyter notebooks as parameterized, versioned, scheduled production workflows.
 
 Importing ``nbflow`` must stay cheap: every notebook that calls ``nbflow.record`` imports it inside a
-kernel, so nothing heavy (SQLAlchemy, papermill) is imported here.
+kernel, so nothing heavy (SQLAlchemy, papermill, ipywidgets) is imported here; the entry points below
+import their modules on first use.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from nbflow.record import record
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "record"]
+__all__ = ["__version__", "dashboard", "load_ipython_extension", "record", "secret", "watch"]
+
+
+def secret(name: str) -> str:
+    """The value of the secret ``name`` (``nbflow secrets set``), for use inside a flow's notebook."""
+    from nbflow.secrets import secret as _secret
+
+    return _secret(name)
+
+
+def dashboard(**options: Any) -> Any:
+    """An ipywidgets dashboard of flows and runs (see nbflow.widgets)."""
+    from nbflow.widgets import dashboard as _dashboard
+
+    return _dashboard(**options)
+
+
+def watch(run_id: str, **options: Any) -> Any:
+    """A widget that follows one run live until it ends (see nbflow.widgets)."""
+    from nbflow.widgets import watch as _watch
+
+    return _watch(run_id, **options)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbflow``: registers the ``%flow`` / ``%%flow`` magics (nbflow.magics)."""
+    from nbflow.magics import load_ipython_extension as _load
+
+    _load(ipython)

@@ -151,22 +151,29 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
             wait: bool) -> None:
     """Queue a run of a flow (or notebook path) now; a worker (`nbflow worker`) executes it.
 
-    Parameters are checked before anything is queued, exactly as for `nbflow run`.
+    Parameters are checked before anything is queued, exactly as for `nbflow run`. With NBFLOW_API_URL
+    set, the run is queued (and followed, with --wait) through that nbflow server's REST API instead of
+    the local database, with the key in NBFLOW_API_KEY.
     """
     from nbflow import states
     from nbflow.runs import create_run, parse_cli_parameters, run_document
+    from nbflow.settings import get_settings
 
-    store = _store()
-    run_ = create_run(store, flow, parse_cli_parameters(parameters), kernel=kernel, trigger="manual")
-    if wait:
-        while True:
-            with store.read() as session:
-                current = session.get(type(run_), run_.id)
-                if states.StateType(current.state) in states.TERMINAL:
-                    break
-            time.sleep(0.2)
-    with store.read() as session:
-        doc = run_document(session, session.get(type(run_), run_.id))
+    values = parse_cli_parameters(parameters)
+    if get_settings().api_url:
+        doc = _trigger_remote(flow, values, kernel, wait)
+    else:
+        store = _store()
+        run_ = create_run(store, flow, values, kernel=kernel, trigger="manual")
+        if wait:
+            while True:
+                with store.read() as session:
+                    current = session.get(type(run_), run_.id)
+                    if states.StateType(current.state) in states.TERMINAL:
+                        break
+                time.sleep(0.2)
+        with store.read() as session:
+            doc = run_document(session, session.get(type(run_), run_.id))
     if as_json:
         _emit_json(doc)
     elif wait:
@@ -175,6 +182,29 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
         click.echo(f"run {doc['id']} {doc['state']} (flow {doc['flow']} v{doc['flow_version']})")
     if wait:
         sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait: bool) -> dict[str, Any]:
+    """``trigger`` through the REST API (nbflow.client): the server checks the parameters as the local
+    path does (strings are converted to each parameter's type), and its errors become one line, exit 2."""
+    from nbflow.client import ApiError, Client
+    from nbflow.runs import looks_like_path
+
+    if kernel is not None:
+        _fail("--kernel cannot be sent to an nbflow server (NBFLOW_API_URL is set): the server runs the flow's "
+              "kernel; unset NBFLOW_API_URL to trigger locally")
+    if looks_like_path(flow):
+        _fail(f"{flow!r} is a notebook path, but NBFLOW_API_URL is set: the server triggers registered flows "
+              "by name (register it there first, or unset NBFLOW_API_URL to run it locally)")
+    try:
+        with Client() as nb:
+            doc = nb.trigger(flow, values)
+            if wait:
+                doc = nb.wait(doc["id"], poll=0.25)
+    except ApiError as exc:
+        _fail(exc.message)
+    doc.pop("history", None)  # GET /api/runs/{id} adds it; keep the document `trigger` prints locally
+    return doc
 
 
 @cli.command()
@@ -197,6 +227,25 @@ def cancel(run_id: str, as_json: bool) -> None:
         click.echo(f"run {doc['id']} {doc['state']}")
 
 
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the new run as one JSON document.")
+@handle_errors
+def retry(run_id: str, as_json: bool) -> None:
+    """Queue an ended run again, as a new run of the flow's current version with the same parameters
+    (the new run's parent is RUN_ID). A run that has not ended is refused: cancel it first."""
+    from nbflow.runs import retry_run, run_document
+
+    store = _store()
+    run_ = retry_run(store, run_id)
+    with store.read() as session:
+        doc = run_document(session, session.get(type(run_), run_.id))
+    if as_json:
+        _emit_json(doc)
+    else:
+        click.echo(f"run {doc['id']} {doc['state']} (retry of {run_.parent_run_id})")
+
+
 def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``worker`` and ``serve`` share."""
     options = [
@@ -207,10 +256,32 @@ def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled."),
         click.option("--warm-kernels", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
                      help="Kernels kept started and connected per kernel name, each for one run (0: off)."),
+        click.option("--labels", default="", metavar="LABEL,...",
+                     help="Labels this runner offers (e.g. gpu,big-mem): it runs flows needing only these labels "
+                          "(`register --label`), and flows needing none."),
+        click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+                     help="Where runs execute: run processes on this machine, or tasks on a Dask cluster "
+                          "(no warm kernels then)."),
+        click.option("--dask-scheduler", metavar="ADDRESS",
+                     help="The Dask scheduler for --executor dask, e.g. tcp://host:8786 (needs nbflow[dask])."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _executor(name: str, dask_scheduler: str | None) -> Any:
+    """The executor ``--executor`` names; None for the runner's own local one. A Dask executor connects
+    now, so a wrong address or a missing dask fails start-up with one line, before anything is claimed."""
+    if name == "local":
+        if dask_scheduler is not None:
+            raise click.UsageError("--dask-scheduler is for --executor dask")
+        return None
+    if not dask_scheduler:
+        raise click.UsageError("--executor dask needs --dask-scheduler ADDRESS (e.g. tcp://host:8786)")
+    from nbflow.executors.dask import DaskExecutor
+
+    return DaskExecutor(dask_scheduler)
 
 
 def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
@@ -228,7 +299,8 @@ def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
 @_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
 @handle_errors
-def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, exit_when_idle: bool) -> None:
+def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, labels: str, executor: str,
+           dask_scheduler: str | None, exit_when_idle: bool) -> None:
     """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
 
     Several workers, on one machine or many sharing a PostgreSQL database, never run the same run.
@@ -236,37 +308,102 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, ex
     cancels them (CANCELLED). A second Ctrl-C cancels them at once.
     """
     from nbflow.runner import Runner
+    from nbflow.workers import parse_labels
 
-    runner = Runner(_store(), slots=slots, poll_interval=poll_interval, warm_kernels=warm_kernels)
-    click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {warm_kernels} warm kernel(s)", err=True)
-    _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
+    offered = parse_labels(labels)  # bad labels: exit 2 before anything is opened
+    executor_ = _executor(executor, dask_scheduler)
+    runner = Runner(_store(), slots=slots, poll_interval=poll_interval, labels=offered, executor=executor_,
+                    warm_kernels=warm_kernels if executor_ is None else 0)
+    click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s)"
+               + (f", labels {','.join(offered)}" if offered else "")
+               + (f", executor dask at {dask_scheduler}" if executor_ is not None else ""), err=True)
+    try:
+        _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
+    finally:
+        runner.executor.close()
 
 
 @cli.command()
 @_runner_options
 @click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
               help="How often the scheduler looks for due schedules and events.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the REST API listens on. Anything but loopback needs an API key (`nbflow keys create`).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8765, show_default=True,
+              help="Port of the REST API (0: any free port, printed at start-up).")
+@click.option("--no-api", is_flag=True, help="Run the scheduler and runner only, without the REST API.")
 @handle_errors
-def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, tick: float) -> None:
-    """Scheduler and runner in one process: fire schedules and execute runs until stopped.
+def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, labels: str, executor: str,
+          dask_scheduler: str | None, tick: float, host: str, port: int, no_api: bool) -> None:
+    """Scheduler, runner and REST API in one process: fire schedules, execute runs and answer HTTP
+    (under /api, docs at /api/docs) until stopped.
 
     The embedded default: one `nbflow serve` is all a machine needs. A run queued in this process
     starts at once; on PostgreSQL, runs queued by other processes too (LISTEN/NOTIFY). More
     `nbflow worker` processes (here or on other machines sharing the database) add capacity.
+    While no API key exists, the API accepts loopback clients only, and serve refuses to listen on
+    any other address.
     """
     from nbflow.runner import Runner
     from nbflow.scheduler import Scheduler
+    from nbflow.workers import parse_labels
 
+    offered = parse_labels(labels)
+    executor_ = _executor(executor, dask_scheduler)
     store = _store()
-    runner = Runner(store, slots=slots, poll_interval=poll_interval, warm_kernels=warm_kernels)
-    sched = Scheduler(store, tick=tick)
-    click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {warm_kernels} warm kernel(s), tick {tick:g}s, "
-               f"database {store.dialect}", err=True)
+    runner = Runner(store, slots=slots, poll_interval=poll_interval, labels=offered, executor=executor_,
+                    warm_kernels=warm_kernels if executor_ is None else 0)
+    sched = Scheduler(store, tick=tick, holder=runner.worker_id)  # one id: `nbflow workers` shows who leads
+    api = None if no_api else _api_server(store, sched, runner, host, port)
+    click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s), tick {tick:g}s, "
+               f"database {store.dialect}" + (f", executor dask at {dask_scheduler}" if executor_ else ""), err=True)
     sched.start()
-    try:
+    if api is not None:
+        api.start()
+    try:  # the API keeps answering while runs in flight get their grace period: clients can watch them end
         _run_runner(runner, exit_when_idle=False, grace=grace)
     finally:
+        if api is not None:
+            api.stop()
         sched.shutdown()
+        runner.executor.close()
+
+
+def _api_server(store: Any, sched: Any, runner: Any, host: str, port: int) -> Any:
+    """The REST API's server, its socket bound now: a taken port or a refused address fails start-up
+    with one clear line, before the scheduler and runner start, and ``--port 0`` is known by its number."""
+    from nbflow.api.server import ApiServer, refuse_open_host
+    from nbflow.keys import any_active_keys
+
+    has_keys = any_active_keys(store)
+    refuse_open_host(host, has_keys)
+    server = ApiServer(store, host, port, scheduler=sched, runner=runner)
+    click.echo(f"nbflow serve: REST API on {server.url}/api (docs {server.url}/api/docs)", err=True)
+    if not has_keys:
+        click.echo("nbflow serve: no API key exists, so only loopback clients are accepted "
+                   "(create one with `nbflow keys create NAME --scope read|trigger|admin`)", err=True)
+    return server
+
+
+@cli.command("workers")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"workers\": [...]} as JSON.")
+@handle_errors
+def workers_cmd(as_json: bool) -> None:
+    """List the live runners (`worker` and `serve` processes seen within a lease): id, host, labels, last
+    seen, the runs each holds, and the housekeeping roles it leads (reaper, scheduler)."""
+    from nbflow.settings import get_settings
+    from nbflow.workers import list_workers
+
+    docs = list_workers(_store(), get_settings().lease_seconds)
+    if as_json:
+        _emit_json({"workers": docs})
+        return
+    if not docs:
+        click.echo("no live workers: start one with `nbflow worker` or `nbflow serve`")
+        return
+    click.echo(_table(["ID", "HOST", "LABELS", "LAST SEEN", "RUNS", "LEADS"],
+                      [[d["id"], d["host"], ",".join(d["labels"]) or "-", _ago(d["last_seen_at"]),
+                        str(d["runs_held"]), ",".join(d["leads"]) or "-"] for d in docs]))
 
 
 @cli.command()
@@ -283,6 +420,8 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, tic
               help="Per-cell timeout in whole seconds: a cell running longer fails the run (TimedOut).")
 @click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
+@click.option("--label", "labels", multiple=True, metavar="LABEL",
+              help="Only workers offering LABEL (`worker --labels`) run the flow (repeatable; replaces the labels).")
 @click.option("--concurrency", "concurrency_limit", type=int, metavar="N",
               help="At most N runs of the flow at once, across all workers; 0 removes the limit.")
 @click.option("--collision", metavar="[enqueue|cancel-new]",
@@ -305,7 +444,8 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, tic
 @handle_errors
 def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
              retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
-             kernel: str | None, tags: tuple[str, ...], concurrency_limit: int | None, collision: str | None,
+             kernel: str | None, tags: tuple[str, ...], labels: tuple[str, ...], concurrency_limit: int | None,
+             collision: str | None,
              cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
              on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
@@ -326,7 +466,8 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
         parameter=file_param or "path") if after or on_file else []
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
-                          tags=tags or None, concurrency_limit=concurrency_limit, collision=collision)
+                          tags=tags or None, concurrency_limit=concurrency_limit, collision=collision,
+                          labels=labels or None)
     flow, version = do_register(store, notebook, name=name, options=options)
     sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
     if after:
@@ -694,6 +835,273 @@ def upgrade() -> None:
     store = Store(get_settings().database_url)
     store.ensure_schema()
     click.echo(f"database at revision {store.current_revision()}")
+
+
+@db.command()
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="Delete ended runs that ended more than AGE ago: a number and a unit (s, m, h, d, w), e.g. 90d.")
+@click.option("--keep-failed", is_flag=True, help="Keep FAILED and CRASHED runs (and the runs that followed them).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@handle_errors
+def prune(older_than: str, keep_failed: bool, dry_run: bool, as_json: bool) -> None:
+    """Delete old ended runs with their cells, logs, history and output notebooks.
+
+    Queued and running runs are never touched. Works in small batches, so it can run while nbflow
+    serves. Automatic retention: set NBFLOW_RETENTION_DAYS for `nbflow serve` (see docs/deployment.md).
+    """
+    from nbflow.retention import parse_age
+    from nbflow.retention import prune as prune_runs
+
+    age = parse_age(older_than)
+    summary = prune_runs(_store(), age, keep_failed=keep_failed, dry_run=dry_run)
+    if as_json:
+        _emit_json(summary.document())
+        return
+    rows = ", ".join(f"{n} {table}" for table, n in sorted(summary.rows.items()))
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {summary.runs} runs that ended before {summary.cutoff.isoformat(timespec='seconds')}"
+               + (f" ({rows})" if rows else "") + f" and {summary.files} output notebooks"
+               + (f"; kept {summary.kept} for their lineage" if summary.kept else ""))
+
+
+# -- keys, secrets, webhooks, notifications (issue 4) --------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """API keys for the REST API (sent as `Authorization: Bearer KEY`).
+
+    Scopes, each including the ones before: read (see flows, runs, logs), trigger (also run, cancel,
+    retry), admin (also register flows, schedules, keys, secrets, webhooks, notifications). Only a hash
+    of a key is stored: it is shown once, when created. See docs/security.md.
+    """
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--scope", required=True, metavar="[read|trigger|admin]", help="What the key may do.")
+@handle_errors
+def keys_create(name: str, scope: str) -> None:
+    """Create the key NAME and print it, alone, on stdout: `KEY=$(nbflow keys create ci --scope trigger)`."""
+    from nbflow.keys import create_key
+
+    click.echo(create_key(_store(), name, scope))
+    click.echo(f"nbflow: key {name!r} ({scope}) created; it is shown only this once", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"keys\": [...]} as JSON.")
+@handle_errors
+def keys_list(as_json: bool) -> None:
+    """List keys (active and revoked); never the keys themselves."""
+    from nbflow.keys import list_keys
+
+    docs = list_keys(_store())
+    if as_json:
+        _emit_json({"keys": docs})
+    elif not docs:
+        click.echo("no API keys: `nbflow keys create NAME --scope read|trigger|admin`")
+    else:
+        click.echo(_table(["NAME", "SCOPE", "CREATED", "REVOKED"],
+                          [[d["name"], d["scope"], _ago(d["created_at"]), _ago(d["revoked_at"])] for d in docs]))
+
+
+@keys.command("revoke")
+@click.argument("name")
+@handle_errors
+def keys_revoke(name: str) -> None:
+    """Revoke the key NAME: requests with it are refused (401) at once."""
+    from nbflow.keys import revoke_key
+
+    revoke_key(_store(), name)
+    click.echo(f"key {name} revoked")
+
+
+@cli.group("secrets")
+def secrets_group() -> None:
+    """Secrets, encrypted at rest with NBFLOW_SECRET_KEY; read in a notebook with nbflow.secret("NAME").
+
+    Values are write-only: nothing prints them, and a run redacts them (***) from its logs, errors and
+    output notebook. See docs/security.md.
+    """
+
+
+@secrets_group.command("set")
+@click.argument("name")
+@handle_errors
+def secrets_set(name: str) -> None:
+    """Store the secret NAME, reading its value from stdin (never from the command line, which other
+    users and shell history can see). At a terminal it is asked for, hidden. One trailing newline is
+    dropped: `printf %s "$TOKEN" | nbflow secrets set API_TOKEN` and `echo "$TOKEN" | ...` store the same."""
+    from nbflow.secrets import set_secret
+
+    if sys.stdin.isatty():
+        value = click.prompt(f"value of {name}", hide_input=True, confirmation_prompt=True, err=True)
+    else:
+        value = sys.stdin.read()
+        value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    set_secret(_store(), name, value)
+    click.echo(f"secret {name} stored")
+
+
+@secrets_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"secrets\": [...]} as JSON.")
+@handle_errors
+def secrets_list(as_json: bool) -> None:
+    """List secret names and when they were set; never values."""
+    from nbflow.secrets import list_secrets
+
+    docs = list_secrets(_store())
+    if as_json:
+        _emit_json({"secrets": docs})
+    elif not docs:
+        click.echo("no secrets: `nbflow secrets set NAME` (the value on stdin)")
+    else:
+        click.echo(_table(["NAME", "CREATED", "UPDATED"],
+                          [[d["name"], _ago(d["created_at"]), _ago(d["updated_at"])] for d in docs]))
+
+
+@secrets_group.command("remove")
+@click.argument("name")
+@handle_errors
+def secrets_remove(name: str) -> None:
+    """Delete the secret NAME."""
+    from nbflow.secrets import delete_secret
+
+    delete_secret(_store(), name)
+    click.echo(f"secret {name} removed")
+
+
+@cli.group()
+def hooks() -> None:
+    """Inbound webhooks: POST /api/hooks/TOKEN with a JSON body runs a flow, its fields as parameters.
+
+    See docs/integrations.md.
+    """
+
+
+def _parse_maps(pairs: tuple[str, ...]) -> dict[str, str]:
+    from nbflow.errors import InvalidWebhook
+
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise InvalidWebhook(f"--map {pair!r}: give PARAM=FIELD, e.g. --map ref=head_commit.id")
+        if name in mapping:
+            raise InvalidWebhook(f"--map: parameter {name!r} given twice")
+        mapping[name] = path
+    return mapping
+
+
+@hooks.command("create")
+@click.argument("flow")
+@click.option("--map", "maps", multiple=True, metavar="PARAM=FIELD",
+              help="Parameter PARAM takes the body's FIELD (dotted: head_commit.id; repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the webhook, with its token, as one JSON document.")
+@handle_errors
+def hooks_create(flow: str, maps: tuple[str, ...], as_json: bool) -> None:
+    """Create a webhook for FLOW and print its URL path (with the token) once, alone on stdout."""
+    from nbflow.settings import get_settings
+    from nbflow.webhooks import create_webhook
+
+    token, doc = create_webhook(_store(), flow, _parse_maps(maps))
+    path = f"/api/hooks/{token}"
+    api_url = get_settings().api_url
+    url = f"{api_url.rstrip('/')}{path}" if api_url else path
+    if as_json:
+        _emit_json({**doc, "token": token, "url": url})
+    else:
+        click.echo(url)
+    click.echo(f"nbflow: webhook {doc['id']} of flow {doc['flow']} created; its token is shown only this once",
+               err=True)
+
+
+@hooks.command("list")
+@click.option("--flow", "flow_name", help="Only the webhooks of this flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"webhooks\": [...]} as JSON.")
+@handle_errors
+def hooks_list(flow_name: str | None, as_json: bool) -> None:
+    """List webhooks (their tokens are never shown again)."""
+    from nbflow.webhooks import list_webhooks
+
+    docs = list_webhooks(_store(), flow_name)
+    if as_json:
+        _emit_json({"webhooks": docs})
+    elif not docs:
+        click.echo("no webhooks: `nbflow hooks create FLOW --map PARAM=FIELD`")
+    else:
+        rows = [[str(d["id"]), d["flow"], ", ".join(f"{k}<-{v}" for k, v in d["mapping"].items()) or "-",
+                 _ago(d["created_at"]), _ago(d["revoked_at"])] for d in docs]
+        click.echo(_table(["ID", "FLOW", "MAPPING", "CREATED", "REVOKED"], rows))
+
+
+@hooks.command("revoke")
+@click.argument("webhook_id")
+@handle_errors
+def hooks_revoke(webhook_id: str) -> None:
+    """Revoke webhook ID: its URL answers 404 at once."""
+    from nbflow.webhooks import revoke_webhook
+
+    revoke_webhook(_store(), webhook_id)  # type: ignore[arg-type]
+    click.echo(f"webhook {webhook_id} revoked")
+
+
+@cli.group()
+def notify() -> None:
+    """Outbound notifications: POST a run's JSON document to a URL when it ends (failed by default).
+
+    Sent by `nbflow serve` or `nbflow scheduler`, retried with backoff; each attempt is in the run's log.
+    See docs/integrations.md.
+    """
+
+
+@notify.command("add")
+@click.argument("flow")
+@click.argument("url")
+@click.option("--on", "on", default="failed", show_default=True, metavar="STATES",
+              help="Comma-separated end states: failed, crashed, cancelled, completed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the notification as one JSON document.")
+@handle_errors
+def notify_add(flow: str, url: str, on: str, as_json: bool) -> None:
+    """Notify URL (http(s), or secret:NAME to read it from a secret) when a run of FLOW ends in STATES."""
+    from nbflow.notify import add_notification
+
+    doc = add_notification(_store(), flow, url, on)
+    if as_json:
+        _emit_json(doc)
+    else:
+        click.echo(f"notification {doc['id']}: flow {doc['flow']} -> {doc['url']} on {', '.join(doc['on']).lower()}")
+
+
+@notify.command("list")
+@click.option("--flow", "flow_name", help="Only the notifications of this flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"notifications\": [...]} as JSON.")
+@handle_errors
+def notify_list(flow_name: str | None, as_json: bool) -> None:
+    """List notifications."""
+    from nbflow.notify import list_notifications
+
+    docs = list_notifications(_store(), flow_name)
+    if as_json:
+        _emit_json({"notifications": docs})
+    elif not docs:
+        click.echo("no notifications: `nbflow notify add FLOW URL [--on failed,completed]`")
+    else:
+        click.echo(_table(["ID", "FLOW", "ON", "URL"],
+                          [[str(d["id"]), d["flow"], ",".join(d["on"]).lower(), d["url"]] for d in docs]))
+
+
+@notify.command("remove")
+@click.argument("notification_id")
+@handle_errors
+def notify_remove(notification_id: str) -> None:
+    """Delete notification ID (and its pending deliveries)."""
+    from nbflow.notify import remove_notification
+
+    remove_notification(_store(), notification_id)  # type: ignore[arg-type]
+    click.echo(f"notification {notification_id} removed")
 
 
 def main() -> None:

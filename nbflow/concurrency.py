@@ -46,6 +46,7 @@ applies from the next claim that sees it; runs already holding slots are never s
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,7 @@ from sqlalchemy.orm import Session
 from nbflow import states
 from nbflow.errors import InvalidLimit, LimitNotFound
 from nbflow.store.models import Flow, Run, TagLimit
+from nbflow.workers import labels_fit
 
 GLOBAL = "*"
 ENQUEUE = "enqueue"
@@ -103,10 +105,12 @@ def _policy(row: Any) -> _Policy:
                    tags=tuple(row[4] or ()))
 
 
-def _candidates(session: Session, size: int, after: tuple[datetime, uuid.UUID] | None = None,
+def _candidates(session: Session, size: int, labels: Sequence[str], after: tuple[datetime, uuid.UUID] | None = None,
                 exclude: set[int] | frozenset[int] = frozenset()) -> list[_Candidate]:
-    """Queued runs oldest first, with their flow's limits, locked for us (others skip them)."""
-    query = select(Run.id, Run.created_at, *_POLICY_COLUMNS).join(Flow, Flow.id == Run.flow_id).where(_queued())
+    """Queued runs oldest first, of flows whose labels the worker has, with their flow's limits, locked for
+    us (others skip them)."""
+    query = (select(Run.id, Run.created_at, *_POLICY_COLUMNS).join(Flow, Flow.id == Run.flow_id)
+             .where(_queued(), labels_fit(session, labels)))
     if after is not None:
         query = query.where(or_(Run.created_at > after[0], and_(Run.created_at == after[0], Run.id > after[1])))
     if exclude:
@@ -121,8 +125,8 @@ def _touched(policy: _Policy, tag_limits: dict[str, int]) -> bool:
     return policy.limit is not None or GLOBAL in tag_limits or any(t in tag_limits for t in policy.tags)
 
 
-def admit(session: Session, limit: int) -> list[uuid.UUID]:
-    """The queued runs a claim of up to ``limit`` runs may take now, oldest first.
+def admit(session: Session, limit: int, labels: Sequence[str] = ()) -> list[uuid.UUID]:
+    """The queued runs a claim of up to ``limit`` runs by a worker with ``labels`` may take now, oldest first.
 
     Called inside the claim's write transaction, which then stamps the returned runs with the worker's
     id. Runs of ``cancel-new`` flows at their limit that it meets on the way are ended CANCELLED here.
@@ -130,14 +134,14 @@ def admit(session: Session, limit: int) -> list[uuid.UUID]:
     if limit <= 0:
         return []
     tag_limits: dict[str, int] = {tag: n for tag, n in session.execute(select(TagLimit.tag, TagLimit.limit))}
-    page = _candidates(session, limit)
+    page = _candidates(session, limit, labels)
     if not any(_touched(c.policy, tag_limits) for c in page):
         return [c.id for c in page]  # the fast path: no limit applies to any of them
-    return _admit_under_limits(session, limit, tag_limits, page)
+    return _admit_under_limits(session, limit, tag_limits, page, labels)
 
 
 def _admit_under_limits(session: Session, limit: int, tag_limits: dict[str, int],
-                        page: list[_Candidate]) -> list[uuid.UUID]:
+                        page: list[_Candidate], labels: Sequence[str]) -> list[uuid.UUID]:
     # Every flow with queued runs, so that the locks below are all taken now, in one order.
     policies = {p.flow_id: p for p in map(_policy, session.execute(
         select(*_POLICY_COLUMNS).where(Flow.id.in_(select(Run.flow_id).where(_queued())))))}
@@ -199,7 +203,7 @@ def _admit_under_limits(session: Session, limit: int, tag_limits: dict[str, int]
         if len(page) < asked:  # that was the end of the queue
             return admitted
         asked = max(limit, PAGE_SIZE)
-        page = _candidates(session, asked, after=(page[-1].created_at, page[-1].id), exclude=blocked)
+        page = _candidates(session, asked, labels, after=(page[-1].created_at, page[-1].id), exclude=blocked)
     return admitted
 
 

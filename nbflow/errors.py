@@ -94,3 +94,138 @@ class TriggerError(NbflowError):
 
     code = "invalid_trigger"
     http_status = 422
+
+
+class PathNotAllowed(NbflowError):
+    """A notebook path from a remote caller that resolves outside the notebooks root (``..``, an absolute
+    path elsewhere, a symlink out of it): refused before anything reads the file."""
+
+    code = "path_not_allowed"
+    http_status = 422
+
+
+class IdempotencyConflict(NbflowError):
+    """An idempotency key already used by a run of another flow or with other parameters."""
+
+    code = "idempotency_conflict"
+    http_status = 409
+
+
+class InvalidQuery(NbflowError):
+    """A listing's filter or cursor that cannot be understood (an unknown state, a bad time, a bad cursor)."""
+
+    code = "invalid_query"
+    http_status = 400
+
+
+class ScheduleNotFound(NbflowError):
+    code = "schedule_not_found"
+    http_status = 404
+
+
+class InvalidName(NbflowError):
+    """A name for an API key or a secret that cannot be used (empty, too long, odd characters)."""
+
+    code = "invalid_name"
+    http_status = 422
+
+
+class InvalidScope(NbflowError):
+    """An API key scope that is not one of ``read``, ``trigger``, ``admin``."""
+
+    code = "invalid_scope"
+    http_status = 422
+
+
+class KeyExists(NbflowError):
+    """An API key of that name exists already (revoked keys keep their name, for the record)."""
+
+    code = "key_exists"
+    http_status = 409
+
+
+class KeyNotFound(NbflowError):
+    code = "key_not_found"
+    http_status = 404
+
+
+class SecretKeyMissing(NbflowError):
+    """Secrets cannot be stored or read: ``NBFLOW_SECRET_KEY`` is not set. A set-up problem of the server,
+    not of the request, hence 503."""
+
+    code = "secret_key_missing"
+    http_status = 503
+
+
+class SecretKeyMismatch(NbflowError):
+    """A stored secret does not decrypt with the configured ``NBFLOW_SECRET_KEY`` (another key stored it)."""
+
+    code = "secret_key_mismatch"
+    http_status = 503
+
+
+class InvalidSecret(NbflowError):
+    """A secret value that cannot be stored (empty, too short to redact, not text)."""
+
+    code = "invalid_secret"
+    http_status = 422
+
+
+class SecretNotFound(NbflowError):
+    code = "secret_not_found"
+    http_status = 404
+
+
+class WebhookNotFound(NbflowError):
+    """An unknown or revoked webhook token or id (the two are not told apart to a caller)."""
+
+    code = "webhook_not_found"
+    http_status = 404
+
+
+class InvalidWebhook(NbflowError):
+    """A webhook mapping that cannot work: a parameter the flow does not declare, an empty field path."""
+
+    code = "invalid_webhook"
+    http_status = 422
+
+
+class FlowPaused(NbflowError):
+    """An automatic trigger (a webhook) of a paused flow: it runs again once resumed."""
+
+    code = "flow_paused"
+    http_status = 409
+
+
+class InvalidNotification(NbflowError):
+    """A notification that cannot work: not an http(s) URL, an end state that does not exist."""
+
+    code = "invalid_notification"
+    http_status = 422
+
+
+class NotificationNotFound(NbflowError):
+    code = "notification_not_found"
+    http_status = 404
+
+
+class InvalidRetention(NbflowError):
+    """A retention age that cannot work (``--older-than``, ``NBFLOW_RETENTION_DAYS``)."""
+
+    code = "invalid_retention"
+    http_status = 422
+
+
+class ExecutorUnavailable(NbflowError):
+    """The executor a worker was asked for cannot be used: its package is not installed, or its cluster
+    cannot be reached."""
+
+    code = "executor_unavailable"
+    http_status = 503
+
+
+class InvalidLabel(NbflowError):
+    """A worker label (``nbflow worker --labels``, ``nbflow register --label``) that cannot be used."""
+
+    code = "invalid_label"
+    http_status = 422

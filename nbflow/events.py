@@ -384,6 +384,7 @@ def _pipeline_candidates(upstream_ids: list[int], created_after: datetime | None
             .where(up.flow_id.in_(upstream_ids), ended, up.ended_at.is_not(None), up.ended_at >= dep.created_at,
                    ~has_run)
             .where(up.created_at >= created_after if created_after is not None else true())
+            .where(dep.flow_id.not_in(select(Flow.id).where(Flow.paused.is_(True))))  # paused: the end waits
             .order_by(up.ended_at, up.id).limit(PIPELINE_BATCH)), up
 
 
@@ -449,7 +450,8 @@ def _fire_file_triggers(store: Store, now: datetime) -> list[uuid.UUID]:
     arrivals: dict[int, list[str]] = {}
     with store.read() as session:
         triggers = list(session.execute(select(FileTrigger.id, FileTrigger.pattern, Flow.name).join(
-            Flow, Flow.id == FileTrigger.flow_id).where(FileTrigger.active.is_(True)).order_by(FileTrigger.id)).all())
+            Flow, Flow.id == FileTrigger.flow_id).where(FileTrigger.active.is_(True), Flow.paused.is_(False))
+            .order_by(FileTrigger.id)).all())  # a paused flow's files wait (unseen) until it is resumed
         names = set()
         for trigger_id, pattern, flow_name in triggers:
             paths = [p for mtime, p in _matching_files(pattern) if mtime <= settled_before]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from nbflow.concurrency import check_collision, check_limit
-from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError
+from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed
 from nbflow.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.store import Store
 from nbflow.store.models import FileTrigger, Flow, FlowDependency, FlowVersion, Run, utcnow
+from nbflow.workers import check_labels
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -83,23 +85,64 @@ def parse_notebook(text: str, path: Path) -> NotebookSource:
     return NotebookSource(path=path, text=text, nb=nb)
 
 
+def resolve_notebook_path(path: str, root: Path | None = None) -> Path:
+    """The real path of a notebook named by a remote caller (REST, a widget), refused unless it lies
+    inside the notebooks root (``NBFLOW_NOTEBOOKS_ROOT``): a caller who may register flows must not
+    thereby read, or run, any file the server can.
+
+    Relative paths are relative to the root. ``..`` is refused outright, even when it would stay inside,
+    so a path means what it says; symlinks are followed and where they lead must be inside too.
+    """
+    from nbflow.settings import get_settings
+
+    base = (root or get_settings().notebooks_root).resolve()
+    if not path or "\x00" in path:
+        raise PathNotAllowed("the notebook path is empty or contains a NUL character")
+    given = Path(path).expanduser()
+    if ".." in given.parts:
+        raise PathNotAllowed(f"notebook path {path!r} contains '..'; give a path inside the notebooks root {base}")
+    lexical = given if given.is_absolute() else base / given
+    real = lexical.resolve()
+    if not real.is_relative_to(base):
+        how = "leads through a symlink" if lexical.is_relative_to(base) else "is"
+        raise PathNotAllowed(f"notebook path {path!r} {how} outside the notebooks root {base} "
+                             "(set NBFLOW_NOTEBOOKS_ROOT to serve another folder)")
+    return real
+
 def installed_kernels() -> list[str]:
     from jupyter_client.kernelspec import KernelSpecManager
 
-    return sorted(KernelSpecManager().find_kernel_specs())
+    names = sorted(KernelSpecManager().find_kernel_specs())
+    _seen_kernels.update((name, time.monotonic()) for name in names)
+    return names
+
+
+# Kernels found installed, and when: every run request checks its kernel, and scanning the kernelspec
+# folders costs ~0.3-0.6 ms. A kernel seen in the last ``KERNEL_SEEN_SECONDS`` is taken as still there (a
+# kernel removed since fails at start, with its own clear error); anything else is looked up afresh.
+KERNEL_SEEN_SECONDS = 10.0
+_seen_kernels: dict[str, float] = {}
+
+
+def _kernel_installed(name: str) -> bool:
+    seen = _seen_kernels.get(name)
+    if seen is not None and time.monotonic() - seen < KERNEL_SEEN_SECONDS:
+        return True
+    return name in installed_kernels()
 
 
 def resolve_kernel(source: NotebookSource, override: str | None = None) -> str:
     """The kernel a run will use: ``--kernel`` if given, else the notebook's; it must be installed."""
     name = override or source.kernel_name
-    kernels = installed_kernels()
-    listing = ", ".join(kernels) or "none"
+    if name and _kernel_installed(name):
+        return name
+    listing = ", ".join(installed_kernels()) or "none"
     if not name:
         raise KernelNotFound(
             f"notebook {source.path.name} names no kernel (metadata.kernelspec is missing); "
             f"choose one with --kernel NAME (installed: {listing})"
         )
-    if name not in kernels:
+    if not _kernel_installed(name):
         raise KernelNotFound(
             f"kernel {name!r} {'(from --kernel) ' if override else 'named by the notebook '}is not installed; "
             f"installed kernels: {listing}; choose one with --kernel NAME"
@@ -144,6 +187,58 @@ def check_name(name: str) -> str:
     return name
 
 
+def _literal_assignment(node: Any) -> bool:
+    """``name = <literal>`` or ``name: type = <literal>``: what a ``%%flow`` cell may start with as parameters."""
+    import ast
+
+    plain = isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+    annotated = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None
+    if not (plain or annotated):
+        return False
+    try:
+        ast.literal_eval(node.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def cell_source(code: str, *, name: str, directory: Path, kernel_name: str = "python3") -> NotebookSource:
+    """A ``%%flow`` cell as the notebook a flow of kind ``cell`` runs: its leading assignments of
+    literals become a first cell tagged ``parameters`` (papermill's convention, so papermill injects run
+    parameters after it and ``inspect_parameters`` reads their spec), the rest of the code a second cell.
+
+    The cells have fixed ids and the text is nbformat's canonical JSON, so the same code always hashes
+    the same: re-running an unchanged cell keeps the flow's version. The path is a placeholder in
+    ``directory``, never a file: runs execute in the folder of a flow's path (``working_directory``) and a
+    missing file makes every run use the stored version.
+    """
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    if not code.strip():
+        raise NotebookError(f"the %%flow cell {name!r} has no code")
+    try:  # IPython syntax (magics, !shell) is fine in a flow: it runs in an IPython kernel
+        tree = ast.parse(TransformerManager().transform_cell(code))
+    except SyntaxError as exc:
+        raise NotebookError(f"syntax error in the %%flow cell {name!r}, line {exc.lineno}: {exc.msg}") from None
+    end = 0  # line number where the leading literal assignments end (those lines are not transformed)
+    for node in tree.body:
+        if not _literal_assignment(node):
+            break
+        end = node.end_lineno or node.lineno
+    lines = code.splitlines()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": kernel_name, "display_name": kernel_name, "language": "python"}
+    nb.metadata.language_info = {"name": "python"}
+    params, body = "\n".join(lines[:end]).strip("\n"), "\n".join(lines[end:]).strip("\n")
+    if params:
+        nb.cells.append(nbformat.v4.new_code_cell(params, id="parameters", metadata={"tags": ["parameters"]}))
+    if body:
+        nb.cells.append(nbformat.v4.new_code_cell(body, id="body"))
+    return parse_notebook(nbformat.writes(nb), Path(directory).resolve() / f"%%flow {name}")
+
+
 @dataclass(frozen=True)
 class FlowOptions:
     """What ``register`` may set; ``None`` leaves an existing flow's value as it is.
@@ -162,6 +257,7 @@ class FlowOptions:
     tags: tuple[str, ...] | None = None
     concurrency_limit: int | None = None
     collision: str | None = None
+    labels: tuple[str, ...] | None = None  # worker labels its runs need (nbflow.workers); replaces them
 
     def validate(self) -> None:
         for field, value in (("retries", self.retries), ("retry-delay", self.retry_delay),
@@ -177,6 +273,8 @@ class FlowOptions:
             check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")
         if self.collision is not None:
             check_collision(self.collision)
+        if self.labels is not None:
+            check_labels(self.labels)
 
 
 def latest_version(session: Session, flow_id: int) -> FlowVersion | None:
@@ -220,8 +318,13 @@ def register(store: Store, path: str | Path, *, name: str | None = None,
 
 
 def register_source(store: Store, source: NotebookSource, *, name: str | None = None,
-                    options: FlowOptions | None = None, run_kernel: str | None = None) -> tuple[Flow, FlowVersion]:
-    """``register`` for a notebook already read (and checked) by the caller."""
+                    options: FlowOptions | None = None, run_kernel: str | None = None,
+                    kind: str = "notebook") -> tuple[Flow, FlowVersion]:
+    """``register`` for a notebook already read (and checked) by the caller.
+
+    ``kind`` is ``cell`` for a ``%%flow`` cell (``cell_source``). A flow keeps its kind: a cell and a
+    notebook file of one name would silently replace each other's code, so that is refused.
+    """
     options = options or FlowOptions()
     options.validate()
     flow_name = check_name(name or default_flow_name(source.path))
@@ -229,8 +332,11 @@ def register_source(store: Store, source: NotebookSource, *, name: str | None = 
     with store.write() as session:
         flow = session.execute(select(Flow).where(Flow.name == flow_name)).scalar_one_or_none()
         if flow is None:
-            flow = Flow(name=flow_name, kind="notebook", tags=[])
+            flow = Flow(name=flow_name, kind=kind, tags=[])
             session.add(flow)
+        elif flow.kind != kind:
+            raise InvalidFlowName(f"flow {flow_name!r} is a {flow.kind} flow ({flow.source_path}); "
+                                  f"a {kind} cannot replace it: choose another name")
         flow.source_path = str(source.path)
         for field in ("retries", "retry_delay", "retry_backoff", "timeout", "cell_timeout", "kernel_name"):
             value = getattr(options, field)
@@ -242,10 +348,53 @@ def register_source(store: Store, source: NotebookSource, *, name: str | None = 
             flow.concurrency_limit = options.concurrency_limit or None  # 0: no limit
         if options.collision is not None:
             flow.collision = options.collision
+        if options.labels is not None:
+            flow.labels = check_labels(options.labels)
         session.flush()
         version = _ensure_version(session, flow, source, kernel)
     return flow, version
 
+
+# Flow settings a PATCH may change; those that may also be cleared (set to null) are marked True.
+UPDATABLE = {"retries": False, "retry_delay": False, "retry_backoff": False, "timeout": True, "cell_timeout": True,
+             "kernel_name": True, "tags": False, "concurrency_limit": True, "collision": False, "paused": False,
+             "labels": False}
+
+
+def update_flow(store: Store, name: str, changes: dict[str, Any]) -> Flow:
+    """Change a flow's settings without a notebook (``PATCH /api/flows/{name}``); ``None`` clears a
+    setting that may be unset (a timeout, the concurrency limit, the kernel override).
+
+    Checked as ``register`` checks them, all before anything is written. Runs already created keep the
+    settings they were created with; new runs use the new ones.
+    """
+    unknown = sorted(set(changes) - set(UPDATABLE))
+    if unknown:
+        raise NotebookError(f"unknown flow setting(s) {', '.join(unknown)}; settings: {', '.join(UPDATABLE)}")
+    for field, value in changes.items():
+        if value is None and not UPDATABLE[field]:
+            raise NotebookError(f"flow setting {field} cannot be null")
+    given = {k: v for k, v in changes.items() if v is not None and k != "paused"}
+    for field in ("tags", "labels"):
+        if field in given:
+            given[field] = tuple(given[field])
+    options = FlowOptions(**given)
+    options.validate()
+    if options.kernel_name is not None and options.kernel_name not in installed_kernels():
+        raise KernelNotFound(f"kernel {options.kernel_name!r} is not installed; installed kernels: "
+                             f"{', '.join(installed_kernels()) or 'none'}")
+    with store.write() as session:
+        flow = get_flow(session, name)
+        for field, value in changes.items():
+            if field == "tags":
+                value = sorted(set(value))
+            elif field == "labels":
+                value = check_labels(value)
+            elif field == "concurrency_limit":
+                value = value or None  # 0 removes the limit, as for register
+            setattr(flow, field, value)
+        flow.updated_at = utcnow()
+    return flow
 
 def flow_for_path(store: Store, source: NotebookSource, kernel_override: str | None = None
                   ) -> tuple[Flow, FlowVersion]:
@@ -284,6 +433,9 @@ def get_flow(session: Session, name: str) -> Flow:
     return flow
 
 
+def list_flows(session: Session) -> list[Flow]:
+    return list(session.execute(select(Flow).order_by(Flow.name)).scalars())
+
 def sync_version(store: Store, name: str, source: NotebookSource | None = None,
                  kernel_override: str | None = None) -> tuple[Flow, FlowVersion]:
     """Before a run: pick up edits to the flow's notebook file as a new version.
@@ -307,29 +459,56 @@ def sync_version(store: Store, name: str, source: NotebookSource | None = None,
     return flow, version
 
 
+def set_paused(store: Store, name: str, paused: bool) -> None:
+    """Pause or resume the flow ``name``. Paused, its schedules skip their slots (resuming continues from
+    now, as a resumed schedule does) and its pipeline and file events wait, firing once it is resumed;
+    runs asked for by hand (CLI, API) still run."""
+    with store.write() as session:
+        get_flow(session, name).paused = bool(paused)
+
+
 def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
     """The JSON shape of flows (``nbflow flows --json``, and the REST API): settings, newest version's
-    parameters, last run, and what triggers it besides a schedule (``after``, ``file_triggers``)."""
+    parameters, last run, and what triggers it besides a schedule (``after``, ``file_triggers``).
 
+    Four queries for any number of flows, not four per flow: the dashboard lists every flow at each refresh
+    (100 flows: ~500 ms one by one, bench/big_history.py). The last run of each flow is one index seek on
+    ``run(flow_id, created_at)`` (a correlated subquery), however long the history."""
+    ids = [flow.id for flow in flows]
+    if not ids:
+        return []
+    newest = (select(FlowVersion.flow_id, func.max(FlowVersion.version).label("version"))
+              .where(FlowVersion.flow_id.in_(ids)).group_by(FlowVersion.flow_id).subquery())
+    versions = {v.flow_id: v for v in session.execute(select(FlowVersion).join(
+        newest, (FlowVersion.flow_id == newest.c.flow_id) & (FlowVersion.version == newest.c.version))).scalars()}
+    last_id = select(Run.id).where(Run.flow_id == Flow.id).order_by(Run.created_at.desc()).limit(1)
+    last_ids = dict(session.execute(select(Flow.id, last_id.scalar_subquery()).where(Flow.id.in_(ids))).all())
+    last_runs = {r.flow_id: r for r in session.execute(
+        select(Run.flow_id, Run.id, Run.state, Run.state_name, Run.created_at)
+        .where(Run.id.in_([i for i in last_ids.values() if i is not None])))}
+    upstream: dict[int, list[Any]] = {i: [] for i in ids}
+    for flow_id, name, on in session.execute(
+        select(FlowDependency.flow_id, Flow.name, FlowDependency.on)
+        .join(Flow, FlowDependency.upstream_flow_id == Flow.id)
+        .where(FlowDependency.flow_id.in_(ids)).order_by(Flow.name)
+    ):
+        upstream[flow_id].append((name, on))
+    triggers: dict[int, list[FileTrigger]] = {i: [] for i in ids}
+    for trigger in session.execute(
+        select(FileTrigger).where(FileTrigger.flow_id.in_(ids)).order_by(FileTrigger.id)
+    ).scalars():
+        triggers[trigger.flow_id].append(trigger)
     docs = []
     for flow in flows:
-        version = latest_version(session, flow.id)
-        last = session.execute(
-            select(Run).where(Run.flow_id == flow.id).order_by(Run.created_at.desc()).limit(1)
-        ).scalar_one_or_none()
-        after = session.execute(
-            select(Flow.name, FlowDependency.on).join(FlowDependency, FlowDependency.upstream_flow_id == Flow.id)
-            .where(FlowDependency.flow_id == flow.id).order_by(Flow.name)
-        ).all()
-        file_triggers = session.execute(
-            select(FileTrigger).where(FileTrigger.flow_id == flow.id).order_by(FileTrigger.id)
-        ).scalars()
+        version, last = versions.get(flow.id), last_runs.get(flow.id)
+        after, file_triggers = upstream[flow.id], triggers[flow.id]
         docs.append({
             "name": flow.name, "version": version.version if version else None, "kind": flow.kind,
             "source_path": flow.source_path, "kernel_name": flow.kernel_name, "tags": flow.tags,
             "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
             "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
             "concurrency_limit": flow.concurrency_limit, "collision": flow.collision or "enqueue",
+            "paused": bool(flow.paused), "labels": list(flow.labels or []),
             "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
                            for k, v in (version.parameters if version else {}).items()},
             "after": [{"flow": name, "on": on} for name, on in after],

@@ -6,16 +6,26 @@ and agents see the same document everywhere. docs/run-json.md describes it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, cast, select
+from sqlalchemy import String, and_, cast, or_, select
 from sqlalchemy.orm import Session
 
 from nbflow import states
-from nbflow.errors import IllegalTransition, NbflowError, ParameterError, RunNotFound
+from nbflow.errors import (
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidQuery,
+    NbflowError,
+    ParameterError,
+    RunNotFound,
+)
 from nbflow.flows import (
     NotebookSource,
     flow_by_path,
@@ -49,25 +59,96 @@ def looks_like_path(target: str) -> bool:
 def create_run(
     store: Store, target: str, parameters: dict[str, Any] | None = None, *,
     kernel: str | None = None, trigger: str = "manual", state: states.StateType = states.S.PENDING,
-    worker_id: str | None = None,
+    worker_id: str | None = None, parent_run_id: uuid.UUID | None = None, idempotency_key: str | None = None,
 ) -> Run:
     """Validate everything, then insert the run in one transaction.
 
     A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
     a notebook registers it, but only once the request has passed every check).
     ``worker_id`` claims the run at birth (``nbflow run`` executes it itself); without it the run is
-    queued for any worker.
+    queued for any worker. A taken ``idempotency_key`` raises ``IntegrityError`` (see ``create_run_once``).
     """
-    source, from_file, kernel_name, values = _check_request(store, target, parameters or {}, kernel)
-    if looks_like_path(target):
-        flow, version = flow_for_path(store, source, kernel)
-    else:
-        flow, version = sync_version(store, target, source if from_file else None, kernel_override=kernel)
+    checked = _check_request(store, target, parameters or {}, kernel)
+    source, kernel_name, values = checked.source, checked.kernel_name, checked.values
+    flow, version = checked.flow, checked.version
+    if flow is None or version is None:  # a new flow, or its notebook changed: register or version it first
+        if looks_like_path(target):
+            flow, version = flow_for_path(store, source, kernel)
+        else:
+            flow, version = sync_version(store, target, source if checked.from_file else None,
+                                         kernel_override=kernel)
     with store.write() as session:
         run = new_run(flow, version, values, kernel_name, trigger=trigger, worker_id=worker_id,
-                      heartbeat_at=utcnow() if worker_id else None)
+                      heartbeat_at=utcnow() if worker_id else None, parent_run_id=parent_run_id,
+                      idempotency_key=idempotency_key)
         states.initial_state(session, run, state)
     return run
+
+
+def create_run_once(store: Store, flow_name: str, parameters: dict[str, Any] | None = None, *,
+                    idempotency_key: str | None = None, trigger: str = "api") -> tuple[Run, bool]:
+    """``create_run`` of a flow for a caller that may send the same request twice (a client retrying
+    after a timeout): returns the run and whether it was created now.
+
+    A request carrying a key already used returns that key's run and creates nothing. The UNIQUE column
+    decides, not a prior read, so concurrent requests with one key create one run on either database;
+    the prior read only spares the common repeat a notebook inspection. Reusing a key for another flow
+    or other parameters is a client bug, refused (``IdempotencyConflict``) rather than answered with a
+    run that is not what was asked for.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    if idempotency_key is not None:
+        existing = _run_by_key(store, idempotency_key, flow_name, parameters or {})
+        if existing is not None:
+            return existing, False
+    try:
+        return create_run(store, flow_name, parameters, trigger=trigger, idempotency_key=idempotency_key), True
+    except IntegrityError:
+        existing = _run_by_key(store, idempotency_key, flow_name, parameters or {}) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+
+
+def _run_by_key(store: Store, key: str, flow_name: str, parameters: dict[str, Any]) -> Run | None:
+    with store.read() as session:
+        run = session.execute(select(Run).where(Run.idempotency_key == key)).scalar_one_or_none()
+        if run is None:
+            return None
+        flow = session.get(Flow, run.flow_id)
+        version = session.get(FlowVersion, run.flow_version_id)
+        assert flow is not None and version is not None
+        if flow.name != flow_name:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for run {run.id} of flow {flow.name!r}, not {flow_name!r}")
+        try:  # compare as the first request's values were stored: converted to the parameters' types
+            same = validate(version.parameters, parameters,
+                            has_parameters_cell=version.has_parameters_cell) == run.parameters
+        except ParameterError:
+            same = False
+        if not same:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for run {run.id} with other parameters "
+                f"({run.parameters}); use a new key for a different request")
+        return run
+
+def retry_run(store: Store, run_id: str | uuid.UUID) -> Run:
+    """Run an ended run again, as a new run: terminal states are final, so a retry never rewrites history.
+
+    The new run uses the flow's current version (a user retries after fixing the notebook) with the old
+    run's parameters, checked again against the current parameter spec, and points back at the old run
+    (``parent_run_id``, trigger ``retry``). A run that has not ended is refused: cancel it first.
+    """
+    with store.read() as session:
+        old = find_run(session, run_id)
+        state = states.StateType(old.state)
+        flow = session.get(Flow, old.flow_id)
+        assert flow is not None
+        flow_name, parameters, parent = flow.name, dict(old.parameters or {}), old.id
+    if state not in states.TERMINAL:
+        raise IllegalTransition(f"run {parent} has not ended ({state}); only an ended run can be retried")
+    return create_run(store, flow_name, parameters, trigger="retry", parent_run_id=parent)
 
 
 def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel_name: str, *,
@@ -83,19 +164,34 @@ def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel
     )
 
 
-def _check_request(
-    store: Store, target: str, parameters: dict[str, Any], kernel: str | None
-) -> tuple[NotebookSource, bool, str, dict[str, Any]]:
+@dataclass
+class _Checked:
+    """What ``_check_request`` found: the notebook that will run (``from_file``: read from its file, else
+    the stored snapshot of a flow whose file is gone), its kernel, the converted parameter values, and
+    the flow and version to run when the flow's newest version is exactly that notebook (else None: the
+    flow must be registered or versioned first)."""
+
+    source: NotebookSource
+    from_file: bool
+    kernel_name: str
+    values: dict[str, Any]
+    flow: Flow | None
+    version: FlowVersion | None
+
+
+def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel: str | None) -> _Checked:
     """Every check ``create_run`` needs, on what would run, before anything is written.
 
-    Returns the notebook that will run, whether it was read from its file (else it is the stored
-    snapshot of a flow whose file is gone), the kernel, and the converted parameter values.
+    The common case (a registered flow whose notebook has not changed) costs one read transaction: the
+    parameter spec is the one stored with the version, not inspected again.
     """
     from_file = True
+    version: FlowVersion | None = None
     if looks_like_path(target):
         source = read_notebook(target)
         with store.read() as session:
             flow = flow_by_path(session, source.path)
+            version = latest_version(session, flow.id) if flow is not None else None
     else:
         with store.read() as session:
             flow = get_flow(session, target)
@@ -108,8 +204,15 @@ def _check_request(
         else:
             raise NbflowError(f"flow {target!r} has no stored version and its notebook {path} is missing")
     kernel_name = resolve_kernel(source, kernel or (flow.kernel_name if flow else None))
-    spec, has_cell = inspect_parameters(source, kernel_name)
-    return source, from_file, kernel_name, validate(spec, parameters, has_parameters_cell=has_cell)
+    if version is not None and kernel is None and version.content_hash == source.content_hash:
+        spec, has_cell = version.parameters, version.has_parameters_cell
+    else:  # a new or changed notebook (or another kernel's language): inspect it
+        spec, has_cell, version = *inspect_parameters(source, kernel_name), None
+    values = validate(spec, parameters, has_parameters_cell=has_cell)
+    from nbflow.secrets import check_parameters  # parameters are stored in clear: never a secret's value
+
+    check_parameters(store, values)
+    return _Checked(source, from_file, kernel_name, values, flow if version is not None else None, version)
 
 
 def request_cancel(store: Store, run_id: str | uuid.UUID) -> Run:
@@ -189,6 +292,7 @@ def run_document(session: Session, run: Run, *, cells: bool = True) -> dict[str,
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
         "trigger": run.trigger,
+        "parent_run_id": str(run.parent_run_id) if run.parent_run_id else None,
         "kernel_name": run.kernel_name,
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
@@ -214,28 +318,64 @@ def history(session: Session, run: Run) -> list[dict[str, Any]]:
     ]
 
 
-def logs(session: Session, run: Run, *, limit: int | None = None) -> list[dict[str, Any]]:
-    query = select(Log).where(Log.run_id == run.id).order_by(Log.id.desc() if limit else Log.id)
+def logs(session: Session, run: Run, *, limit: int | None = None,
+         after: int | datetime | None = None) -> list[dict[str, Any]]:
+    """The run's log lines, oldest first: the last ``limit`` of them, or (tailing) the first ``limit``
+    after ``after``, a line's ``id`` (ids only grow) or a time."""
+    query = select(Log).where(Log.run_id == run.id)
+    if after is not None:
+        query = query.where(Log.id > after if isinstance(after, int) else Log.at > after)
+    tail = bool(limit) and after is None
+    query = query.order_by(Log.id.desc() if tail else Log.id)
     if limit:
         query = query.limit(limit)
     rows = list(session.execute(query).scalars())
-    if limit:
+    if tail:
         rows.reverse()
-    return [{"at": _iso(r.at), "stream": r.stream, "attempt": r.attempt, "cell_index": r.cell_index,
+    return [{"id": r.id, "at": _iso(r.at), "stream": r.stream, "attempt": r.attempt, "cell_index": r.cell_index,
              "text": r.text} for r in rows]
 
 
 def list_runs(session: Session, *, flow: str | None = None, state: str | None = None,
-              limit: int = 20) -> list[Run]:
+              limit: int = 20, cursor: str | None = None, created_after: datetime | None = None,
+              created_before: datetime | None = None) -> list[Run]:
+    """Runs newest first, in the total order (created_at, id): a page starting after ``cursor`` (see
+    ``run_cursor``) neither repeats nor skips a run, however many runs are created meanwhile (they are
+    newer than any cursor, so they land before the first page)."""
     query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
     if flow:
         query = query.where(Run.flow_id == get_flow(session, flow).id)
     if state:
         name = state.upper()
         if name not in states.StateType.__members__:
-            raise NbflowError(f"unknown state {state!r}; states: {', '.join(states.StateType)}")
+            raise InvalidQuery(f"unknown state {state!r}; states: {', '.join(states.StateType)}")
         query = query.where(Run.state == name)
+    if created_after is not None:
+        query = query.where(Run.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Run.created_at < created_before)
+    if cursor is not None:
+        at, run_id = _decode_cursor(cursor)
+        query = query.where(or_(Run.created_at < at, and_(Run.created_at == at, Run.id < run_id)))
     return list(session.execute(query).scalars())
+
+
+def run_cursor(run: Run) -> str:
+    """The opaque cursor of the page after ``run``: its place in the order, not an offset."""
+    raw = f"{run.created_at.isoformat()}|{run.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, run_id = raw.partition("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("naive time")
+        return when, uuid.UUID(run_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidQuery(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page unchanged") from None
 
 
 def parse_cli_parameters(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:

@@ -369,7 +369,7 @@ def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
             flow = session.get(Flow, schedule.flow_id)
             version = latest_version(session, schedule.flow_id)
             slots = slots_to_fire(schedule, trigger, now)
-            if slots and flow is not None and version is not None:
+            if slots and flow is not None and not flow.paused and version is not None:  # paused: slots skipped
                 created.extend(_fire(session, schedule, flow, version, slots, now, create_schedule_run))
             schedule.next_fire_at = _first_at_or_after(trigger, now + _TICK) if schedule.trigger != "date" else None
     return created
@@ -395,41 +395,55 @@ def _fire(session: Any, schedule: Schedule, flow: Flow, version: FlowVersion, sl
 
 
 class Scheduler:
-    """Calls ``fire_due`` and ``nbflow.events.fire_events`` (pipelines, file arrivals) every ``tick``
-    seconds in a thread of its own until ``stop`` is set.
+    """Calls ``fire_due``, ``nbflow.events.fire_events`` (pipelines, file arrivals) and
+    ``nbflow.notify.deliver_notifications`` every ``tick`` seconds in a thread of its own until ``stop`` is set.
 
-    Any number of schedulers may run against one database; they never create a run twice.
+    Any number of schedulers may run against one database; they never create a run twice. Only the one
+    leading the ``scheduler`` role (``nbflow.leader``) does the passes, so N schedulers do not repeat the
+    same scans; the others stand by and take over within ~1.25 leases if it dies. ``holder`` names this
+    scheduler in the ``leader`` table (``nbflow serve`` passes its runner's worker id).
     """
 
     def __init__(self, store: Store, *, tick: float = 1.0,
-                 on_fire: Callable[[list[Any]], None] | None = None) -> None:
+                 on_fire: Callable[[list[Any]], None] | None = None, holder: str | None = None) -> None:
+        from nbflow.leader import SCHEDULER, Leadership
+        from nbflow.runner import new_worker_id
+
         if tick <= 0:
             raise ValueError("tick must be positive")
         self.store = store
         self.tick = tick
         self.on_fire = on_fire
+        self.leadership = Leadership(store, SCHEDULER, holder or new_worker_id("scheduler"))
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run(self, *, exit_after: float | None = None) -> None:
         """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed)."""
         from nbflow.events import fire_events
+        from nbflow.notify import deliver_notifications
+        from nbflow.retention import AutoPrune
 
         deadline = time.monotonic() + exit_after if exit_after is not None else None
+        retention = AutoPrune(self.store)  # NBFLOW_RETENTION_DAYS, hourly, in a thread of its own
         while not self.stop.is_set():
             try:
-                ids = fire_due(self.store) + fire_events(self.store)
-                if ids and self.on_fire:
-                    self.on_fire(ids)
+                if self.leadership.check():  # else another scheduler leads: stand by
+                    ids = fire_due(self.store) + fire_events(self.store)
+                    if ids and self.on_fire:
+                        self.on_fire(ids)
+                    deliver_notifications(self.store, wait=False)  # posts in threads of its own: never blocks
+                    retention.tick()
             except Exception:  # a database hiccup must not end the scheduler: log and try next tick
                 log.exception("scheduler pass failed")
             wait = self.tick
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return
+                    break
                 wait = min(wait, left)
             self.stop.wait(wait)
+        self.leadership.resign()  # a clean stop hands the role over without waiting out the lease
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="nbflow-scheduler", daemon=True)

@@ -18,6 +18,13 @@ class Settings:
     database_url: str
     log_limit_bytes: int
     lease_seconds: float
+    # Notebook paths given over the REST API (and %flow register) must resolve inside this folder.
+    notebooks_root: Path
+    # Where a running `nbflow serve` listens; clients (CLI, magics, nbflow.client) use it when set.
+    api_url: str | None
+    api_key: str | None
+    # Key that encrypts secrets at rest (nbflow.secrets); without it secrets cannot be stored or read.
+    secret_key: str | None
 
     @property
     def runs_dir(self) -> Path:
@@ -31,4 +38,9 @@ def get_settings() -> Settings:
     limit = int(os.environ.get("NBFLOW_LOG_LIMIT_BYTES") or 1_000_000)
     # How long a run may go without its supervisor's heartbeat before any runner declares it CRASHED.
     lease = float(os.environ.get("NBFLOW_LEASE_SECONDS") or 30)
-    return Settings(home=home, database_url=url, log_limit_bytes=limit, lease_seconds=lease)
+    root = Path(os.environ.get("NBFLOW_NOTEBOOKS_ROOT") or ".").expanduser().resolve()
+    return Settings(
+        home=home, database_url=url, log_limit_bytes=limit, lease_seconds=lease, notebooks_root=root,
+        api_url=os.environ.get("NBFLOW_API_URL") or None, api_key=os.environ.get("NBFLOW_API_KEY") or None,
+        secret_key=os.environ.get("NBFLOW_SECRET_KEY") or None,
+    )

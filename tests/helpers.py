@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,3 +68,41 @@ def at_once(calls: list[Callable[[], T]], timeout: float = 60) -> list[T]:
     if errors:
         raise errors[0]
     return results
+
+
+def run_cli(*args: Any, stdin: str | None = None) -> Any:
+    """``nbflow ARGS...`` in this process (click's test runner): the real commands, without the ~0.5 s
+    start of a new Python per call. Returns the click ``Result`` (``exit_code``, ``stdout``, ``stderr``)."""
+    from click.testing import CliRunner
+
+    from nbflow.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], input=stdin, catch_exceptions=False)
+
+
+def serve_api(store: Any) -> Any:
+    """The real API server (uvicorn, in a thread) on a free loopback port, started; ``.url``, ``.stop()``."""
+    import time
+
+    from nbflow.api.server import ApiServer
+
+    server = ApiServer(store, "127.0.0.1", 0)
+    server.start()
+    deadline = time.monotonic() + 20
+    while not server.server.started:
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.02)
+    return server
+
+
+def until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition", every: float = 0.02,
+          show: Callable[[], Any] | None = None) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail saying what never happened
+    (and, with ``show``, what is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}" + (f"; now: {show()}" if show else ""))

@@ -11,8 +11,8 @@ from helpers import make_notebook, nbflow
 from nbflow.store.database import SCHEMA_REVISION
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "register", "flows", "runs", "show", "trigger", "cancel", "worker", "schedule", "schedule add",
-            "schedule list", "scheduler", "db", "db upgrade"]
+COMMANDS = ["run", "register", "flows", "runs", "show", "trigger", "cancel", "retry", "worker", "schedule",
+            "schedule add", "schedule list", "scheduler", "db", "db upgrade"]
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
@@ -82,3 +82,19 @@ def test_db_upgrade(nbflow_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"revision {SCHEMA_REVISION}" in proc.stdout
     assert nbflow(nbflow_env, tmp_path, "db", "upgrade").returncode == 0
+
+
+def test_retry_queues_a_new_run_with_the_same_parameters(sqlite_env, tmp_path):
+    nb = make_notebook(tmp_path, "div", ["assert days > 3, 'too few days'"], parameters="days = 7")
+    failed = json.loads(nbflow(sqlite_env, tmp_path, "run", str(nb), "-p", "days", "2", "--json").stdout)
+    assert failed["state"] == "FAILED"
+    proc = nbflow(sqlite_env, tmp_path, "retry", failed["id"][:8], "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["id"] != failed["id"] and again["state"] == "PENDING"
+    assert (again["trigger"], again["parent_run_id"], again["parameters"]) == ("retry", failed["id"], {"days": 2})
+    # the old run is untouched; a run that has not ended cannot be retried
+    old = json.loads(nbflow(sqlite_env, tmp_path, "show", failed["id"], "--json").stdout)
+    assert old["state"] == "FAILED" and old["parent_run_id"] is None
+    refused = nbflow(sqlite_env, tmp_path, "retry", again["id"])
+    assert refused.returncode != 0 and "has not ended (PENDING)" in refused.stderr

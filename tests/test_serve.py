@@ -36,7 +36,7 @@ def test_serve_fires_schedules_and_executes_triggered_runs(nbflow_env, tmp_path)
     nb = make_notebook(tmp_path, "tick", ["import nbflow\nnbflow.record('region', region)"],
                        parameters="region = 'EU'")
     assert nbflow(nbflow_env, tmp_path, "register", str(nb)).returncode == 0
-    serve = start(nbflow_env, tmp_path, "serve", "--tick", "0.2", "--poll", "0.2")
+    serve = start(nbflow_env, tmp_path, "serve", "--tick", "0.2", "--poll", "0.2", "--port", "0")
     try:
         # added while serve runs: the store is the source of truth, no restart needed
         assert nbflow(nbflow_env, tmp_path, "schedule", "add", "tick", "--interval", "2s").returncode == 0
@@ -78,7 +78,7 @@ def test_a_run_queued_in_process_starts_without_waiting_for_the_poll(nbflow_env,
 def test_a_run_queued_by_another_process_wakes_the_server(nbflow_env, tmp_path):
     """PostgreSQL: LISTEN/NOTIFY; SQLite: the server's FIFO next to the database file."""
     nb = make_notebook(tmp_path, "woken", ["x = 1"])
-    serve = start(nbflow_env, tmp_path, "serve", "--poll", SLOW_POLL)
+    serve = start(nbflow_env, tmp_path, "serve", "--poll", SLOW_POLL, "--port", "0")
     try:
         time.sleep(2.0)  # serve is up, listening, and idle
         run_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", str(nb), "--json").stdout)["id"]

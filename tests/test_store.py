@@ -26,7 +26,8 @@ from nbflow.store.database import MIGRATIONS_DIR, SCHEMA_REVISION, SQLITE_BUSY_T
 from nbflow.store.models import Base, Flow, FlowVersion, Run, Schedule
 
 TABLES = {"flow", "flow_version", "schedule", "run", "run_state_event", "cell_run", "log", "api_key", "tag_limit",
-          "flow_dependency", "file_trigger", "file_seen"}
+          "flow_dependency", "file_trigger", "file_seen", "secret", "webhook", "notification",
+          "notification_delivery", "worker", "leader"}
 
 
 def table_names(store: Store) -> set[str]:

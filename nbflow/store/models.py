@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -80,6 +81,11 @@ class Flow(Base):
     concurrency_limit: Mapped[int | None] = mapped_column(Integer)
     # What a run does when the flow is at its concurrency limit: ``enqueue`` (wait) or ``cancel-new``.
     collision: Mapped[str] = mapped_column(String(20), default="enqueue", server_default="enqueue")
+    # A paused flow's schedules skip their slots and its pipeline and file events wait; a run asked for by
+    # hand (CLI, API) still runs.
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Worker labels a run of this flow needs: only a runner declaring all of them claims it (``nbflow.workers``).
+    labels: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -278,4 +284,95 @@ class FileSeen(Base):
     trigger_id: Mapped[int] = mapped_column(ForeignKey("file_trigger.id", ondelete="CASCADE"))
     path: Mapped[str] = mapped_column(Text)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("run.id", ondelete="SET NULL"))
+    run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("run.id", ondelete="SET NULL"), index=True)
+
+
+class Secret(Base):
+    """A named secret, encrypted at rest (``nbflow.secrets``): the database never holds its value in clear.
+
+    ``value_digest`` is an HMAC of the value keyed by the secret key: it lets a run request be checked for
+    a secret passed as a parameter without decrypting anything, and reveals nothing without the key."""
+
+    __tablename__ = "secret"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    value_digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Webhook(Base):
+    """An inbound webhook: ``POST /api/hooks/{token}`` runs ``flow``, with parameters taken from the JSON
+    body through ``mapping`` (parameter -> dotted path). Only a hash of the token is kept."""
+
+    __tablename__ = "webhook"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    mapping: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Notification(Base):
+    """Call ``url`` with a JSON payload when a run of ``flow`` ends in one of ``on_states``."""
+
+    __tablename__ = "notification"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_id: Mapped[int] = mapped_column(ForeignKey("flow.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    on_states: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class NotificationDelivery(Base):
+    """The outbox: one row per (notification, run) to deliver, UNIQUE so that two senders never queue or
+    send it twice. A sender claims a row by moving ``next_attempt_at`` past its own attempt (a lease)."""
+
+    __tablename__ = "notification_delivery"
+    __table_args__ = (
+        UniqueConstraint("notification_id", "run_id"),
+        Index("ix_notification_delivery_due", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notification.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Worker(Base):
+    """A live runner (``nbflow worker`` or the runner of ``nbflow serve``), for ``nbflow workers``: registered
+    at start, ``last_seen_at`` renewed with its lease beat, removed on a clean stop, and removed by the reaper
+    leader once it stops beating (killed, machine gone). Nothing depends on it for correctness: runs carry
+    their own leases."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Leader(Base):
+    """The lease of one housekeeping ``role`` (``nbflow.leader``): ``holder`` does that role's work until
+    ``expires_at``, and whoever finds it expired may take it over."""
+
+    __tablename__ = "leader"
+
+    role: Mapped[str] = mapped_column(String(50), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
