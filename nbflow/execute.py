@@ -513,7 +513,8 @@ def prepare() -> None:
             raise _Rollback
     except _Rollback:
         pass
-    # nbformat compiles its JSON-schema validator on first use (~60 ms): not on a run's clock.
+    # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
+    # process forked by the fork server, which did it once: nbflow.forkserver).
     nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
 
 

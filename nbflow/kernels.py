@@ -27,6 +27,7 @@ from typing import Any
 from jupyter_client import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
+from nbflow import zygote
 from nbflow.settings import KERNEL_SOCKET_PREFIX
 
 START_ATTEMPTS = 3
@@ -64,6 +65,10 @@ class Kernel:
             name = f"{KERNEL_SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             ipc_base = os.path.join(tempfile.gettempdir(), name)
             self.km = AsyncKernelManager(kernel_name=self.name, transport="ipc", ip=ipc_base)
+            if os.environ.get(zygote.ENV_DIR):  # the runner's zygote forks the kernel if it can
+                self.km.kernel_id = str(uuid.uuid4())
+                self.km.provisioner = zygote.ForkProvisioner(
+                    kernel_id=self.km.kernel_id, kernel_spec=self.km.kernel_spec, parent=self.km)
             extra = ["--HistoryManager.hist_file=:memory:"] if self.km.ipykernel else []
             run_sync(self.km.start_kernel)(extra_arguments=extra, cwd=self.cwd)
         except Exception as exc:
@@ -141,5 +146,8 @@ class Kernel:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, 0)
+            if isinstance(km.provisioner.process, zygote.ForkedKernel):  # the zygote's child: wait on its pidfd
+                with contextlib.suppress(Exception):
+                    km.provisioner.process.wait(5)
         with contextlib.suppress(Exception):
             run_sync(km.cleanup_resources)(restart=False)

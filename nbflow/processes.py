@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from nbflow import zygote
 from nbflow.settings import KERNEL_SOCKET_PREFIX
 from nbflow.store import Store
 
@@ -37,7 +38,7 @@ GRACE_SECONDS = 5.0
 # Imported once by the fork server, inherited by every run process it forks. Not ``__main__``: the
 # fork server must never run a user's script. As with any ``multiprocessing`` code, a script that
 # starts a runner itself needs the ``if __name__ == "__main__":`` guard (the ``nbflow`` command has it).
-PRELOAD = ["nbflow.cli", "nbflow.runprocess", "nbflow.execute"]
+PRELOAD = ["nbflow.cli", "nbflow.runprocess", "nbflow.execute", "nbflow.forkserver"]
 
 
 def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
@@ -150,7 +151,7 @@ def fork(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID |
     argv = ["--kernel", kernel_name, "--cwd", str(cwd), "--parent-pid", str(os.getpid())]
     argv += [str(run_id)] if run_id is not None else ["--warm"]
     # The fork server's environment and folder are those of when it started: pass ours.
-    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
+    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url, **zygote.for_runner(kernel_name))
     err_path = _err_file()
     ours, theirs = ctx.Pipe() if run_id is None else (None, None)
     process = ctx.Process(target=forked_main, args=(argv, env, os.getcwd(), err_path, theirs),

@@ -107,16 +107,18 @@ def test_retry_succeeds_on_second_attempt(nbflow_env, tmp_path):
 
 
 def kernels_left(run_id: str) -> list[int]:
-    """Live kernels started by the run's process (ipykernel is told its parent in JPY_PARENT_PID)."""
+    """Live kernels started by the run's process: spawned ones are told their parent in JPY_PARENT_PID,
+    kernels forked by a runner's zygote (nbflow.zygote) are named ``nbflow-k<pid>``."""
     with open_store().read() as session:
         pid = session.get(Run, uuid.UUID(run_id)).process_id
     assert pid, "the run process recorded no pid"
     deadline = time.monotonic() + 5  # an orphaned kernel notices its parent is gone within ~1 s
     while True:
         found = []
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in psutil.process_iter(["cmdline", "name"]):
             try:
-                if ("ipykernel_launcher" in " ".join(proc.info["cmdline"] or [])
+                if proc.info["name"] == f"nbflow-k{pid}" or (
+                        "ipykernel_launcher" in " ".join(proc.info["cmdline"] or [])
                         and proc.environ().get("JPY_PARENT_PID") == str(pid)):
                     found.append(proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
