@@ -17,9 +17,17 @@ Then it times, through ``nbflow.backend.LocalBackend`` as the dashboard, the CLI
   runs-newest        newest 50 runs overall
   count-state        ``count_runs(state=...)``, a state drawn at random (COMPLETED is ~92% of runs)
   count-completed    ``count_runs(state="COMPLETED")``: the worst case of the above
+  count-total        ``count_runs()``: every run (the dashboard's total)
+  count-flow-state   ``count_runs(flow=..., state=...)``, both drawn at random
   run-with-cells     ``run(id)``: one run's document with its cells
   dashboard          ``nbflow.widgets.Dashboard(backend).refresh()``: flows, the first page of runs and
                      the total count, rendered into the widgets
+
+Counts come from the counters the database keeps (migration 0006, ``nbflow.counts``): the loads below
+fire its triggers like any writer. On PostgreSQL they leave one delta row per (state, flow) per COPY;
+the bench then folds them once (``counts.compact``, what the reaper leader does every half lease) and
+prints how long that took. It also checks the counters against ``GROUP BY state`` once, and prints
+which statements a dashboard refresh spends its time in (mean ms per refresh, over all reps).
 
 ``--plans`` also prints the query plans (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL ``EXPLAIN``) of the
 statements nbflow really sends for those, and for a claim, a reaper pass and a prune (dry run), captured
@@ -225,6 +233,9 @@ def measure(store: Any, flows: int, reps: int) -> dict[str, dict[str, float]]:
         "runs-newest": lambda: backend.runs(limit=50),
         "count-state": lambda: backend.count_runs(state=rng.choice(all_states)),
         "count-completed": lambda: backend.count_runs(state="COMPLETED"),
+        "count-total": lambda: backend.count_runs(),
+        "count-flow-state": lambda: backend.count_runs(flow=f"flow{rng.randrange(flows) + 1}",
+                                                       state=rng.choice(all_states)),
         "run-with-cells": lambda: backend.run(rng.choice(ids)),
         "dashboard": dashboard.refresh,
     }
@@ -232,8 +243,50 @@ def measure(store: Any, flows: int, reps: int) -> dict[str, dict[str, float]]:
     for name, fn in cases.items():
         ms = timed(fn, reps)
         results[name] = {"p50": statistics.median(ms), "p99": percentile(ms, 99), "max": max(ms)}
+    breakdown(store, dashboard.refresh, reps)
     dashboard.close()
     return results
+
+
+def breakdown(store: Any, fn: Callable[[], Any], reps: int) -> None:
+    """Print where ``fn`` (a dashboard refresh) spends its time: each statement's mean ms per call
+    (execution and fetch of its rows by the driver), and what is left for Python."""
+    from sqlalchemy import event
+
+    spent: dict[str, float] = {}
+    started: list[float] = []
+
+    def before(*_args: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        key = " ".join(statement.split())[:110]
+        spent[key] = spent.get(key, 0.0) + (time.perf_counter() - started.pop()) * 1000
+
+    event.listen(store.engine, "before_cursor_execute", before)
+    event.listen(store.engine, "after_cursor_execute", after)
+    try:
+        total = sum(timed(fn, reps, warmup=0))
+    finally:
+        event.remove(store.engine, "before_cursor_execute", before)
+        event.remove(store.engine, "after_cursor_execute", after)
+    in_sql = sum(spent.values())
+    print(f"  dashboard refresh: {total / reps:.2f} ms mean, {len(spent)} distinct statements, "
+          f"{in_sql / reps:.2f} ms in them:")
+    for key, ms in sorted(spent.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {ms / reps:6.2f} ms  {key}")
+
+
+def check_counts(store: Any) -> None:
+    """The counters kept by the triggers against a GROUP BY of the loaded runs (once, not timed)."""
+    from sqlalchemy import func, select
+
+    from nbflow import counts
+    from nbflow.store.models import Run
+
+    with store.read() as session:
+        truth = {s: n for s, n in session.execute(select(Run.state, func.count()).group_by(Run.state))}
+        assert counts.by_state(session) == truth, (counts.by_state(session), truth)
 
 
 def plans(store: Any) -> None:
@@ -332,6 +385,13 @@ def bench_backend(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str
         size = db_path.stat().st_size if backend == "sqlite" else _pg_size(store)
         print(f"{backend}: loaded {args.runs:,} runs and {args.runs * args.cells:,} cell runs in {load_s:.1f} s "
               f"({args.runs * (args.cells + 1) / load_s:,.0f} rows/s); {size / 2**30:.2f} GiB", flush=True)
+        from nbflow import counts
+
+        t0 = time.perf_counter()
+        folded = counts.compact(store)
+        print(f"  first compaction: {folded:,} delta rows folded in {(time.perf_counter() - t0) * 1000:.0f} ms",
+              flush=True)
+        check_counts(store)
         results = measure(store, args.flows, args.reps)
         for name, r in results.items():
             print(f"  {name:16} p50 {r['p50']:7.2f} ms   p99 {r['p99']:7.2f} ms   max {r['max']:7.2f} ms", flush=True)

@@ -32,7 +32,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from nbflow import launcher, states, workers
+from nbflow import counts, launcher, states, workers
 from nbflow.executors.base import Executor
 from nbflow.executors.local import LocalExecutor
 from nbflow.leader import REAPER, Leadership
@@ -193,6 +193,7 @@ class Runner:
             self._next_reap = time.monotonic() + self.lease_seconds / 2
             reap(self.store, self.lease_seconds)
             workers.prune(self.store, self.lease_seconds)
+            counts.compact(self.store)  # fold the run-count deltas (nbflow.counts)
         if not self.draining.is_set():
             for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads), self.labels):
                 if run_id in self._threads:  # ours already (cannot happen while our lease holds): one supervisor

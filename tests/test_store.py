@@ -27,7 +27,7 @@ from nbflow.store.models import Base, Flow, FlowVersion, Run, Schedule
 
 TABLES = {"flow", "flow_version", "schedule", "run", "run_state_event", "cell_run", "log", "api_key", "tag_limit",
           "flow_dependency", "file_trigger", "file_seen", "secret", "webhook", "notification",
-          "notification_delivery", "worker", "leader"}
+          "notification_delivery", "worker", "leader", "run_count", "run_count_delta"}
 
 
 def table_names(store: Store) -> set[str]:

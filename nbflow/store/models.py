@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -173,6 +174,35 @@ class Run(Base):
 
     flow: Mapped[Flow] = relationship(foreign_keys=[flow_id])
     flow_version: Mapped[FlowVersion] = relationship(foreign_keys=[flow_version_id])
+
+
+class RunCount(Base):
+    """Exact run counts per (state, flow), kept by triggers on ``run`` (migration 0006, ``nbflow.counts``):
+    a count is a sum over these rows plus the pending ``RunCountDelta`` rows, not a scan of the history.
+
+    No foreign key to ``flow``: a deleted flow's runs are counted down by the same triggers as they cascade
+    away, and its rows, then zero, are removed by the next compaction."""
+
+    __tablename__ = "run_count"
+    __table_args__ = (Index("ix_run_count_flow", "flow_id"),)
+
+    state: Mapped[str] = mapped_column(String(20), primary_key=True)
+    flow_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunCountDelta(Base):
+    """Append-only changes to ``RunCount`` written by the PostgreSQL triggers (SQLite's update
+    ``RunCount`` directly: one writer at a time there, so no contention to avoid). Inserting a new row
+    never waits on another transaction, where updating one counter row per state would serialise every
+    claim and finish; ``nbflow.counts.compact`` folds them into ``RunCount``."""
+
+    __tablename__ = "run_count_delta"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(20))
+    flow_id: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
 
 
 class RunStateEvent(Base):
