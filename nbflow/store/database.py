@@ -78,7 +78,9 @@ class Store:
             # psycopg 3 is the driver we ship; a bare postgresql:// URL means it.
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            self.engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
+            # A ping before each checkout finds server connections dropped while pooled; a SQLite file
+            # cannot drop one, so there it would be a query per transaction for nothing.
+            self.engine = create_engine(parsed, pool_pre_ping=self.dialect != "sqlite", **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise DatabaseError(f"cannot open database {_redact(url)!r}: {exc}") from None
         if self.dialect == "sqlite":
