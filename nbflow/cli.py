@@ -357,9 +357,9 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, lab
     api = None if no_api else _api_server(store, sched, runner, host, port)
     click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s), tick {tick:g}s, "
                f"database {store.dialect}" + (f", executor dask at {dask_scheduler}" if executor_ else ""), err=True)
-    sched.start()
     if api is not None:
         api.start()
+    sched.start(after=(lambda: api.server.started) if api is not None else None)  # its first pass: once the API answers
     try:  # the API keeps answering while runs in flight get their grace period: clients can watch them end
         _run_runner(runner, exit_when_idle=False, grace=grace)
     finally:
@@ -1105,6 +1105,9 @@ def notify_remove(notification_id: str) -> None:
 
 
 def main() -> None:
+    from nbflow.startup import skip_unused_imports
+
+    skip_unused_imports()
     cli(prog_name="nbflow")
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ class NotebookSource:
     text: str
     nb: nbformat.NotebookNode
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
@@ -60,6 +63,49 @@ def read_notebook(path: str | Path) -> NotebookSource:
     except (OSError, UnicodeDecodeError) as exc:
         raise NotebookError(f"cannot read notebook {p}: {exc}") from None
     return parse_notebook(text, p.resolve())
+
+
+# Notebooks read for run requests, by resolved path: (mtime_ns, size, when read, source). A trigger of a
+# registered flow reads its notebook to see whether it changed; parsing and validating it costs ~0.5 ms
+# and an API server triggering one flow many times a second would redo that for every run.
+RACY_SECONDS = 2.0
+_read_cache: dict[Path, tuple[int, int, float, NotebookSource]] = {}
+_read_cache_lock = threading.Lock()
+READ_CACHE_SIZE = 256
+
+
+def read_notebook_cached(path: str | Path) -> NotebookSource:
+    """``read_notebook``, reusing the last parse while the file's (mtime_ns, size) are unchanged.
+
+    The racy-mtime guard (git's "racily clean" entries): a file read less than ``RACY_SECONDS`` after it
+    was modified may be written again within the clock's granularity, with the same size, leaving the
+    same stat behind; such a read is never trusted, so an edit is always seen. Callers share the
+    returned source: they must not change ``source.nb`` (``inspect_parameters`` copies it).
+    """
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except OSError:
+        return read_notebook(p)  # missing or unreadable: let read_notebook say so
+    with _read_cache_lock:
+        entry = _read_cache.get(p)
+    if entry is not None and entry[:2] == (st.st_mtime_ns, st.st_size):
+        mtime_ns, _size, read_at, source = entry
+        if read_at - mtime_ns / 1e9 >= RACY_SECONDS:
+            return source
+    read_at = time.time()
+    source = read_notebook(p)
+    # Keep it only if the file still is what was read (an edit during the read is seen next time).
+    try:
+        after = os.stat(p)
+    except OSError:
+        return source
+    if (after.st_mtime_ns, after.st_size) == (st.st_mtime_ns, st.st_size):
+        with _read_cache_lock:
+            if len(_read_cache) >= READ_CACHE_SIZE:
+                _read_cache.pop(next(iter(_read_cache)))
+            _read_cache[p] = (st.st_mtime_ns, st.st_size, read_at, source)
+    return source
 
 
 def parse_notebook(text: str, path: Path) -> NotebookSource:

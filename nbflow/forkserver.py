@@ -9,8 +9,12 @@ a store or the folder: only imports and compiled code.
 
 from __future__ import annotations
 
-import IPython.paths  # noqa: F401 - imported by jupyter_client's KernelSpecManager on every lookup
-import nbformat
+from nbflow.startup import skip_unused_imports
+
+skip_unused_imports()  # before nbformat (below, or in the modules preloaded after this one)
+
+import IPython.paths  # noqa: E402,F401 - imported by jupyter_client's KernelSpecManager on every lookup
+import nbformat  # noqa: E402
 
 # Validate once (read + write, as papermill does) so the validator for the current format is compiled.
 nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)

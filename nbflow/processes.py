@@ -38,7 +38,7 @@ GRACE_SECONDS = 5.0
 # Imported once by the fork server, inherited by every run process it forks. Not ``__main__``: the
 # fork server must never run a user's script. As with any ``multiprocessing`` code, a script that
 # starts a runner itself needs the ``if __name__ == "__main__":`` guard (the ``nbflow`` command has it).
-PRELOAD = ["nbflow.cli", "nbflow.runprocess", "nbflow.execute", "nbflow.forkserver"]
+PRELOAD = ["nbflow.forkserver", "nbflow.cli", "nbflow.runprocess", "nbflow.execute"]
 
 
 def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:

@@ -177,6 +177,9 @@ def forked_main(argv: list[str], env: dict[str, str], cwd: str, err_path: str, c
 
 
 if __name__ == "__main__":
+    from nbflow.startup import skip_unused_imports
+
+    skip_unused_imports()
     code = main()
     # Everything is written and the kernel is gone: skip the interpreter's ~110 ms of tear-down,
     # which the launcher would otherwise wait for before the next attempt or returning to the user.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from nbflow.flows import (
     inspect_parameters,
     latest_version,
     parse_notebook,
-    read_notebook,
+    read_notebook_cached,
     resolve_kernel,
     sync_version,
 )
@@ -68,17 +69,11 @@ def create_run(
     ``worker_id`` claims the run at birth (``nbflow run`` executes it itself); without it the run is
     queued for any worker. A taken ``idempotency_key`` raises ``IntegrityError`` (see ``create_run_once``).
     """
-    checked = _check_request(store, target, parameters or {}, kernel)
-    source, kernel_name, values = checked.source, checked.kernel_name, checked.values
-    flow, version = checked.flow, checked.version
-    if flow is None or version is None:  # a new flow, or its notebook changed: register or version it first
-        if looks_like_path(target):
-            flow, version = flow_for_path(store, source, kernel)
-        else:
-            flow, version = sync_version(store, target, source if checked.from_file else None,
-                                         kernel_override=kernel)
+    found = _look_up(store, target, kernel)
+    values = _checked_values(store, found, parameters or {})
+    flow, version = _registered(store, target, found, kernel)
     with store.write() as session:
-        run = new_run(flow, version, values, kernel_name, trigger=trigger, worker_id=worker_id,
+        run = new_run(flow, version, values, found.kernel_name, trigger=trigger, worker_id=worker_id,
                       heartbeat_at=utcnow() if worker_id else None, parent_run_id=parent_run_id,
                       idempotency_key=idempotency_key)
         states.initial_state(session, run, state)
@@ -94,21 +89,12 @@ def create_run_once(store: Store, flow_name: str, parameters: dict[str, Any] | N
     decides, not a prior read, so concurrent requests with one key create one run on either database;
     the prior read only spares the common repeat a notebook inspection. Reusing a key for another flow
     or other parameters is a client bug, refused (``IdempotencyConflict``) rather than answered with a
-    run that is not what was asked for.
+    run that is not what was asked for. This is ``create_runs_once`` of one request: one code path.
     """
-    from sqlalchemy.exc import IntegrityError
-
-    if idempotency_key is not None:
-        existing = _run_by_key(store, idempotency_key, flow_name, parameters or {})
-        if existing is not None:
-            return existing, False
-    try:
-        return create_run(store, flow_name, parameters, trigger=trigger, idempotency_key=idempotency_key), True
-    except IntegrityError:
-        existing = _run_by_key(store, idempotency_key, flow_name, parameters or {}) if idempotency_key else None
-        if existing is None:
-            raise
-        return existing, False
+    result = create_runs_once(store, [RunRequest(flow_name, parameters or {}, idempotency_key, trigger)])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result.run, result.created
 
 
 def _run_by_key(store: Store, key: str, flow_name: str, parameters: dict[str, Any]) -> Run | None:
@@ -165,30 +151,32 @@ def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel
 
 
 @dataclass
-class _Checked:
-    """What ``_check_request`` found: the notebook that will run (``from_file``: read from its file, else
-    the stored snapshot of a flow whose file is gone), its kernel, the converted parameter values, and
-    the flow and version to run when the flow's newest version is exactly that notebook (else None: the
-    flow must be registered or versioned first)."""
+class _Target:
+    """What ``_look_up`` found for a run request, before its parameters: the notebook that will run
+    (``from_file``: read from its file, else the stored snapshot of a flow whose file is gone), its
+    kernel, its parameter spec, and the flow and version to run when the flow's newest version is exactly
+    that notebook (else ``version`` is None: the flow must be registered or versioned first)."""
 
     source: NotebookSource
     from_file: bool
     kernel_name: str
-    values: dict[str, Any]
+    spec: dict[str, Any]
+    has_parameters_cell: bool
     flow: Flow | None
     version: FlowVersion | None
 
 
-def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel: str | None) -> _Checked:
-    """Every check ``create_run`` needs, on what would run, before anything is written.
+def _look_up(store: Store, target: str, kernel: str | None) -> _Target:
+    """Every check ``create_run`` needs on what would run, before anything is written.
 
-    The common case (a registered flow whose notebook has not changed) costs one read transaction: the
-    parameter spec is the one stored with the version, not inspected again.
+    The common case (a registered flow whose notebook has not changed) costs one read transaction and a
+    ``stat`` of the notebook (``read_notebook_cached``): the parameter spec is the one stored with the
+    version, not inspected again.
     """
     from_file = True
     version: FlowVersion | None = None
     if looks_like_path(target):
-        source = read_notebook(target)
+        source = read_notebook_cached(target)
         with store.read() as session:
             flow = flow_by_path(session, source.path)
             version = latest_version(session, flow.id) if flow is not None else None
@@ -198,7 +186,7 @@ def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel
             path = Path(flow.source_path) if flow.source_path else None
             version = latest_version(session, flow.id)
         if path is not None and path.is_file():
-            source = read_notebook(path)
+            source = read_notebook_cached(path)
         elif version is not None:
             source, from_file = parse_notebook(version.source, path or Path(flow.name)), False
         else:
@@ -208,11 +196,151 @@ def _check_request(store: Store, target: str, parameters: dict[str, Any], kernel
         spec, has_cell = version.parameters, version.has_parameters_cell
     else:  # a new or changed notebook (or another kernel's language): inspect it
         spec, has_cell, version = *inspect_parameters(source, kernel_name), None
-    values = validate(spec, parameters, has_parameters_cell=has_cell)
+    return _Target(source, from_file, kernel_name, spec, has_cell, flow if version is not None else None, version)
+
+
+def _checked_values(store: Store, found: _Target, parameters: dict[str, Any]) -> dict[str, Any]:
+    """A request's parameters converted to the spec's types; refused if invalid or if one holds a secret."""
+    values = validate(found.spec, parameters, has_parameters_cell=found.has_parameters_cell)
     from nbflow.secrets import check_parameters  # parameters are stored in clear: never a secret's value
 
     check_parameters(store, values)
-    return _Checked(source, from_file, kernel_name, values, flow if version is not None else None, version)
+    return values
+
+
+def _registered(store: Store, target: str, found: _Target, kernel: str | None) -> tuple[Flow, FlowVersion]:
+    """The flow and version a checked request runs: registered, or versioned, first if it must be."""
+    if found.flow is not None and found.version is not None:
+        return found.flow, found.version
+    if looks_like_path(target):  # a new flow, or its notebook changed: register or version it first
+        return flow_for_path(store, found.source, kernel)
+    return sync_version(store, target, found.source if found.from_file else None, kernel_override=kernel)
+
+
+@dataclass
+class RunRequest:
+    """One request to run a flow by name, as ``create_run_once`` takes it (``create_runs_once``)."""
+
+    flow: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    trigger: str = "api"
+
+
+@dataclass
+class Triggered:
+    """A request's answer from ``create_runs_once``: its run, and whether it was created now (else an
+    earlier request with its idempotency key created it). A created run comes with its flow and version
+    (``new_run_document`` needs no query); a found one does not."""
+
+    run: Run
+    created: bool
+    flow: Flow | None = None
+    version: FlowVersion | None = None
+
+
+_KEY_TAKEN = object()  # an insert refused by a UNIQUE key (the idempotency key): resolved after the commit
+
+
+def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Triggered | Exception]:
+    """``create_run_once`` for many requests at once, committed as ONE write transaction (group commit):
+    the API server queues concurrent triggers and creates them here, so N requests cost one commit (and
+    one look-up of each flow) instead of N serialised on the database's write lock.
+
+    Each request gets its own answer, in order: a ``Triggered``, or the exception that request alone
+    met (a bad parameter, an unknown flow, an idempotency conflict), exactly as ``create_run_once`` would
+    raise it; one request's failure never fails another's. The runs are built by ``new_run`` and given
+    their first state by ``states.initial_state``, as ``create_run`` does. Idempotency is the UNIQUE
+    column's, as in ``create_run_once``: a key seen before returns its run; a key taken meanwhile (by
+    another process, or by an earlier request of the same batch) is resolved after the commit.
+    An error reaching the database itself (it is down) is raised for the whole batch.
+    """
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    results: list[Any] = [None] * len(requests)
+    keys = {r.idempotency_key for r in requests if r.idempotency_key is not None}
+    if keys:  # one query for every key of the batch; only a repeated key costs a look at its run
+        with store.read() as session:
+            taken = set(session.execute(select(Run.idempotency_key).where(Run.idempotency_key.in_(keys))).scalars())
+        for i, request in enumerate(requests):
+            if request.idempotency_key in taken:
+                results[i] = _existing_run(store, request)
+    # Each flow is looked up (its notebook stat-ed) once per batch, and versioned at most once, only if
+    # one of its requests is valid: a rejected request writes nothing, as with create_run.
+    targets: dict[str, _Target | Exception] = {}
+    checked: list[tuple[int, dict[str, Any]]] = []
+    for i, request in enumerate(requests):
+        if results[i] is not None:
+            continue
+        if request.flow not in targets:
+            targets[request.flow] = _attempt(_look_up, store, request.flow, None)
+        found = targets[request.flow]
+        results[i] = found if isinstance(found, Exception) else _attempt(
+            _checked_values, store, found, request.parameters)
+        if not isinstance(results[i], Exception):
+            checked.append((i, results[i]))
+            results[i] = None
+    ready: dict[str, tuple[Flow, FlowVersion] | Exception] = {}
+    for i, _values in checked:
+        name = requests[i].flow
+        if name not in ready:
+            found = targets[name]
+            assert isinstance(found, _Target)
+            ready[name] = _attempt(_registered, store, name, found, None)
+        if isinstance(ready[name], Exception):
+            results[i] = ready[name]
+
+    def build(i: int, values: dict[str, Any]) -> Run:
+        flow, version = ready[requests[i].flow]  # type: ignore[misc]
+        found = targets[requests[i].flow]
+        assert isinstance(found, _Target)
+        return new_run(flow, version, values, found.kernel_name, trigger=requests[i].trigger,
+                       idempotency_key=requests[i].idempotency_key)
+
+    todo = [(i, values) for i, values in checked if results[i] is None]
+    built: list[tuple[int, Run]] = []
+    try:  # the common case: every insert succeeds, all sent in one batch of statements
+        with store.write() as session:
+            built = [(i, build(i, values)) for i, values in todo]
+            for _i, run in built:
+                states.initial_state(session, run, flush=False)
+    except (IntegrityError, DataError):  # a key taken meanwhile, or a value the database refuses: again,
+        built = []                        # each run in a SAVEPOINT, so that only its own request fails
+        with store.write() as session:
+            for i, values in todo:
+                run = build(i, values)
+                try:
+                    if insert_unique_run(session, run):
+                        built.append((i, run))
+                    else:
+                        results[i] = _KEY_TAKEN
+                except DataError as exc:
+                    results[i] = exc
+    for i, run in built:
+        flow, version = ready[requests[i].flow]  # type: ignore[misc]
+        results[i] = Triggered(run, True, flow, version)
+    for i, request in enumerate(requests):
+        if results[i] is _KEY_TAKEN:  # the key's run, now committed by whoever won (None: a key-less clash)
+            existing = _existing_run(store, request) if request.idempotency_key else None
+            results[i] = existing or NbflowError(f"the run of flow {request.flow!r} could not be stored: "
+                                                 "a row it refers to changed meanwhile; try again")
+    return results
+
+
+def _attempt(call: Any, *args: Any) -> Any:
+    """``call(*args)``, or the exception it raised: one request's failure is its answer, not the batch's."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        return exc
+
+
+def _existing_run(store: Store, request: RunRequest) -> Triggered | Exception | None:
+    """The run an earlier request with this key created (None if there is none), or the conflict if
+    this request differs from that one."""
+    assert request.idempotency_key is not None
+    found = _attempt(_run_by_key, store, request.idempotency_key, request.flow, request.parameters)
+    return Triggered(found, False) if isinstance(found, Run) else found
 
 
 def request_cancel(store: Store, run_id: str | uuid.UUID) -> Run:
@@ -276,15 +404,43 @@ def cell_document(cell: CellRun) -> dict[str, Any]:
 
 
 def run_document(session: Session, run: Run, *, cells: bool = True) -> dict[str, Any]:
-    flow = session.get(Flow, run.flow_id)
-    version = session.get(FlowVersion, run.flow_version_id)
+    flow, version = _flow_and_version(session, run)
+    return _document(run, flow.name if flow else None, version.version if version else None,
+                     [cell_document(c) for c in cells_of(session, run)] if cells else None)
+
+
+def _flow_and_version(session: Session, run: Run) -> tuple[Flow | None, FlowVersion | None]:
+    """A run's flow and version: from the session's identity map when a page of runs has loaded them
+    already, else both in one query (a single run's read is the API's most frequent request)."""
+    from sqlalchemy.orm.util import identity_key
+
+    flow = session.identity_map.get(identity_key(Flow, run.flow_id))
+    version = session.identity_map.get(identity_key(FlowVersion, run.flow_version_id))
+    if flow is None or version is None:
+        row = session.execute(select(Flow, FlowVersion).join(FlowVersion, FlowVersion.flow_id == Flow.id).where(
+            Flow.id == run.flow_id, FlowVersion.id == run.flow_version_id)).first()
+        if row is not None:
+            flow, version = row
+        else:  # a run always has both; stay correct if a row is gone
+            flow, version = session.get(Flow, run.flow_id), session.get(FlowVersion, run.flow_version_id)
+    return flow, version  # type: ignore[return-value]
+
+
+def new_run_document(run: Run, flow: Flow, version: FlowVersion) -> dict[str, Any]:
+    """``run_document`` of a run just created (``create_runs_once``), without a query: it has no cells yet,
+    and its flow and version are at hand."""
+    return _document(run, flow.name, version.version, [])
+
+
+def _document(run: Run, flow_name: str | None, version: int | None,
+              cells: list[dict[str, Any]] | None) -> dict[str, Any]:
     error = None
     if run.error:
         error = {k: run.error.get(k) for k in ("ename", "evalue", "cell_index", "cell_id", "traceback")}
     doc: dict[str, Any] = {
         "id": str(run.id),
-        "flow": flow.name if flow else None,
-        "flow_version": version.version if version else None,
+        "flow": flow_name,
+        "flow_version": version,
         "state": run.state,
         "state_name": run.state_name,
         "state_message": run.state_message,
@@ -302,8 +458,8 @@ def run_document(session: Session, run: Run, *, cells: bool = True) -> dict[str,
         "error": error,
         "result": run.result or {},
     }
-    if cells:
-        doc["cells"] = [cell_document(c) for c in cells_of(session, run)]
+    if cells is not None:
+        doc["cells"] = cells
     return doc
 
 

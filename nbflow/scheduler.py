@@ -8,9 +8,13 @@ intervals, one-off dates) through ``get_next_fire_time``; nbflow does not run on
 schedule (adding 10,000 of them one by one takes ~10 s, see DESIGN.md).
 
 Exactly one run per slot: each fired slot inserts a run keyed by ``(schedule_id, scheduled_for)`` under
-the UNIQUE constraint ``uq_run_schedule_slot``, in a SAVEPOINT, so a second scheduler racing for the same
-slot creates nothing. On PostgreSQL due schedules are also read ``FOR UPDATE SKIP LOCKED`` (schedulers
-do not wait on each other); on SQLite the write transaction (``BEGIN IMMEDIATE``) serialises passes.
+the UNIQUE constraint ``uq_run_schedule_slot`` with ``INSERT ... ON CONFLICT DO NOTHING``, so a second
+scheduler racing for the same slot creates nothing. A pass decides its slots without a lock, then writes
+them in chunks (``CHUNK_SLOTS``), earliest first, each chunk one transaction that also advances its
+schedules' ``next_fire_at``: the runs of a burst become claimable a few hundred at a time. A chunk
+re-reads its schedules (on PostgreSQL ``FOR UPDATE SKIP LOCKED``: schedulers do not wait on each other;
+on SQLite the write transaction, ``BEGIN IMMEDIATE``, serialises them) and leaves alone any that another
+scheduler fired or a user changed since the pass read it.
 
 Catch-up (slots that came due while no scheduler ran), per schedule:
 
@@ -28,23 +32,29 @@ while it was paused are not fired.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
 import re
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, inspect, select, update
 
+from nbflow import states
 from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError
 from nbflow.flows import get_flow, latest_version, sync_version
 from nbflow.parameters import validate
-from nbflow.store import Store
-from nbflow.store.models import Flow, FlowVersion, Schedule, utcnow
+from nbflow.store import Store, wake_runners
+from nbflow.store.models import Flow, FlowVersion, Run, Schedule, utcnow
 
 log = logging.getLogger("nbflow.scheduler")
 
@@ -52,6 +62,12 @@ CATCH_UP_POLICIES = ("skip", "latest", "all")
 SKIP_TOLERANCE = 60.0
 LATE_AFTER = 10.0
 MAX_CATCH_UP = 1000
+# Slots per write transaction of a pass: small enough that the first runs of a burst are claimable within
+# tens of milliseconds and SQLite's write lock is released often, large enough that a commit is rare.
+CHUNK_SLOTS = 250
+# Seconds a scheduler wakes after a slot's time, so that the pass finds it due (timers may fire early).
+WAKE_MARGIN = 0.002
+AFTER_TIMEOUT = 10.0
 _WINDOWS = (60.0, 3600.0, 86400.0, 7 * 86400.0, 31 * 86400.0, 366 * 86400.0, None)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TICK = timedelta(microseconds=1)
@@ -316,8 +332,9 @@ def schedule_document(schedule: Schedule, flow_name: str) -> dict[str, Any]:
 # -- firing -----------------------------------------------------------------------------------------
 
 
-def slots_to_fire(schedule: Schedule, trigger: Any, now: datetime) -> list[datetime]:
-    """The due slots of ``schedule`` the catch-up policy keeps, oldest first."""
+def slots_to_fire(schedule: Any, trigger: Any, now: datetime) -> list[datetime]:
+    """The due slots of ``schedule`` (a ``Schedule``, or a row with its ``next_fire_at``, ``catch_up``
+    and ``max_lateness``) the catch-up policy keeps, oldest first."""
     start = schedule.next_fire_at
     if start is None or start > now:
         return []
@@ -329,74 +346,277 @@ def slots_to_fire(schedule: Schedule, trigger: Any, now: datetime) -> list[datet
     return due_slots(trigger, start, now, limit)
 
 
+# Which notebook file (path, mtime, size, inode) each flow was last synced from, per store URL and flow id:
+# an unchanged file is not read and hashed again at every pass (100 flows due each second otherwise cost
+# 100 file reads and 100 write transactions a second).
+_synced: dict[tuple[str, int], tuple[Any, ...]] = {}
+
+
+def _file_signature(path: str | None) -> tuple[Any, ...]:
+    if not path:
+        return (None,)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _sync_versions(store: Store, flow_names: set[str]) -> None:
     """Pick up edits of the flows' notebook files before their runs are created (as a run request does);
-    a flow whose file is unreadable runs its last stored version."""
-    for name in flow_names:
+    a flow whose file is unreadable runs its last stored version. A file unchanged since this process
+    last synced it is not read again."""
+    if not flow_names:
+        return
+    with store.read() as session:
+        flows = session.execute(select(Flow.id, Flow.name, Flow.source_path).where(Flow.name.in_(flow_names))).all()
+    for flow_id, name, path in flows:
+        key, signature = (store.url, flow_id), _file_signature(path)
+        if _synced.get(key) == signature:
+            continue
         try:
             sync_version(store, name)
         except NbflowError as exc:
             log.warning("flow %s: running its last stored version (%s)", name, exc)
+            continue
+        _synced[key] = signature
+
+
+@functools.lru_cache(maxsize=16384)
+def _trigger(kind: str, spec: str, timezone: str) -> Any:
+    """``make_trigger`` of a stored definition, built once: many schedules share one (``0 * * * *``), and
+    a trigger is only read (``get_next_fire_time``), never changed."""
+    return make_trigger(kind, json.loads(spec), timezone)
+
+
+_kernels: dict[tuple[str, int, str | None], str] = {}  # versions never change: neither does their kernel
+
+
+@dataclass
+class _Target:
+    """What the scheduled runs of one flow are made of in a pass: ``template`` is ``runs.new_run``'s run
+    of the flow's latest version (its retries, timeouts, kernel, output path); each slot's row is a copy
+    with its own id, output path, slot and parameters. None: its slots are skipped (flow paused, or no
+    version)."""
+
+    flow: Flow
+    template: Run | None
+    version: FlowVersion | None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    def run_row(self, run_id: uuid.UUID, **fields: Any) -> dict[str, Any]:
+        assert self.template is not None
+        path = self.template.output_path
+        assert path is not None
+        return {**self.columns, "id": run_id, "output_path": path.replace(str(self.template.id), str(run_id)),
+                **fields}
+
+
+def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
+    """The flows of a pass, their notebook edits picked up, with their latest versions: three queries
+    for any number of flows, not two per schedule."""
+    from nbflow.runs import new_run, stored_kernel
+
+    with store.read() as session:
+        names = set(session.execute(select(Flow.name).where(Flow.id.in_(flow_ids))).scalars())
+    _sync_versions(store, names)
+    with store.read() as session:
+        flows = {f.id: f for f in session.execute(select(Flow).where(Flow.id.in_(flow_ids))).scalars()}
+        newest = (select(FlowVersion.flow_id, func.max(FlowVersion.version).label("version"))
+                  .where(FlowVersion.flow_id.in_(flow_ids)).group_by(FlowVersion.flow_id).subquery())
+        versions = {v.flow_id: v for v in session.execute(select(FlowVersion).join(
+            newest, (FlowVersion.flow_id == newest.c.flow_id) & (FlowVersion.version == newest.c.version))).scalars()}
+    targets = {}
+    for flow_id, flow in flows.items():
+        version = versions.get(flow_id)
+        if flow.paused or version is None:  # paused: its slots are skipped
+            targets[flow_id] = _Target(flow, None, version)
+            continue
+        kernel_key = (store.url, version.id, flow.kernel_name)
+        if kernel_key not in _kernels:  # parsing the stored notebook for its kernelspec: once per version
+            _kernels[kernel_key] = stored_kernel(flow, version)
+        template = new_run(flow, version, {}, _kernels[kernel_key], trigger="schedule")
+        if str(template.id) not in (template.output_path or ""):  # a path not named by the run: one per run
+            raise NbflowError(f"run output path {template.output_path!r} does not name its run")
+        state = inspect(template)
+        columns = {attr.key: state.dict[attr.key] for attr in state.mapper.column_attrs if attr.key in state.dict}
+        targets[flow_id] = _Target(flow, template, version, columns)
+    return targets
+
+
+@dataclass
+class _Plan:
+    """One due schedule's part of a pass, decided before any write: the slots to fire and what its row
+    becomes. ``seen`` is the row as read; a chunk applies the plan only if the row is still that."""
+
+    schedule_id: int
+    seen: tuple[Any, ...]
+    slots: list[datetime]
+    next_fire_at: datetime | None
+    active: bool = True
+    target: _Target | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first(self) -> datetime:
+        return self.slots[0] if self.slots else self.seen[0]
+
+
+_DUE_COLUMNS = (Schedule.id, Schedule.flow_id, Schedule.trigger, Schedule.spec, Schedule.timezone,
+                Schedule.parameters, Schedule.catch_up, Schedule.max_lateness, Schedule.next_fire_at,
+                Schedule.active, Schedule.updated_at)
+
+
+def _plans(rows: list[Any], targets: dict[int, _Target], now: datetime) -> list[_Plan]:
+    """Decide every due schedule's slots and next fire time. Schedules sharing a definition (and, for
+    slots, a ``next_fire_at``) share the calendar math: a burst of 5,000 ``0 * * * *`` schedules computes
+    it once."""
+    slots_memo: dict[tuple[Any, ...], list[datetime]] = {}
+    next_memo: dict[tuple[str, str, str], datetime | None] = {}
+    values_memo: dict[tuple[int, str], dict[str, Any] | None] = {}
+    plans = []
+    for row in rows:
+        seen = (row.next_fire_at, row.active, row.updated_at)
+        key = (row.trigger, json.dumps(row.spec, sort_keys=True), row.timezone)
+        try:
+            trigger = _trigger(*key)
+        except ScheduleError as exc:  # a stored definition that no longer works (tz data changed)
+            log.error("schedule %s: %s; paused", row.id, exc)
+            plans.append(_Plan(row.id, seen, [], row.next_fire_at, active=False))
+            continue
+        if key not in next_memo:
+            next_memo[key] = _first_at_or_after(trigger, now + _TICK) if row.trigger != "date" else None
+        plan = _Plan(row.id, seen, [], next_memo[key])
+        plans.append(plan)
+        target = targets.get(row.flow_id)
+        if target is None or target.template is None or target.version is None:
+            continue  # flow gone, paused, or without a version: the slots are skipped
+        slot_key = (*key, row.next_fire_at, row.catch_up, row.max_lateness)
+        if slot_key not in slots_memo:
+            slots_memo[slot_key] = slots_to_fire(row, trigger, now)
+        if not slots_memo[slot_key]:
+            continue
+        params_key = (target.version.id, json.dumps(row.parameters or {}, sort_keys=True))
+        if params_key not in values_memo:
+            try:
+                values_memo[params_key] = validate(target.version.parameters, row.parameters or {},
+                                                   has_parameters_cell=target.version.has_parameters_cell)
+            except ParameterError as exc:
+                log.error("schedule %s of flow %s: its parameters no longer fit the notebook (%s); no run created",
+                          row.id, target.flow.name, exc)
+                values_memo[params_key] = None
+        values = values_memo[params_key]
+        if values is not None:
+            plan.slots, plan.target, plan.parameters = slots_memo[slot_key], target, values
+    plans.sort(key=lambda p: (p.first, p.schedule_id))  # earliest slots first
+    return plans
+
+
+def _chunks(plans: list[_Plan], size: int) -> Iterator[list[_Plan]]:
+    chunk: list[_Plan] = []
+    weight = 0
+    for plan in plans:
+        chunk.append(plan)
+        weight += max(len(plan.slots), 1)
+        if weight >= size:
+            yield chunk
+            chunk, weight = [], 0
+    if chunk:
+        yield chunk
+
+
+def _insert_runs(dialect: str) -> Any:
+    """``INSERT INTO run ... ON CONFLICT (schedule_id, scheduled_for) DO NOTHING``: a slot that has its run
+    already (another scheduler fired it) inserts nothing, and the rest of the transaction goes on."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(Run.__table__).on_conflict_do_nothing(index_elements=["schedule_id", "scheduled_for"])
+
+
+def _commit_chunk(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.UUID]:
+    """Apply the plans of ``chunk`` in one transaction: their runs, the runs' first state events, and the
+    schedules' next fire times, visible together or not at all.
+
+    Three statements whatever the chunk's size: the runs (one executemany; psycopg pipelines it, and
+    ``RETURNING`` would make SQLAlchemy send one huge multi-row ``VALUES`` that psycopg re-parses, ~2x
+    slower on PostgreSQL), their events (``INSERT ... SELECT`` from the runs that exist, ``RETURNING``
+    the ids created: a slot that had its run already has no row with this pass's id), the schedules."""
+    with store.write() as session:
+        conn = session.connection()
+        current = {r.id: (r.next_fire_at, r.active, r.updated_at) for r in conn.execute(
+            select(Schedule.id, Schedule.next_fire_at, Schedule.active, Schedule.updated_at)
+            .where(Schedule.id.in_([p.schedule_id for p in chunk])).with_for_update(skip_locked=True))}
+        # A schedule another scheduler holds (skipped lock) or changed since the pass read it (fired, edited,
+        # paused) is left to the next pass, which reads it afresh.
+        mine = [p for p in chunk if current.get(p.schedule_id) == p.seen]
+        if not mine:
+            return []
+        stamp = utcnow()
+        rows = []
+        for plan in mine:
+            for slot in plan.slots:
+                assert plan.target is not None
+                late = (now - slot).total_seconds() > LATE_AFTER
+                state = states.initial_values(states.S.SCHEDULED if late else states.S.PENDING,
+                                              name="Late" if late else None,
+                                              message=f"scheduled for {slot.isoformat()}")
+                rows.append(plan.target.run_row(
+                    uuid.uuid4(), schedule_id=plan.schedule_id, scheduled_for=slot, parameters=plan.parameters,
+                    expected_start_at=now if late else slot, created_at=stamp, **state))
+        created: list[uuid.UUID] = []
+        if rows:
+            rows.sort(key=lambda r: (r["scheduled_for"], r["schedule_id"]))  # one lock order for every racer
+            conn.execute(_insert_runs(store.dialect), rows)
+            created = list(conn.execute(states.insert_initial_events([r["id"] for r in rows])).scalars())
+        if created:
+            wake_runners(session)
+        conn.execute(
+            update(Schedule.__table__).where(Schedule.__table__.c.id == bindparam("b_id"))
+            .values(next_fire_at=bindparam("b_next"), active=bindparam("b_active")),
+            [{"b_id": p.schedule_id, "b_next": p.next_fire_at, "b_active": p.active} for p in mine])
+    return created
 
 
 def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
     """One scheduler pass: create the runs of every due slot of every active schedule; return their ids.
 
     Safe to call from any number of threads, processes and machines at once: each slot gets one run.
-    """
-    from nbflow.runs import create_schedule_run
 
+    The pass reads the due schedules and decides everything (slots, parameters, next fire times) without
+    holding a lock, then writes in chunks of about ``CHUNK_SLOTS`` slots, earliest first, each its own
+    transaction: a burst of thousands of slots on a minute boundary becomes claimable chunk by chunk
+    instead of all at the end, and SQLite's write lock is never held for long. Runs and their first
+    state events are inserted with Core, a few statements per chunk (``INSERT ... ON CONFLICT DO
+    NOTHING`` on the slot key), not one ORM flush and SAVEPOINT per run (~12 ms per run).
+    """
     now = now or utcnow()
-    due = select(Schedule).where(Schedule.active.is_(True), Schedule.next_fire_at <= now)
     with store.read() as session:
-        names = set(session.execute(
-            select(Flow.name).join(Schedule, Schedule.flow_id == Flow.id).where(
-                Schedule.active.is_(True), Schedule.next_fire_at <= now)
-        ).scalars())
-    if not names:
+        rows = session.execute(select(*_DUE_COLUMNS).where(Schedule.active.is_(True), Schedule.next_fire_at <= now)
+                               .order_by(Schedule.next_fire_at, Schedule.id)).all()
+    if not rows:
         return []
-    _sync_versions(store, names)
+    targets = _targets(store, {row.flow_id for row in rows})
     created: list[Any] = []
-    with store.write() as session:
-        for schedule in session.execute(due.order_by(Schedule.next_fire_at).with_for_update(skip_locked=True)
-                                        ).scalars().all():
-            try:
-                trigger = make_trigger(schedule.trigger, schedule.spec, schedule.timezone)
-            except ScheduleError as exc:  # a stored definition that no longer works (tz data changed)
-                log.error("schedule %s: %s; paused", schedule.id, exc)
-                schedule.active = False
-                continue
-            flow = session.get(Flow, schedule.flow_id)
-            version = latest_version(session, schedule.flow_id)
-            slots = slots_to_fire(schedule, trigger, now)
-            if slots and flow is not None and not flow.paused and version is not None:  # paused: slots skipped
-                created.extend(_fire(session, schedule, flow, version, slots, now, create_schedule_run))
-            schedule.next_fire_at = _first_at_or_after(trigger, now + _TICK) if schedule.trigger != "date" else None
+    for chunk in _chunks(_plans(rows, targets, now), CHUNK_SLOTS):
+        created.extend(_commit_chunk(store, chunk, now))
     return created
 
 
-def _fire(session: Any, schedule: Schedule, flow: Flow, version: FlowVersion, slots: list[datetime],
-          now: datetime, create: Callable[..., Any]) -> list[Any]:
-    try:
-        values = validate(version.parameters, schedule.parameters or {},
-                          has_parameters_cell=version.has_parameters_cell)
-    except ParameterError as exc:
-        log.error("schedule %s of flow %s: its parameters no longer fit the notebook (%s); no run created",
-                  schedule.name, flow.name, exc)
-        return []
-    ids = []
-    for slot in slots:
-        late = (now - slot).total_seconds() > LATE_AFTER
-        run = create(session, flow, version, schedule_id=schedule.id, scheduled_for=slot,
-                     parameters=values, late=late, now=now)
-        if run is not None:
-            ids.append(run.id)
-    return ids
+def next_due(store: Store) -> datetime | None:
+    """The earliest ``next_fire_at`` of an active schedule (one index seek), so that a scheduler wakes
+    when a slot comes due rather than up to a tick later."""
+    with store.read() as session:
+        return session.execute(
+            select(Schedule.next_fire_at).where(Schedule.active.is_(True), Schedule.next_fire_at.is_not(None))
+            .order_by(Schedule.next_fire_at).limit(1)).scalar_one_or_none()
 
 
 class Scheduler:
     """Calls ``fire_due``, ``nbflow.events.fire_events`` (pipelines, file arrivals) and
-    ``nbflow.notify.deliver_notifications`` every ``tick`` seconds in a thread of its own until ``stop`` is set.
+    ``nbflow.notify.deliver_notifications`` every ``tick`` seconds, and as soon as a schedule's next slot
+    comes due, in a thread of its own until ``stop`` is set.
 
     Any number of schedulers may run against one database; they never create a run twice. Only the one
     leading the ``scheduler`` role (``nbflow.leader``) does the passes, so N schedulers do not repeat the
@@ -418,25 +638,35 @@ class Scheduler:
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def run(self, *, exit_after: float | None = None) -> None:
-        """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed)."""
+    def run(self, *, exit_after: float | None = None, after: Callable[[], bool] | None = None) -> None:
+        """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed).
+
+        ``after``: wait until it returns true (at most ``AFTER_TIMEOUT`` seconds) before the first pass.
+        ``nbflow serve`` passes "the API has started": a first pass over 10,000 schedules takes the GIL for
+        a while, and the API's start-up should not wait for it."""
         from nbflow.events import fire_events
         from nbflow.notify import deliver_notifications
         from nbflow.retention import AutoPrune
 
+        if after is not None:
+            waited = time.monotonic() + AFTER_TIMEOUT
+            while not after() and time.monotonic() < waited and not self.stop.wait(0.01):
+                pass
         deadline = time.monotonic() + exit_after if exit_after is not None else None
         retention = AutoPrune(self.store)  # NBFLOW_RETENTION_DAYS, hourly, in a thread of its own
         while not self.stop.is_set():
+            wait = self.tick
             try:
                 if self.leadership.check():  # else another scheduler leads: stand by
-                    ids = fire_due(self.store) + fire_events(self.store)
+                    started = utcnow()
+                    ids = fire_due(self.store, started) + fire_events(self.store)
                     if ids and self.on_fire:
                         self.on_fire(ids)
                     deliver_notifications(self.store, wait=False)  # posts in threads of its own: never blocks
                     retention.tick()
+                    wait = self._until(next_due(self.store), started)
             except Exception:  # a database hiccup must not end the scheduler: log and try next tick
                 log.exception("scheduler pass failed")
-            wait = self.tick
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -445,8 +675,18 @@ class Scheduler:
             self.stop.wait(wait)
         self.leadership.resign()  # a clean stop hands the role over without waiting out the lease
 
-    def start(self) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, name="nbflow-scheduler", daemon=True)
+    def _until(self, soonest: datetime | None, started: datetime) -> float:
+        """Seconds to wait before the next pass: until the earliest slot comes due (slots fall on whole
+        seconds, so a pass at the tick's own rhythm would fire them up to a tick late), at most a tick (new
+        schedules, events, notifications). A slot that was due at the start of the pass yet not advanced by
+        it (its schedule locked by another scheduler, or changed meanwhile) waits a tick, not a busy loop."""
+        if soonest is None or soonest <= started:
+            return self.tick
+        return min(self.tick, max((soonest - utcnow()).total_seconds(), 0.0) + WAKE_MARGIN)
+
+    def start(self, *, after: Callable[[], bool] | None = None) -> threading.Thread:
+        self._thread = threading.Thread(target=self.run, kwargs={"after": after}, name="nbflow-scheduler",
+                                        daemon=True)
         self._thread.start()
         return self._thread
 

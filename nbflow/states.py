@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, null, select
 from sqlalchemy.orm import Session
 
 from nbflow.errors import IllegalTransition, RunNotFound
@@ -100,18 +100,49 @@ def _record(
 
 def initial_state(
     session: Session, run: Run, to: StateType = S.PENDING, *, name: str | None = None,
-    message: str | None = None,
+    message: str | None = None, flush: bool = True,
 ) -> RunStateEvent:
-    """Give a new run its first state and history entry (the caller adds the run to the session)."""
+    """Give a new run its first state and history entry (the caller adds the run to the session).
+
+    ``flush=False`` leaves the INSERTs to the next flush: a caller creating many runs in one transaction
+    (the API's group commit) sends them all in one batch instead of one round of statements per run."""
     name = _check_name(to, name)
     if not is_legal(None, to):
         raise IllegalTransition(f"a new run cannot start in state {to}")
     now = utcnow()
     run.state, run.state_name, run.state_message = to.value, name, message
     session.add(run)
-    session.flush()
+    if flush:
+        session.flush()
     wake_runners(session)
     return _record(session, run, None, to, name, message, now)
+
+
+def initial_values(
+    to: StateType = S.PENDING, *, name: str | None = None, message: str | None = None,
+) -> dict[str, Any]:
+    """``initial_state`` for runs inserted with Core, many per statement (the scheduler's bursts), where
+    an ORM object and a flush per run cost more than the insert: the same checks, and the run's state
+    columns. The runs' history entries come from ``insert_initial_events``, in the same transaction;
+    the caller calls ``wake_runners``."""
+    name = _check_name(to, name)
+    if not is_legal(None, to):
+        raise IllegalTransition(f"a new run cannot start in state {to}")
+    return {"state": to.value, "state_name": name, "state_message": message}
+
+
+def insert_initial_events(run_ids: list[uuid.UUID]) -> Any:
+    """The first ``run_state_event`` of each run of ``run_ids`` that exists, built by the database from
+    the run's own row (state, name, message, attempt; ``at`` = its ``created_at``), so that history and
+    state cannot disagree; ``RETURNING run_id``. For runs inserted with Core and ``initial_values``: an
+    id whose insert was a no-op (``ON CONFLICT DO NOTHING``) has no row, hence no event, and is not
+    returned, so the result is also the list of runs the caller created."""
+    run, event = Run.__table__, RunStateEvent.__table__
+    return insert(event).from_select(
+        ["run_id", "from_state", "to_state", "to_name", "attempt", "at", "message"],
+        select(run.c.id, null(), run.c.state, run.c.state_name, run.c.attempt, run.c.created_at,
+               run.c.state_message).where(run.c.id.in_(run_ids)),
+    ).returning(event.c.run_id)
 
 
 def _check_name(to: StateType, name: str | None) -> str:

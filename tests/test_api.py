@@ -212,6 +212,46 @@ def test_a_repeated_idempotency_key_returns_the_same_run(api):
     assert api.post("/api/flows/hello/runs", json={**body, "idempotency_key": "another"}).status_code == 201
 
 
+def test_a_notebook_edited_between_triggers_is_read_again_even_with_the_same_stat(sqlite_api, root):
+    """The parsed notebook is cached by (mtime_ns, size), but a file modified less than RACY_SECONDS
+    before it was read is read again: an edit in the same second, same size, is never missed."""
+    import os
+
+    api = sqlite_api
+    api.post("/api/flows", json={"path": "hello.ipynb"})
+    path = root / "hello.ipynb"
+    first = api.post("/api/flows/hello/runs", json={"parameters": {}})
+    assert (first.status_code, first.json()["flow_version"]) == (201, 1)
+    before = os.stat(path)
+    text = path.read_text()
+    assert "n = 2" in text
+    path.write_text(text.replace("n = 2", "n = 7"))  # same size; then the same mtime as before
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = api.post("/api/flows/hello/runs", json={"parameters": {}})
+    assert (second.status_code, second.json()["flow_version"]) == (201, 2)
+    assert api.get("/api/flows/hello").json()["parameters"]["n"]["default"] == 7
+
+
+def test_the_notebook_cache_reuses_a_stable_file_and_sees_any_change(tmp_path):
+    import os
+    import time
+
+    from nbflow.flows import RACY_SECONDS, read_notebook_cached
+
+    path = make_notebook(tmp_path, "stable", ["x = 1"], parameters="n = 1")
+    recent = read_notebook_cached(path)
+    assert read_notebook_cached(path) is not recent  # modified just now: never trusted
+    old = time.time() - 10 * RACY_SECONDS
+    os.utime(path, (old, old))
+    cached = read_notebook_cached(path)
+    assert read_notebook_cached(path) is cached  # stable for long: parsed once
+    path.write_text(path.read_text().replace("x = 1", "x = 22"))
+    os.utime(path, (old, old))  # same mtime, other size
+    changed = read_notebook_cached(path)
+    assert changed is not cached and "x = 22" in changed.text
+
+
 # -- reading runs -----------------------------------------------------------------------------------
 
 

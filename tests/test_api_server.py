@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from helpers import at_once, make_notebook, nbflow, run_cli, serve_api, start
+from helpers import at_once, make_notebook, nbflow, run_cli, serve_api, start, until
 from sqlalchemy import func, select
 
 from nbflow import client as client_module
@@ -115,6 +115,154 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_run(live, root)
     assert len({r.json()["id"] for r in responses}) == 1
     with open_store().read() as session:
         assert session.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def _stored(run_id: str) -> tuple[dict, list[dict]]:
+    from nbflow.runs import history
+
+    with open_store().read() as session:
+        run = find_run(session, run_id)
+        return run_document(session, run), history(session, run)
+
+
+def test_fifty_concurrent_triggers_each_get_their_own_stored_run(live, root):
+    """Through the real server, 50 threads released at once: the group commit writes them in few
+    transactions, yet each answer is its own run, exactly as stored (what a GET would read), PENDING
+    with its one state event."""
+    with Client(live) as nb:
+        nb.register("hello.ipynb")
+
+    def send(i: int) -> httpx.Response:
+        return httpx.post(f"{live}/api/flows/hello/runs", json={"parameters": {"name": f"c{i}", "n": i}}, timeout=60)
+
+    responses = at_once([lambda i=i: send(i) for i in range(50)])
+    assert [r.status_code for r in responses] == [201] * 50, [r.text for r in responses if r.status_code != 201]
+    docs = [r.json() for r in responses]
+    assert len({d["id"] for d in docs}) == 50
+    assert [d["parameters"] for d in docs] == [{"name": f"c{i}", "n": i} for i in range(50)]
+    for doc in docs:
+        stored, events = _stored(doc["id"])
+        assert doc == stored  # the answer built without a query is the stored run's document
+        assert (doc["state"], doc["trigger"], doc["cells"]) == ("PENDING", "api", [])
+        assert doc["output_path"].endswith(f"/hello/{doc['id']}.ipynb")
+        assert [(e["from"], e["to"]) for e in events] == [(None, "PENDING")]
+    with open_store().read() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 50
+
+
+def test_concurrent_duplicates_of_many_keys_create_one_run_per_key(live, root):
+    with Client(live) as nb:
+        nb.register("hello.ipynb")
+
+    def send(key: int) -> httpx.Response:
+        return httpx.post(f"{live}/api/flows/hello/runs", timeout=60,
+                          json={"parameters": {"n": key}, "idempotency_key": f"key-{key}"})
+
+    responses = at_once([lambda k=k: send(k) for k in range(10) for _copy in range(5)])
+    by_key: dict[int, list[httpx.Response]] = {}
+    for response in responses:
+        assert response.status_code in (200, 201), response.text
+        by_key.setdefault(response.json()["parameters"]["n"], []).append(response)
+    for key, answers in by_key.items():
+        assert sorted(r.status_code for r in answers) == [200, 200, 200, 200, 201], key
+        assert len({r.json()["id"] for r in answers}) == 1, key
+    with open_store().read() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 10
+
+
+@pytest.fixture
+def held_server(sqlite_env, root):
+    """A real server on SQLite, and a way to hold the database's write lock: triggers sent meanwhile
+    queue in the group commit, and are written together once it is released."""
+    import sqlite3
+
+    from nbflow.settings import get_settings
+
+    server = serve_api(open_store())
+    with Client(server.url) as nb:
+        nb.register("hello.ipynb")
+    lock = sqlite3.connect(get_settings().database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        yield server, lock
+    finally:
+        lock.close()
+        server.stop()
+
+
+def test_a_group_answers_each_request_its_own_way(held_server):
+    """One batch mixing good requests with bad ones (unknown parameter, wrong type, unknown flow, a key
+    reused with other parameters, a key sent twice in the batch): each bad one gets its own precise 4xx,
+    every good one its run."""
+    server, lock = held_server
+    group = server.app.state.group_commit
+    first = httpx.post(f"{server.url}/api/flows/hello/runs", json={"parameters": {"n": 1}, "idempotency_key": "old"})
+    assert first.status_code == 201
+    requests = [
+        ("hello", {"parameters": {"n": 10}}),
+        ("hello", {"parameters": {"nme": "typo"}}),
+        ("hello", {"parameters": {"n": "three"}}),
+        ("nope", {"parameters": {}}),
+        ("hello", {"parameters": {"n": 2}, "idempotency_key": "old"}),
+        ("hello", {"parameters": {"n": "1"}, "idempotency_key": "old"}),
+        ("hello", {"parameters": {"n": 11}, "idempotency_key": "twice"}),
+        ("hello", {"parameters": {"n": 11}, "idempotency_key": "twice"}),
+        ("hello", {"parameters": {"name": "Ada"}}),
+    ]
+    lock.execute("BEGIN IMMEDIATE")  # the writer's transaction waits for this one
+    batches = group.batches
+    try:
+        blocker = threading.Thread(target=httpx.post, args=(f"{server.url}/api/flows/hello/runs",),
+                                   kwargs={"json": {"parameters": {"n": 0}}, "timeout": 60})
+        blocker.start()  # its batch takes the writer and waits for the lock; the group below queues behind it
+        until(lambda: group.busy, what="the first batch to wait for the write lock")
+        results: list[httpx.Response | None] = [None] * len(requests)
+
+        def send(i: int) -> None:
+            flow, body = requests[i]
+            results[i] = httpx.post(f"{server.url}/api/flows/{flow}/runs", json=body, timeout=60)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        until(lambda: group.waiting == len(requests), what="every request of the group to be queued")
+    finally:
+        lock.execute("ROLLBACK")
+    blocker.join(60)
+    for t in threads:
+        t.join(60)
+    assert group.batches == batches + 2  # the blocked one, then the whole group in one transaction
+    answers = [(r.status_code, r.json()) for r in results]  # type: ignore[union-attr]
+    assert answers[0][0] == 201 and answers[0][1]["parameters"] == {"n": 10}
+    assert (answers[1][0], answers[1][1]["error"]["code"]) == (422, "invalid_parameter")
+    assert "nme" in answers[1][1]["error"]["message"]
+    assert answers[1][1]["error"]["details"]["parameters"]["n"] == {"type": "int", "default": 2}
+    assert (answers[2][0], answers[2][1]["error"]["code"]) == (422, "invalid_parameter")
+    assert "'n' expects an int" in answers[2][1]["error"]["message"]
+    assert (answers[3][0], answers[3][1]["error"]["code"]) == (404, "flow_not_found")
+    assert (answers[4][0], answers[4][1]["error"]["code"]) == (409, "idempotency_conflict")
+    assert answers[5][0] == 200 and answers[5][1]["id"] == first.json()["id"]
+    assert sorted(code for code, _ in answers[6:8]) == [200, 201]
+    assert answers[6][1]["id"] == answers[7][1]["id"]
+    assert answers[8][0] == 201 and answers[8][1]["parameters"] == {"name": "Ada"}
+    created = [answers[0][1]["id"], answers[6][1]["id"], answers[8][1]["id"]]
+    for run_id in created:
+        doc, events = _stored(run_id)
+        assert doc["state"] == "PENDING" and [(e["from"], e["to"]) for e in events] == [(None, "PENDING")]
+    with open_store().read() as session:  # "old", the blocker, and the group's three new runs
+        assert session.scalar(select(func.count()).select_from(Run)) == 5
+
+
+def test_the_listening_socket_is_tcp_so_answers_are_not_delayed_by_nagle(sqlite_env):
+    """asyncio disables Nagle (TCP_NODELAY) only on sockets created as IPPROTO_TCP; with proto 0 an
+    answer's body waited for the client's delayed ACK, ~40 ms on most keep-alive requests."""
+    import socket
+
+    server = serve_api(open_store())
+    try:
+        assert server.sock.proto == socket.IPPROTO_TCP
+        assert server.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.stop()
 
 
 def test_webhook_trigger_and_revocation(live, root):

@@ -266,3 +266,141 @@ def test_cron_day_of_week_numbers_mean_what_they_mean_in_cron(expr, first_days):
 def test_cron_day_of_week_out_of_range_is_rejected():
     with pytest.raises(ScheduleError, match="day of week '8' is not within 0-7"):
         scheduler.make_trigger("cron", {"expr": "0 9 * * 8"}, "UTC")
+
+
+# -- bursts: many slots due in one pass --------------------------------------------------------------
+
+BURST = 500
+
+
+def burst_schedules(store, tmp_path: Path, now: datetime) -> dict[int, tuple[list[datetime], dict]]:
+    """500 schedules due at ``now`` (bulk-inserted, as 10,000 would be): every fourth one with a slot
+    missed long ago (catch-up ``latest``: one Late run), every tenth with ``catch_up="all"`` (11 slots,
+    some Late: several chunks of the pass), the rest on time. Returns schedule id -> (slots that must
+    fire, parameters they must carry)."""
+    from nbflow.flows import FlowOptions
+
+    nb = make_notebook(tmp_path, "burst", ["print(n)"], parameters="n = 1")
+    flow_row, _ = register(store, nb, name="burst", options=FlowOptions(retries=2, timeout=30.0))
+    on_time = now - timedelta(seconds=0.5)
+    rows, wanted = [], []
+    for i in range(BURST):
+        if i % 10 == 0:  # every 5 s for the last 50 s: 11 slots, those more than 10 s old Late
+            start = on_time - timedelta(seconds=50)
+            spec, catch_up, first = {"seconds": 5.0, "start": start.isoformat()}, "all", start
+            slots = [start + timedelta(seconds=5 * k) for k in range(11)]
+        elif i % 4 == 0:  # a 1-minute slot missed 30 minutes ago and every minute since: the latest, Late
+            start = on_time - timedelta(minutes=30, seconds=20)
+            spec, catch_up, first = {"seconds": 60.0, "start": start.isoformat()}, "latest", start
+            slots = [start + timedelta(minutes=30)]
+        else:
+            spec, catch_up, first = {"seconds": 60.0, "start": on_time.isoformat()}, "skip", on_time
+            slots = [on_time]
+        params = {"n": i}
+        rows.append(Schedule(flow_id=flow_row.id, name=f"s{i:03d}", trigger="interval", spec=spec, timezone="UTC",
+                             parameters=params, active=True, catch_up=catch_up, next_fire_at=first))
+        wanted.append((slots, params))
+    with store.write() as session:
+        session.add_all(rows)
+        session.flush()
+        expected = {row.id: slots for row, slots in zip(rows, wanted, strict=True)}
+    return expected
+
+
+def check_burst(store, expected: dict[int, tuple[list[datetime], dict]], now: datetime) -> list[Run]:
+    from nbflow.runs import history
+
+    runs = runs_of(store)
+    assert sorted((r.schedule_id, r.scheduled_for) for r in runs) == sorted(
+        (sid, slot) for sid, (slots, _) in expected.items() for slot in slots)
+    assert len({r.output_path for r in runs}) == len(runs)
+    with store.read() as session:
+        for run in runs:
+            late = (now - run.scheduled_for).total_seconds() > scheduler.LATE_AFTER
+            state = ("SCHEDULED", "Late", now) if late else ("PENDING", "Pending", run.scheduled_for)
+            assert (run.state, run.state_name, run.expected_start_at) == state
+            assert run.parameters == expected[run.schedule_id][1]
+            assert (run.trigger, run.kernel_name, run.attempt, run.max_attempts, run.timeout) == (
+                "schedule", "python3", 1, 3, 30.0)
+            assert run.output_path.endswith(f"/burst/{run.id}.ipynb") and run.result == {}
+            message = f"scheduled for {run.scheduled_for.isoformat()}"
+            assert run.state_message == message
+            (event,) = history(session, run)
+            assert (event["from"], event["to"], event["name"], event["attempt"], event["message"]) == (
+                None, state[0], state[1], 1, message)
+        next_fires = {sid: at for sid, at in session.execute(select(Schedule.id, Schedule.next_fire_at))}
+    assert all(next_fires[sid] > now for sid in expected)
+    return runs
+
+
+def test_a_burst_of_due_slots_fires_each_slot_once(nbflow_env, tmp_path):
+    store = open_store()
+    now = utcnow_floor()
+    expected = burst_schedules(store, tmp_path, now)
+    assert sum(len(slots) for slots, _ in expected.values()) > 2 * scheduler.CHUNK_SLOTS  # several chunks
+    late = sum(1 for slots, _ in expected.values() for s in slots if (now - s).total_seconds() > 10)
+    assert 0 < late < sum(len(slots) for slots, _ in expected.values())
+    ids = scheduler.fire_due(store, now=now)
+    runs = check_burst(store, expected, now)
+    assert sorted(ids) == sorted(r.id for r in runs)
+    # A scheduler that read the schedules before this pass advanced them fires the same slots again: the
+    # slot key makes every insert a no-op, and no state event is written for a run that was not created.
+    with store.write() as session:
+        for sid, (slots, _) in expected.items():
+            session.execute(update(Schedule).where(Schedule.id == sid).values(next_fire_at=slots[0]))
+    assert scheduler.fire_due(store, now=now) == []
+    check_burst(store, expected, now)
+
+
+def test_schedulers_racing_over_a_burst_create_each_slot_once(nbflow_env, tmp_path):
+    store = open_store()
+    now = utcnow_floor()
+    expected = burst_schedules(store, tmp_path, now)
+    results = at_once([lambda: scheduler.fire_due(store, now=now)] * 3)
+    runs = check_burst(store, expected, now)
+    created = [run_id for ids in results for run_id in ids]
+    assert sorted(created) == sorted(r.id for r in runs)  # every run reported by the one that made it
+
+
+def test_burst_runs_are_the_runs_create_schedule_run_makes(nbflow_env, tmp_path):
+    """The bulk insert and the ORM path build a slot's run from the same parts (``runs.new_run`` and the
+    states module): compare every column but the ones that differ per run."""
+    from nbflow.runs import create_schedule_run
+
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, interval="1m", parameters={"n": 5}, now=T0)
+    (bulk_id,) = scheduler.fire_due(store, now=BASE + timedelta(seconds=1))
+    with store.write() as session:
+        from nbflow.store.models import Flow, FlowVersion
+
+        flow_row = session.execute(select(Flow)).scalar_one()
+        version = session.execute(select(FlowVersion)).scalar_one()
+        orm = create_schedule_run(session, flow_row, version, schedule_id=sched.id, scheduled_for=BASE + timedelta(
+            seconds=60), parameters={"n": 5}, late=False, now=BASE + timedelta(seconds=61))
+        orm_id = orm.id
+    differ = {"id", "output_path", "scheduled_for", "expected_start_at", "created_at", "state_message"}
+    with store.read() as session:
+        bulk, orm = session.get(Run, bulk_id), session.get(Run, orm_id)
+        columns = [c.key for c in Run.__table__.columns if c.key not in differ]
+        assert {c: getattr(bulk, c) for c in columns} == {c: getattr(orm, c) for c in columns}
+        assert bulk.output_path.replace(str(bulk.id), str(orm.id)) == orm.output_path
+
+
+def test_scheduler_wakes_when_a_slot_comes_due_not_a_tick_later(nbflow_env, tmp_path):
+    store = open_store()
+    sched = scheduler.Scheduler(store, tick=30)
+    started = scheduler.utcnow()
+    assert sched._until(None, started) == 30  # nothing scheduled: the tick
+    assert sched._until(started, started) == 30  # due at the start yet not advanced: no busy loop
+    soon = sched._until(started + timedelta(seconds=2), started)
+    assert 0 < soon <= 2 + scheduler.WAKE_MARGIN
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="1s")
+    sched.run(exit_after=3.5)  # with a 30 s tick: only the first pass if it waited for the tick
+    assert len(runs_of(store)) >= 2
+
+
+def utcnow_floor() -> datetime:
+    """Now, to the whole second: slot times are whole seconds."""
+    return scheduler.utcnow().replace(microsecond=0)

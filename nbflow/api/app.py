@@ -8,6 +8,9 @@ them as not running.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,11 +18,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nbflow import __version__
 from nbflow.api import errors
+from nbflow.api.group_commit import GroupCommit
 from nbflow.api.routes import flows, health, hooks, runs, schedules, secrets
 from nbflow.store import Store, open_store
 
 API_VERSION = "1.0"
 MAX_BODY_BYTES = 1024 * 1024
+# Sync routes run in anyio's thread pool, 40 threads by default. Their work is Python under one GIL plus
+# short database calls, so more threads than this only add GIL hand-offs and, past the engine's pool of 5
+# connections, open (and PRAGMA) a fresh database connection for each request and close it after.
+THREADS = int(os.environ.get("NBFLOW_API_THREADS", "4"))
 DRAIN_FACTOR = 16  # a refused body up to this many times the limit is read and dropped (see BodyLimit)
 
 
@@ -66,11 +74,20 @@ class BodyLimit:
 
 def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        yield
+        app.state.group_commit.close()  # answer the triggers queued, then stop the writer thread
+
     app = FastAPI(
         title="nbflow", version=__version__, summary="Trigger, watch and manage notebook runs.",
-        openapi_url="/api/openapi.json", docs_url="/api/docs", redoc_url=None,
+        openapi_url="/api/openapi.json", docs_url="/api/docs", redoc_url=None, lifespan=lifespan,
     )
     app.state.store = store or open_store()
+    app.state.group_commit = GroupCommit(app.state.store)
     app.state.scheduler = scheduler
     app.state.runner = runner
     errors.install(app)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from nbflow.api.auth import ADMIN, READ, TRIGGER
 from nbflow.api.errors import documented
-from nbflow.api.routes import store_of
+from nbflow.api.routes import group_commit_of, store_of
 from nbflow.api.schemas import FlowPatch, RegisterRequest, TriggerRequest
 from nbflow.errors import FlowNotFound, ParameterError
 from nbflow.flows import (
@@ -22,7 +23,7 @@ from nbflow.flows import (
     resolve_notebook_path,
     update_flow,
 )
-from nbflow.runs import create_run_once, run_document
+from nbflow.runs import RunRequest
 from nbflow.store import Store
 
 router = APIRouter(tags=["flows"])
@@ -72,21 +73,21 @@ def patch_flow(name: str, body: FlowPatch, request: Request) -> dict[str, Any]:
     return flow_doc(store, name)
 
 
-@router.post("/flows/{name}/runs", dependencies=[TRIGGER], status_code=201,
+@router.post("/flows/{name}/runs", dependencies=[TRIGGER], status_code=201, response_model=dict[str, Any],
              responses=documented(400, 404, 409, 413),
              summary="Queue a run (201); a repeated idempotency key returns the first run (200)")
-def trigger(name: str, request: Request, response: Response, body: TriggerRequest | None = None) -> dict[str, Any]:
-    store = store_of(request)
+async def trigger(name: str, request: Request, body: TriggerRequest | None = None) -> Response:
+    """Async, and no database work in this request's own thread: the run is created by the app's group
+    commit writer (``nbflow.api.group_commit``), together with the other triggers waiting."""
     body = body or TriggerRequest()
     try:
-        run, created = create_run_once(store, name, body.parameters, idempotency_key=body.idempotency_key)
+        content, created = await group_commit_of(request).submit(
+            RunRequest(name, body.parameters, idempotency_key=body.idempotency_key, trigger="api"))
     except ParameterError as exc:
-        exc.details = {"parameters": _parameter_spec(store, name)}  # type: ignore[attr-defined]
+        store = store_of(request)
+        exc.details = {"parameters": await run_in_threadpool(_parameter_spec, store, name)}  # type: ignore[attr-defined]
         raise
-    if not created:
-        response.status_code = 200
-    with store.read() as session:
-        return run_document(session, run)
+    return Response(content, status_code=201 if created else 200, media_type="application/json")
 
 
 def _parameter_spec(store: Store, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from nbflow.api.auth import READ, TRIGGER
 from nbflow.api.errors import documented
+from nbflow.api.group_commit import encode
 from nbflow.api.routes import store_of
 from nbflow.errors import InvalidQuery, NbflowError
 from nbflow.runs import (
@@ -66,11 +67,12 @@ def runs(
 
 
 @router.get("/runs/{run_id}", dependencies=[READ], summary="One run (a unique id prefix works too)",
-            responses=documented(404))
-def run(run_id: str, request: Request) -> dict[str, Any]:
+            response_model=dict[str, Any], responses=documented(404))
+def run(run_id: str, request: Request) -> Response:
     with store_of(request).read() as session:
         found = find_run(session, run_id)
-        return {**run_document(session, found), "history": history(session, found)}
+        doc = {**run_document(session, found), "history": history(session, found)}
+    return Response(encode(doc), media_type="application/json")  # the dict is plain JSON: no re-validation
 
 
 @router.get("/runs/{run_id}/cells", dependencies=[READ], summary="The code cells of the latest attempt",
