@@ -84,7 +84,7 @@ def papermill_pool(notebook: Path, out: Path, runs: int, processes: int = 4) -> 
     return {"runs_per_min": runs / wall * 60, "wall_s": wall}
 
 
-def workers(store: Any, env: dict[str, str], cwd: Path, n: int, runs: int) -> dict[str, float]:
+def workers(store: Any, env: dict[str, str], cwd: Path, n: int, runs: int, warm: int = 1) -> dict[str, float]:
     from sqlalchemy import func, select
 
     from nbflow.runs import create_run
@@ -92,13 +92,16 @@ def workers(store: Any, env: dict[str, str], cwd: Path, n: int, runs: int) -> di
 
     ids = [create_run(store, "job", trigger="api").id for _ in range(runs)]
     commits = _commits(store)
+    cpu0 = _busy_seconds()
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "nbflow.cli", "worker", "--slots", "1", "--exit-when-idle"],
+    procs = [subprocess.Popen([sys.executable, "-m", "nbflow.cli", "worker", "--slots", "1", "--exit-when-idle",
+                               "--warm-kernels", str(warm)],
                               env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for _ in range(n)]
     for p in procs:
         p.wait(600)
     wall = time.perf_counter() - t0
+    cores = (_busy_seconds() - cpu0) / wall
     per_run = (_commits(store) - commits) / runs
     with store.read() as session:
         rows = session.execute(select(Run.state, Run.started_at, Run.ended_at).where(Run.id.in_(ids))).all()
@@ -110,7 +113,16 @@ def workers(store: Any, env: dict[str, str], cwd: Path, n: int, runs: int) -> di
     if bad or len(rows) != runs or any(starts.get(i) != 1 for i in ids):
         raise SystemExit(f"workers-{n}: {len(bad)} runs did not complete, or a run did not start exactly once")
     span = (max(r.ended_at for r in rows) - min(r.started_at for r in rows)).total_seconds()
-    return {"runs_per_min": runs / span * 60, "span_s": span, "wall_s": wall, "commits_per_run": per_run}
+    return {"runs_per_min": runs / span * 60, "span_s": span, "wall_s": wall, "commits_per_run": per_run,
+            "cores_busy": cores}
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (every process: workers, kernels, PostgreSQL)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0) + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
 def _commits(store: Any) -> int:
@@ -127,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=48, help="notebooks per variant")
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--warm-kernels", type=int, default=1, help="--warm-kernels of each worker")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = parser.parse_args()
 
@@ -149,10 +162,11 @@ def main() -> None:
         results["papermill-pool-4"] = r = papermill_pool(notebook, tmp / "pm", args.runs)
         print(f"  papermill-pool-4  {r['runs_per_min']:7.1f} runs/min  (wall {r['wall_s']:.1f} s)", flush=True)
         for n in (int(x) for x in args.workers.split(",")):
-            results[f"workers-{n}"] = r = workers(store, env, tmp, n, args.runs)
+            results[f"workers-{n}"] = r = workers(store, env, tmp, n, args.runs, args.warm_kernels)
             print(f"  workers-{n}         {r['runs_per_min']:7.1f} runs/min  (first start to last end "
                   f"{r['span_s']:.1f} s; wall incl. worker start-up {r['wall_s']:.1f} s; "
-                  f"~{r['commits_per_run']:.0f} database commits per run)", flush=True)
+                  f"~{r['commits_per_run']:.0f} database commits per run; {r['cores_busy']:.2f} cores busy)",
+                  flush=True)
         store.dispose()
         rate = {k: v["runs_per_min"] for k, v in results.items()}
         ratios = {}
