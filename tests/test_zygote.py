@@ -158,27 +158,26 @@ def test_a_forked_kernel_dies_with_the_process_that_asked_for_it(zygotes, tmp_pa
     until(lambda: not psutil.pid_exists(int(pid)), 10, "the orphaned kernel gone")
 
 
+def started_the_ordinary_way(cwd, code: str) -> str:
+    """Start a kernel, check it was not forked, and run ``code`` in it: its stdout."""
+    kernel = Kernel("python3", cwd).start().ready()
+    try:
+        assert not isinstance(kernel.km.provisioner.process, zygote.ForkedKernel)
+        return execute(kernel, code)[0].strip()
+    finally:
+        kernel.kill()
+
+
 def test_a_different_environment_or_a_dead_zygote_starts_the_kernel_the_ordinary_way(zygotes, monkeypatch, tmp_path):
     z = zygotes()
     monkeypatch.setenv("SOME_SETTING_READ_AT_IMPORT", "1")
-    kernel = Kernel("python3", tmp_path).start().ready()
-    try:
-        assert not isinstance(kernel.km.provisioner.process, zygote.ForkedKernel)
-        out, _ = execute(kernel, "import os; print(os.environ['SOME_SETTING_READ_AT_IMPORT'])")
-        assert out.strip() == "1"
-    finally:
-        kernel.kill()
+    assert started_the_ordinary_way(tmp_path, "import os; print(os.environ['SOME_SETTING_READ_AT_IMPORT'])") == "1"
     monkeypatch.delenv("SOME_SETTING_READ_AT_IMPORT")
     for proc in z._procs.values():
         proc.kill()
         proc.wait()
-    kernel = Kernel("python3", tmp_path).start().ready()  # its socket file may linger: connecting fails
-    try:
-        assert not isinstance(kernel.km.provisioner.process, zygote.ForkedKernel)
-        out, _ = execute(kernel, "print(6 * 7)")
-        assert out.strip() == "42"
-    finally:
-        kernel.kill()
+    # Its socket file lingers (killed, it could not remove it): connecting fails, the kernel starts anyway.
+    assert started_the_ordinary_way(tmp_path, "print(6 * 7)") == "42"
 
 
 def test_the_runner_runs_notebooks_in_forked_kernels(sqlite_env, tmp_path):
