@@ -22,7 +22,7 @@ from typing import Any
 import nbformat
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from nbflow.concurrency import check_collision, check_limit
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed
@@ -525,7 +525,8 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
         return []
     newest = (select(FlowVersion.flow_id, func.max(FlowVersion.version).label("version"))
               .where(FlowVersion.flow_id.in_(ids)).group_by(FlowVersion.flow_id).subquery())
-    versions = {v.flow_id: v for v in session.execute(select(FlowVersion).join(
+    # Not the notebook's source: a document has no use for it, and 100 real notebooks are megabytes a refresh.
+    versions = {v.flow_id: v for v in session.execute(select(FlowVersion).options(defer(FlowVersion.source)).join(
         newest, (FlowVersion.flow_id == newest.c.flow_id) & (FlowVersion.version == newest.c.version))).scalars()}
     last_id = select(Run.id).where(Run.flow_id == Flow.id).order_by(Run.created_at.desc()).limit(1)
     last_ids = dict(session.execute(select(Flow.id, last_id.scalar_subquery()).where(Flow.id.in_(ids))).all())
