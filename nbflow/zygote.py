@@ -54,6 +54,9 @@ REQUEST_TIMEOUT = 10.0
 
 
 def enabled() -> bool:
+    """On unless turned off; Linux only (a forked kernel and its zygote watch their owners through pidfds)."""
+    if not hasattr(os, "pidfd_open"):
+        return False
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
