@@ -230,6 +230,7 @@ class LocalBackend:
         """Keyset paging (``nbflow.runs.list_runs``' cursor): every page is one indexed range scan of
         ``limit`` rows however deep it is, where an OFFSET would walk all the runs before it."""
         from sqlalchemy import select
+        from sqlalchemy.orm import defer
 
         from nbflow.runs import find_run, list_runs, run_cursor, run_document
         from nbflow.store.models import Flow, FlowVersion
@@ -242,9 +243,9 @@ class LocalBackend:
             # run_document looks each run's flow and version up by key. The session's identity map holds
             # objects weakly: loaded here and kept referenced for the page, they cost two queries in all,
             # not two per run (measured: ~110 ms -> a few ms for a page of 50, bench/big_history.py).
-            owners = [session.execute(select(model).where(model.id.in_(ids))).scalars().all()
-                      for model, ids in ((Flow, {r.flow_id for r in found}),
-                                         (FlowVersion, {r.flow_version_id for r in found}))]
+            owners = [session.execute(select(Flow).where(Flow.id.in_({r.flow_id for r in found}))).scalars().all(),
+                      session.execute(select(FlowVersion).options(defer(FlowVersion.source))  # not needed
+                                      .where(FlowVersion.id.in_({r.flow_version_id for r in found}))).scalars().all()]
             docs = [run_document(session, r, cells=False) for r in found]
             del owners
             return docs

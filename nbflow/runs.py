@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import String, and_, cast, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from nbflow import states
 from nbflow.errors import (
@@ -418,7 +418,8 @@ def _flow_and_version(session: Session, run: Run) -> tuple[Flow | None, FlowVers
     version = session.identity_map.get(identity_key(FlowVersion, run.flow_version_id))
     if flow is None or version is None:
         row = session.execute(select(Flow, FlowVersion).join(FlowVersion, FlowVersion.flow_id == Flow.id).where(
-            Flow.id == run.flow_id, FlowVersion.id == run.flow_version_id)).first()
+            Flow.id == run.flow_id, FlowVersion.id == run.flow_version_id
+        ).options(defer(FlowVersion.source))).first()  # the notebook itself: not in a run's document
         if row is not None:
             flow, version = row
         else:  # a run always has both; stay correct if a row is gone
