@@ -251,19 +251,9 @@ class LocalBackend:
             return docs
 
     def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int:
-        """Exact, from the counters the database keeps (``nbflow.counts``): a sum over a few rows per
-        (state, flow) whatever the history, where ``COUNT(*)`` scanned every matching run."""
-        from nbflow import counts, states
-        from nbflow.flows import get_flow
+        from nbflow.counts import count_runs
 
-        with self.store.read() as session:
-            flow_id = get_flow(session, flow).id if flow else None
-            if state and state.upper() not in states.StateType.__members__:
-                raise InvalidQuery(f"unknown state {state!r}; states: {', '.join(states.StateType)}")
-            n, pending = counts.read(session, state=state.upper() if state else None, flow_id=flow_id)
-        if pending >= counts.COMPACT_AT:  # no leader folded them lately: keep the next reads small
-            counts.compact(self.store)
-        return n
+        return count_runs(self.store, flow=flow, state=state)
 
     def run(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         from nbflow.runs import find_run, run_document
@@ -321,7 +311,7 @@ def _remote(method: Any) -> Any:
 class RemoteBackend:
     """The backend on a running ``nbflow serve``, through ``nbflow.client.Client``.
 
-    The REST API has no run count, no cell flows and no flow sources: those raise a clear error here.
+    The REST API has no cell flows and no flow sources: those raise a clear error here.
     ``runs(before=...)`` pages by the creation time of ``before`` (the API's time filter), so runs created
     in the very same microsecond as it could be skipped.
     """
@@ -358,8 +348,9 @@ class RemoteBackend:
         pages = self.client.runs(flow=flow, state=state, created_before=created_before, page_size=limit)
         return list(itertools.islice(pages, limit))
 
+    @_remote
     def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int:
-        raise self._unsupported("counting runs")
+        return self.client.count_runs(flow=flow, state=state)
 
     @_remote
     def run(self, run_id: str) -> dict[str, Any]:

@@ -96,6 +96,10 @@ def _trigger(flow: str, parameters: dict[str, Any] | None, params: dict[str, Any
     return _Request("POST", f"/api/flows/{flow}/runs", json=body)
 
 
+def _count_runs(flow: str | None, state: str | None) -> _Request:
+    return _Request("GET", "/api/runs/count", params=_params(flow=flow, state=state))
+
+
 HEALTH = _Request("GET", "/api/health")
 
 
@@ -174,6 +178,10 @@ class Client:
             if cursor is None:
                 return
 
+    def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int:
+        """How many runs match, exactly, without listing them (the server reads counters, not the history)."""
+        return self._call(_count_runs(flow, state))["count"]
+
     def cells(self, run_id: str) -> list[dict[str, Any]]:
         return self._call(_Request("GET", f"/api/runs/{run_id}/cells"))["cells"]
 
@@ -218,6 +226,19 @@ class Client:
 
     def remove_schedule(self, flow: str, name: str = "default") -> None:
         self._call(_Request("DELETE", f"/api/schedules/{flow}/{name}"))
+
+    # -- API keys (admin) ----------------------------------------------------------------------------
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every key, active and revoked: name, scope, created_at, revoked_at (never the key)."""
+        return self._call(_Request("GET", "/api/keys"))["keys"]
+
+    def create_key(self, name: str, scope: str) -> dict[str, Any]:
+        """Create a key; the answer's ``key`` is the key itself, which the server shows this once only."""
+        return self._call(_Request("POST", "/api/keys", json={"name": name, "scope": scope}))
+
+    def revoke_key(self, name: str) -> None:
+        """Revoke ``name``: the next request with it gets 401. Revoking a revoked key succeeds again."""
+        self._call(_Request("DELETE", f"/api/keys/{name}"))
 
 
 class AsyncClient:
@@ -282,6 +303,9 @@ class AsyncClient:
             cursor = page["next_cursor"]
             if cursor is None:
                 return
+
+    async def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int:
+        return (await self._call(_count_runs(flow, state)))["count"]
 
     async def logs(self, run_id: str, *, after: str | int | None = None) -> dict[str, Any]:
         return await self._call(_Request("GET", f"/api/runs/{run_id}/logs", params=_params(after=after)))

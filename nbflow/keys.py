@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from nbflow.errors import InvalidName, InvalidScope, KeyExists, KeyNotFound
@@ -96,8 +97,12 @@ def list_keys(store: Store) -> list[dict[str, Any]]:
 
 
 def _scope_of(key: ApiKey) -> str:
+    return _widest(key.scopes or [])
+
+
+def _widest(scopes: list[str]) -> str:
     """The widest scope stored (the column is a list, as the schema predates scopes being ordered)."""
-    known = [s for s in key.scopes or [] if s in SCOPES]
+    known = [s for s in scopes if s in SCOPES]
     return max(known, key=SCOPES.index) if known else "read"
 
 
@@ -112,23 +117,40 @@ def revoke_key(store: Store, name: str) -> None:
             key.revoked_at = utcnow()
 
 
+def get_key(store: Store, name: str) -> dict[str, Any]:
+    """The document of the key ``name``, as ``list_keys`` gives it (never its hash): what ``POST /api/keys``
+    answers next to the new key, without reading every key."""
+    with store.read() as session:
+        key = session.execute(select(ApiKey).where(ApiKey.name == name)).scalar_one_or_none()
+        if key is None:
+            raise KeyNotFound(f"no API key named {name!r}")
+        return {"name": key.name, "scope": _scope_of(key), "created_at": _iso(key.created_at),
+                "revoked_at": _iso(key.revoked_at)}
+
+
 def authenticate(store: Store, token: str) -> ApiKeyInfo | None:
     """The key ``token`` is, or None if it is unknown, malformed or revoked.
 
     The lookup is by hash (an indexed, unique column), and the stored hash is then compared in constant
-    time: nothing about a near miss leaks through timing.
+    time: nothing about a near miss leaks through timing. It runs before every API request, so it reads
+    through the driver alone (``Store.query_one``), and from the database every time: a revoked key is
+    refused by the next request, in every process.
     """
     if not isinstance(token, str) or not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
     digest = hash_token(token)
-    with store.read() as session:
-        key = session.execute(select(ApiKey).where(ApiKey.key_hash == digest)).scalar_one_or_none()
-        if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
-            return None
-        return ApiKeyInfo(name=key.name, scope=_scope_of(key))
+    row = store.query_one(f"SELECT name, key_hash, {_SCOPES_AS_TEXT[store.dialect]} FROM api_key "
+                          "WHERE key_hash = ? AND revoked_at IS NULL", digest)
+    if row is None or not hmac.compare_digest(row[1], digest):
+        return None
+    return ApiKeyInfo(name=row[0], scope=_widest(json.loads(row[2]) if row[2] else []))
+
+
+# ``scopes`` as JSON text, whatever the column type, so the driver returns the same thing on both databases.
+_SCOPES_AS_TEXT = {"sqlite": "scopes", "postgresql": "scopes::text"}
 
 
 def any_active_keys(store: Store) -> bool:
     """Whether any key can authenticate: without one, the server accepts loopback clients only."""
-    with store.read() as session:
-        return bool(session.scalar(select(exists().where(ApiKey.revoked_at.is_(None)))))
+    row = store.query_one("SELECT 1 FROM api_key WHERE revoked_at IS NULL LIMIT 1")
+    return row is not None

@@ -47,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import bindparam, func, inspect, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from nbflow import states
 from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError
@@ -415,7 +415,7 @@ class _Target:
 def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
     """The flows of a pass, their notebook edits picked up, with their latest versions: three queries
     for any number of flows, not two per schedule."""
-    from nbflow.runs import new_run, stored_kernel
+    from nbflow.runs import new_run, run_values, stored_kernel
 
     with store.read() as session:
         names = set(session.execute(select(Flow.name).where(Flow.id.in_(flow_ids))).scalars())
@@ -438,8 +438,7 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
         template = new_run(flow, version, {}, _kernels[kernel_key], trigger="schedule")
         if str(template.id) not in (template.output_path or ""):  # a path not named by the run: one per run
             raise NbflowError(f"run output path {template.output_path!r} does not name its run")
-        state = inspect(template)
-        columns = {attr.key: state.dict[attr.key] for attr in state.mapper.column_attrs if attr.key in state.dict}
+        columns = run_values(template)
         targets[flow_id] = _Target(flow, template, version, columns)
     return targets
 
@@ -525,16 +524,6 @@ def _chunks(plans: list[_Plan], size: int) -> Iterator[list[_Plan]]:
         yield chunk
 
 
-def _insert_runs(dialect: str) -> Any:
-    """``INSERT INTO run ... ON CONFLICT (schedule_id, scheduled_for) DO NOTHING``: a slot that has its run
-    already (another scheduler fired it) inserts nothing, and the rest of the transaction goes on."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(Run.__table__).on_conflict_do_nothing(index_elements=["schedule_id", "scheduled_for"])
-
-
 def _commit_chunk(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.UUID]:
     """Apply the plans of ``chunk`` in one transaction: their runs, the runs' first state events, and the
     schedules' next fire times, visible together or not at all.
@@ -543,6 +532,8 @@ def _commit_chunk(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.
     ``RETURNING`` would make SQLAlchemy send one huge multi-row ``VALUES`` that psycopg re-parses, ~2x
     slower on PostgreSQL), their events (``INSERT ... SELECT`` from the runs that exist, ``RETURNING``
     the ids created: a slot that had its run already has no row with this pass's id), the schedules."""
+    from nbflow.runs import insert_runs_skipping_conflicts
+
     with store.write() as session:
         conn = session.connection()
         current = {r.id: (r.next_fire_at, r.active, r.updated_at) for r in conn.execute(
@@ -568,7 +559,7 @@ def _commit_chunk(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.
         created: list[uuid.UUID] = []
         if rows:
             rows.sort(key=lambda r: (r["scheduled_for"], r["schedule_id"]))  # one lock order for every racer
-            conn.execute(_insert_runs(store.dialect), rows)
+            conn.execute(insert_runs_skipping_conflicts(store.dialect, "schedule_id", "scheduled_for"), rows)
             created = list(conn.execute(states.insert_initial_events([r["id"] for r in rows])).scalars())
         if created:
             wake_runners(session)

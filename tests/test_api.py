@@ -96,8 +96,16 @@ def test_openapi_lists_every_route(sqlite_api):
     for path in ("/api/health", "/api/flows", "/api/flows/{name}", "/api/flows/{name}/runs", "/api/runs",
                  "/api/runs/{run_id}", "/api/runs/{run_id}/cells", "/api/runs/{run_id}/logs",
                  "/api/runs/{run_id}/result", "/api/runs/{run_id}/notebook", "/api/runs/{run_id}/cancel",
-                 "/api/runs/{run_id}/retry", "/api/schedules", "/api/schedules/{flow}/{name}"):
+                 "/api/runs/{run_id}/retry", "/api/schedules", "/api/schedules/{flow}/{name}", "/api/runs/count",
+                 "/api/keys", "/api/keys/{name}"):
         assert path in paths, path
+    # success bodies are typed, with field descriptions (tests/test_api_fuzz.py checks answers against them)
+    run = paths["/api/runs/{run_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert run == {"$ref": "#/components/schemas/RunWithHistory"}
+    schemas = sqlite_api.get("/api/openapi.json").json()["components"]["schemas"]
+    assert "history" in schemas["RunWithHistory"]["required"]
+    assert schemas["RunSummary"]["properties"]["state_message"]["anyOf"][1] == {"type": "null"}
+    assert "description" in schemas["RunSummary"]["properties"]["parent_run_id"]
     assert sqlite_api.get("/api/docs").status_code == 200
 
 
@@ -358,6 +366,61 @@ def test_runs_filter_by_flow_state_and_time(api):
     assert_error(api.get("/api/runs", params={"created_after": "soon"}), 422, "invalid_request")
     assert_error(api.get("/api/runs", params={"limit": 501}), 422, "invalid_request", "limit")
     assert_error(api.get("/api/runs", params={"cursor": "not-a-cursor"}), 400, "invalid_query", "cursor")
+
+
+def test_run_counts_over_http_match_the_local_count(nbflow_env, root):
+    """GET /api/runs/count on a real server, straight and through Client, AsyncClient and RemoteBackend:
+    the same numbers as LocalBackend.count_runs, and its errors in the API's shape."""
+    import asyncio
+
+    import httpx
+    from helpers import serve_api
+
+    from nbflow.backend import LocalBackend, RemoteBackend, ServerError
+    from nbflow.client import ApiError, AsyncClient, Client
+
+    store = open_store()
+    server = serve_api(store)
+    try:
+        with Client(server.url) as nb, httpx.Client(base_url=server.url) as http:
+            nb.register("hello.ipynb")
+            nb.register("hello.ipynb", name="other")
+            t0 = datetime(2026, 1, 1, tzinfo=UTC)
+            hello = insert_runs("hello", [t0, t0 + timedelta(hours=1), t0 + timedelta(hours=2)])
+            insert_runs("other", [t0])
+            nb.cancel(hello[0])
+            local, remote = LocalBackend(store), RemoteBackend(nb)
+            expected = {(None, None): 4, ("hello", None): 3, (None, "CANCELLED"): 1, ("hello", "pending"): 2,
+                        ("other", "cancelled"): 0, (None, "COMPLETED"): 0}
+            for (flow, state), n in expected.items():
+                assert nb.count_runs(flow=flow, state=state) == n, (flow, state)
+                assert local.count_runs(flow=flow, state=state) == n, (flow, state)
+                assert remote.count_runs(flow=flow, state=state) == n, (flow, state)
+
+            # the whole answer; "count" is not taken for a run id; the state comes back as its type
+            answer = http.get("/api/runs/count", params={"flow": "hello", "state": "pending"})
+            assert answer.status_code == 200 and answer.json() == {"count": 2, "flow": "hello", "state": "PENDING"}
+            assert http.get("/api/runs/count").json() == {"count": 4, "flow": None, "state": None}
+            nb.trigger("other")
+            assert nb.count_runs(flow="other") == 2 and nb.count_runs() == 5  # counted as it is created
+
+            assert_error(http.get("/api/runs/count", params={"state": "DONE"}), 400, "invalid_query",
+                         "unknown state 'DONE'")
+            assert_error(http.get("/api/runs/count", params={"flow": "nope"}), 404, "flow_not_found")
+            with pytest.raises(ApiError) as error:
+                nb.count_runs(state="finished")
+            assert (error.value.status, error.value.code) == (400, "invalid_query")
+            with pytest.raises(ServerError) as remote_error:
+                remote.count_runs(flow="nope")
+            assert (remote_error.value.http_status, remote_error.value.code) == (404, "flow_not_found")
+
+        async def count_async() -> tuple[int, int]:
+            async with AsyncClient(server.url) as client:
+                return await client.count_runs(flow="hello"), await client.count_runs(state="cancelled")
+
+        assert asyncio.run(count_async()) == (3, 1)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

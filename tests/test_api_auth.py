@@ -16,6 +16,7 @@ ROUTES = [
     ("GET", "/api/flows", "read", None),
     ("GET", "/api/flows/{name}", "read", None),
     ("GET", "/api/runs", "read", None),
+    ("GET", "/api/runs/count", "read", None),
     ("GET", "/api/runs/{run_id}", "read", None),
     ("GET", "/api/runs/{run_id}/cells", "read", None),
     ("GET", "/api/runs/{run_id}/logs", "read", None),
@@ -40,6 +41,9 @@ ROUTES = [
     ("GET", "/api/flows/{name}/notifications", "admin", None),
     ("POST", "/api/flows/{name}/notifications", "admin", {"url": "http://127.0.0.1:9/x"}),
     ("DELETE", "/api/notifications/{notification_id}", "admin", None),
+    ("GET", "/api/keys", "admin", None),
+    ("POST", "/api/keys", "admin", {"name": "made-over-http", "scope": "read"}),
+    ("DELETE", "/api/keys/{name}", "admin", None),
 ]
 OPEN = {("GET", "/api/health"), ("POST", "/api/hooks/{token}")}
 

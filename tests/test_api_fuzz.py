@@ -11,6 +11,7 @@ every time.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -48,6 +49,7 @@ def fuzz_target(nbflow_env, tmp_path, monkeypatch):
     make_notebook(root, "hello", ["print(name * n)"], parameters="name = 'World'\nn = 2")
     store = open_store()
     key = create_key(store, "fuzz", "admin")
+    create_key(store, "spare", "read")  # for DELETE /api/keys/{name} to reach; never the fuzzer's own key
     register(store, root / "hello.ipynb")
     pending = create_run(store, "hello", {"n": 3})
     cancelled = request_cancel(store, create_run(store, "hello", {}).id)
@@ -55,7 +57,7 @@ def fuzz_target(nbflow_env, tmp_path, monkeypatch):
     token, _doc = create_webhook(store, "hello", {"name": "who"})
     set_secret(store, "API_TOKEN", "s3cr3t-value")
     server = serve_api(store)
-    known = {"name": ["hello", "hourly", "API_TOKEN"], "flow": ["hello"], "token": [token],
+    known = {"name": ["hello", "hourly", "API_TOKEN", "spare"], "flow": ["hello"], "token": [token],
              "run_id": [str(pending.id), str(cancelled.id), str(pending.id)[:8]]}
     try:
         yield server.url, key, known
@@ -105,7 +107,7 @@ def test_no_request_gets_a_5xx_or_an_undocumented_answer(fuzz_target):
                                       for name, value in (path_parameters or {}).items()})
 
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 25, [op.label for op in operations]
+    assert len(operations) >= 33, [op.label for op in operations]
     headers = {"Authorization": f"Bearer {key}"}
     statuses: dict[str, set[int]] = {op.label: set() for op in operations}
     failures = [failure for op in operations for mode in GenerationMode
@@ -114,7 +116,8 @@ def test_no_request_gets_a_5xx_or_an_undocumented_answer(fuzz_target):
     # not vacuous: the cases got past authentication and the 404s to the resources that exist
     reached = {label for label, answered in statuses.items() if any(200 <= s < 300 for s in answered)}
     for label in ("GET /api/flows/{name}", "GET /api/runs/{run_id}", "GET /api/runs/{run_id}/logs",
-                  "GET /api/schedules/{flow}/{name}", "POST /api/flows/{name}/runs", "PUT /api/secrets/{name}"):
+                  "GET /api/schedules/{flow}/{name}", "POST /api/flows/{name}/runs", "PUT /api/secrets/{name}",
+                  "GET /api/runs/count", "GET /api/keys", "GET /api/runs", "GET /api/flows", "GET /api/health"):
         assert label in reached, (label, statuses[label])
 
 
@@ -142,3 +145,39 @@ def test_what_the_fuzzer_found_stays_fixed(fuzz_target):
         assert {"200", "401", "403", "404", "409", "422", "503"} <= set(documented)
         error_schema = {"$ref": "#/components/schemas/ErrorResponse"}
         assert documented["422"]["content"]["application/json"]["schema"] == error_schema
+
+
+def test_success_bodies_are_typed_and_really_checked(fuzz_target):
+    """response_schema_conformance is only as strong as the schemas: each JSON success answer must name a
+    typed document, and a body that breaks it must fail the check. GET /api/runs/{run_id} is the case that
+    matters most: it answers pre-encoded bytes, which FastAPI does not validate against its model, so only
+    this check would see its document drift from the published schema."""
+    url, key, known = fuzz_target
+    headers = {"Authorization": f"Bearer {key}"}
+    published = httpx.get(f"{url}/api/openapi.json").json()
+    components = published["components"]["schemas"]
+    typed = 0
+    for path, item in published["paths"].items():
+        for method, operation in item.items():
+            for status, answer in operation["responses"].items():
+                content = answer.get("content", {}).get("application/json")
+                if status.startswith("2") and content is not None:
+                    name = content["schema"]["$ref"].rsplit("/", 1)[-1]  # a named model, not a bare object
+                    assert components[name]["properties"] and components[name]["required"], (method, path)
+                    typed += 1
+    assert typed >= 27
+
+    def check(schema: dict[str, Any]) -> None:
+        operation = schemathesis.openapi.from_dict(schema)["/api/runs/{run_id}"]["GET"]
+        case = operation.Case(path_parameters={"run_id": known["run_id"][1]})
+        response = case.call(base_url=url, headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        case.validate_response(response, checks=[response_schema_conformance], headers=headers)
+
+    check(published)
+    wrong = copy.deepcopy(published)  # a model that says flow_version is a string: the server sends a number
+    wrong["components"]["schemas"]["RunWithHistory"]["properties"]["flow_version"] = {"type": "string"}
+    with pytest.raises(FailureGroup) as failure:
+        check(wrong)
+    assert "Response violates schema" in str(failure.value), failure.value
+    assert "RunWithHistory/properties/flow_version" in str(failure.value), failure.value

@@ -10,7 +10,16 @@ from helpers import nbflow, run_cli
 from sqlalchemy import func, select
 
 from nbflow.errors import InvalidName, InvalidScope, KeyExists, KeyNotFound
-from nbflow.keys import SCOPES, ApiKeyInfo, any_active_keys, authenticate, create_key, list_keys, revoke_key
+from nbflow.keys import (
+    SCOPES,
+    ApiKeyInfo,
+    any_active_keys,
+    authenticate,
+    create_key,
+    get_key,
+    list_keys,
+    revoke_key,
+)
 from nbflow.store import Store, open_store
 from nbflow.store.models import ApiKey
 
@@ -106,3 +115,78 @@ def test_cli_create_prints_only_the_key(sqlite_env, tmp_path) -> None:
     assert missing.exit_code == 2 and "no API key named 'nope'" in missing.stderr
     table = run_cli("keys", "list").stdout
     assert table.splitlines()[0].split() == ["NAME", "SCOPE", "CREATED", "REVOKED"] and "ci" in table
+
+
+def test_keys_over_http(nbflow_env) -> None:
+    """GET/POST/DELETE /api/keys on a real server, raw and through Client: the key is in the creating answer
+    only, the rules are those of ``nbflow keys``, and a revoke bites at the next request."""
+    import httpx
+    from helpers import serve_api
+    from test_api import assert_error
+
+    from nbflow.client import ApiError, Client
+
+    store = open_store()
+    admin = create_key(store, "admin", "admin")
+    server = serve_api(store)
+    as_admin = {"Authorization": f"Bearer {admin}"}
+    try:
+        with Client(server.url, api_key=admin) as nb, httpx.Client(base_url=server.url) as http:
+            made = nb.create_key("ci", "trigger")
+            key = made.pop("key")
+            assert key.startswith("nbf_") and authenticate(store, key) == ApiKeyInfo("ci", "trigger")
+            assert made == get_key(store, "ci") and made["revoked_at"] is None and made["created_at"]
+            assert [k["name"] for k in nb.list_keys()] == ["admin", "ci"]
+
+            created = http.post("/api/keys", json={"name": "reader", "scope": "read"}, headers=as_admin)
+            assert created.status_code == 201 and created.headers["cache-control"] == "no-store"
+            reader = created.json()["key"]
+            listed = http.get("/api/keys", headers=as_admin)
+            assert listed.status_code == 200 and {k["name"]: k["scope"] for k in listed.json()["keys"]} == {
+                "admin": "admin", "ci": "trigger", "reader": "read"}
+            for secret in (admin, key, reader):  # neither a key nor its hash is ever listed
+                assert secret not in listed.text and hashlib.sha256(secret.encode()).hexdigest() not in listed.text
+            assert all(set(k) == {"name", "scope", "created_at", "revoked_at"} for k in listed.json()["keys"])
+
+            # a new key works at once, within its scope
+            as_reader = {"Authorization": f"Bearer {reader}"}
+            assert http.get("/api/runs/count", headers=as_reader).json()["count"] == 0
+            assert_error(http.get("/api/keys", headers=as_reader), 403, "forbidden", "needs 'admin'")
+
+            # refused requests create nothing
+            assert_error(http.post("/api/keys", json={"name": "ci", "scope": "read"}, headers=as_admin), 409,
+                         "key_exists", "'ci' exists already")
+            assert_error(http.post("/api/keys", json={"name": "x", "scope": "root"}, headers=as_admin), 422,
+                         "invalid_request", "scope")
+            assert_error(http.post("/api/keys", json={"name": "x"}, headers=as_admin), 422, "invalid_request",
+                         "scope")
+            assert_error(http.post("/api/keys", json={"name": "has space", "scope": "read"}, headers=as_admin),
+                         422, "invalid_name", "invalid key name")
+            assert_error(http.post("/api/keys", json={"name": "", "scope": "read"}, headers=as_admin), 422,
+                         "invalid_request", "name")
+            assert_error(http.post("/api/keys", json={"name": "x", "scope": "read", "admin": True},
+                                   headers=as_admin), 422, "invalid_request")
+            assert key_count(store) == 3
+
+            # revoke: 204, the next request with the key gets 401; again: 204, revoked_at unchanged
+            assert http.delete("/api/keys/reader", headers=as_admin).status_code == 204
+            assert_error(http.get("/api/runs/count", headers=as_reader), 401, "unauthorized", "revoked")
+            revoked_at = get_key(store, "reader")["revoked_at"]
+            assert revoked_at is not None
+            assert http.delete("/api/keys/reader", headers=as_admin).status_code == 204
+            assert get_key(store, "reader")["revoked_at"] == revoked_at
+            assert_error(http.delete("/api/keys/nope", headers=as_admin), 404, "key_not_found", "'nope'")
+            assert_error(http.post("/api/keys", json={"name": "reader", "scope": "read"}, headers=as_admin), 409,
+                         "key_exists", "revoked")
+
+            nb.revoke_key("ci")
+            assert authenticate(store, key) is None
+            nb.revoke_key("admin")  # its own key: allowed, and the next call is refused
+            with pytest.raises(ApiError) as refused:
+                nb.list_keys()
+            assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+            assert not any_active_keys(store)
+    finally:
+        server.stop()
+    with pytest.raises(KeyNotFound, match="no API key named 'nope'"):
+        get_key(store, "nope")

@@ -433,8 +433,8 @@ def test_bad_arguments_fail_at_once_and_start_nothing(env: Store) -> None:
 
 def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same widgets on a ``RemoteBackend`` (the real app, in process): the API counts no runs, so
-    the page label has no total, and the buttons act through the API."""
+    """The same widgets on a ``RemoteBackend`` (the real app, in process): the page label has the total
+    from ``GET /api/runs/count``, and the buttons act through the API."""
     from fastapi.testclient import TestClient
 
     from nbflow.api import create_app
@@ -448,7 +448,7 @@ def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], 
     first = create_run(store, "etl")
     with TestClient(create_app(store), client=("127.0.0.1", 40000)) as http:
         dash = dashboard(RemoteBackend(Client("http://testserver", transport=http._transport)), refresh=None)
-        assert dash.runs.run_ids == [str(first.id)] and text(dash.runs.page_label).endswith(">runs 1-1</span>")
+        assert dash.runs.run_ids == [str(first.id)] and text(dash.runs.page_label).endswith(">runs 1-1 of 1</span>")
         dash.flows.rows.children[0].children[1].click()  # Run
         runs = runs_in_store(store)
         assert len(runs) == 2 and dash.detail.run_id == str(runs[1].id)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nbflow import __version__
 from nbflow.api import errors
 from nbflow.api.group_commit import GroupCommit
-from nbflow.api.routes import flows, health, hooks, runs, schedules, secrets
+from nbflow.api.routes import flows, health, hooks, keys, runs, schedules, secrets
 from nbflow.store import Store, open_store
 
 API_VERSION = "1.0"
@@ -92,7 +92,7 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app.state.runner = runner
     errors.install(app)
     app.include_router(health.router, prefix="/api")
-    for module in (flows, runs, schedules, secrets, hooks):
+    for module in (flows, runs, schedules, secrets, hooks, keys):
         # every other route validates its input, may need a key and reads the database
         app.include_router(module.router, prefix="/api", responses=errors.documented(401, 403, 422, 503))
     app.add_middleware(BodyLimit, limit=max_body_bytes)

@@ -138,7 +138,7 @@ class RunsTable(widgets.VBox):
         runs = self.backend.runs(**filters, limit=self.page_size + 1, before=self._cursors[-1])
         try:
             total: int | None = self.backend.count_runs(**filters)
-        except NbflowError:  # a server's API has no run count: the label goes without the total
+        except NbflowError:  # an older server has no count route: the label goes without the total
             total = None
         return RunsPage(runs=runs[: self.page_size], has_next=len(runs) > self.page_size, total=total,
                         flow_names=flow_names)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from nbflow.api.auth import ADMIN, READ, TRIGGER
 from nbflow.api.errors import documented
 from nbflow.api.routes import group_commit_of, store_of
-from nbflow.api.schemas import FlowPatch, RegisterRequest, TriggerRequest
+from nbflow.api.schemas import FlowDocument, FlowList, FlowPatch, RegisterRequest, RunDocument, TriggerRequest
 from nbflow.errors import FlowNotFound, ParameterError
 from nbflow.flows import (
     FlowOptions,
@@ -34,18 +34,21 @@ def flow_doc(store: Store, name: str) -> dict[str, Any]:
         return flow_documents(session, [get_flow(session, name)])[0]
 
 
-@router.get("/flows", dependencies=[READ], summary="All flows, by name")
+@router.get("/flows", dependencies=[READ], response_model=FlowList, summary="All flows, by name")
 def flows(request: Request) -> dict[str, Any]:
     with store_of(request).read() as session:
         return {"flows": flow_documents(session, list_flows(session))}
 
 
-@router.get("/flows/{name}", dependencies=[READ], summary="One flow", responses=documented(404))
+@router.get("/flows/{name}", dependencies=[READ], response_model=FlowDocument, summary="One flow",
+            responses=documented(404))
 def flow(name: str, request: Request) -> dict[str, Any]:
     return flow_doc(store_of(request), name)
 
 
-@router.post("/flows", dependencies=[ADMIN], status_code=201, responses=documented(400, 413),
+@router.post("/flows", dependencies=[ADMIN], status_code=201, response_model=FlowDocument,
+             responses={200: {"model": FlowDocument, "description": "An existing flow, updated"},
+                        **documented(400, 413)},
              summary="Register a notebook under the notebooks root as a flow (201), or update it (200)")
 def register_flow(body: RegisterRequest, request: Request, response: Response) -> dict[str, Any]:
     store = store_of(request)
@@ -65,7 +68,8 @@ def register_flow(body: RegisterRequest, request: Request, response: Response) -
     return flow_doc(store, name)
 
 
-@router.patch("/flows/{name}", dependencies=[ADMIN], summary="Change a flow's settings",
+@router.patch("/flows/{name}", dependencies=[ADMIN], response_model=FlowDocument,
+              summary="Change a flow's settings",
               responses=documented(400, 404, 413))
 def patch_flow(name: str, body: FlowPatch, request: Request) -> dict[str, Any]:
     store = store_of(request)
@@ -73,8 +77,10 @@ def patch_flow(name: str, body: FlowPatch, request: Request) -> dict[str, Any]:
     return flow_doc(store, name)
 
 
-@router.post("/flows/{name}/runs", dependencies=[TRIGGER], status_code=201, response_model=dict[str, Any],
-             responses=documented(400, 404, 409, 413),
+@router.post("/flows/{name}/runs", dependencies=[TRIGGER], status_code=201, response_model=RunDocument,
+             responses={200: {"model": RunDocument, "description": "The run a repeated idempotency key "
+                                                                  "created"},
+                        **documented(400, 404, 409, 413)},
              summary="Queue a run (201); a repeated idempotency key returns the first run (200)")
 async def trigger(name: str, request: Request, body: TriggerRequest | None = None) -> Response:
     """Async, and no database work in this request's own thread: the run is created by the app's group

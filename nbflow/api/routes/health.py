@@ -10,11 +10,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nbflow import __version__
 from nbflow.api.routes import store_of
+from nbflow.api.schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Server status, versions, database and background services")
+@router.get("/health", response_model=Health,
+            summary="Server status, versions, database and background services")
 def health(request: Request) -> dict[str, Any]:
     from nbflow.api import API_VERSION
 

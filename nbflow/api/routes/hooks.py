@@ -11,7 +11,15 @@ from fastapi import APIRouter, Body, Path, Request, Response
 from nbflow.api.auth import ADMIN
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
-from nbflow.api.schemas import NotificationRequest, WebhookRequest
+from nbflow.api.schemas import (
+    NewWebhook,
+    NotificationDocument,
+    NotificationList,
+    NotificationRequest,
+    RunDocument,
+    WebhookList,
+    WebhookRequest,
+)
 from nbflow.notify import add_notification, list_notifications, remove_notification
 from nbflow.runs import run_document
 from nbflow.webhooks import create_webhook, fire_webhook, list_webhooks, revoke_webhook
@@ -23,7 +31,8 @@ router = APIRouter(tags=["webhooks and notifications"])
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-@router.post("/hooks/{token}", status_code=201, responses=documented(400, 404, 409, 413),
+@router.post("/hooks/{token}", status_code=201, response_model=RunDocument,
+             responses=documented(400, 404, 409, 413),
              summary="Run the webhook's flow with parameters from the body")
 def fire(token: str, request: Request, body: Annotated[Any, Body()] = None) -> dict[str, Any]:
     store = store_of(request)
@@ -32,7 +41,8 @@ def fire(token: str, request: Request, body: Annotated[Any, Body()] = None) -> d
         return run_document(session, run)
 
 
-@router.post("/flows/{name}/webhooks", dependencies=[ADMIN], status_code=201, responses=documented(400, 404, 413),
+@router.post("/flows/{name}/webhooks", dependencies=[ADMIN], status_code=201, response_model=NewWebhook,
+             responses=documented(400, 404, 413),
              summary="Create a webhook of a flow; its token is in this answer only")
 def new_webhook(name: str, body: WebhookRequest, request: Request) -> dict[str, Any]:
     token, doc = create_webhook(store_of(request), name, body.mapping)
@@ -40,7 +50,7 @@ def new_webhook(name: str, body: WebhookRequest, request: Request) -> dict[str, 
 
 
 @router.get("/webhooks", dependencies=[ADMIN], summary="Webhooks (never their tokens)",
-            responses=documented(404))
+            response_model=WebhookList, responses=documented(404))
 def webhooks(request: Request, flow: str | None = None) -> dict[str, Any]:
     return {"webhooks": list_webhooks(store_of(request), flow)}
 
@@ -53,13 +63,13 @@ def delete_webhook(webhook_id: RowId, request: Request) -> Response:
 
 
 @router.get("/flows/{name}/notifications", dependencies=[ADMIN], summary="A flow's outbound notifications",
-            responses=documented(404))
+            response_model=NotificationList, responses=documented(404))
 def notifications(name: str, request: Request) -> dict[str, Any]:
     return {"notifications": list_notifications(store_of(request), name)}
 
 
 @router.post("/flows/{name}/notifications", dependencies=[ADMIN], status_code=201,
-             responses=documented(400, 404, 413),
+             response_model=NotificationDocument, responses=documented(400, 404, 413),
              summary="POST a JSON document to a URL when a run of the flow ends in one of the given states")
 def new_notification(name: str, body: NotificationRequest, request: Request) -> dict[str, Any]:
     return add_notification(store_of(request), name, body.url, body.on)

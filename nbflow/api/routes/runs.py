@@ -12,20 +12,31 @@ from fastapi import APIRouter, Query, Request, Response
 from nbflow.api.auth import READ, TRIGGER
 from nbflow.api.errors import documented
 from nbflow.api.group_commit import encode
-from nbflow.api.routes import store_of
+from nbflow.api.routes import quick_read, store_of
+from nbflow.api.schemas import (
+    RunCells,
+    RunCountAnswer,
+    RunDocument,
+    RunLogs,
+    RunPage,
+    RunResult,
+    RunWithHistory,
+)
+from nbflow.counts import count_runs
 from nbflow.errors import InvalidQuery, NbflowError
 from nbflow.runs import (
     cell_document,
     cells_of,
     find_run,
-    history,
     list_runs,
     logs,
     request_cancel,
     retry_run,
     run_cursor,
+    run_detail,
     run_document,
 )
+from nbflow.states import StateType
 
 router = APIRouter(tags=["runs"])
 
@@ -44,7 +55,7 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
     return value
 
 
-@router.get("/runs", dependencies=[READ], summary="Runs, newest first, a page at a time",
+@router.get("/runs", dependencies=[READ], response_model=RunPage, summary="Runs, newest first, a page at a time",
             responses=documented(400, 404))
 def runs(
     request: Request,
@@ -66,17 +77,30 @@ def runs(
                 "next_cursor": run_cursor(page[-1]) if len(found) > limit else None}
 
 
+@router.get("/runs/count", dependencies=[READ], response_model=RunCountAnswer, responses=documented(400, 404),
+            summary="How many runs match: exact, without scanning the history")
+def count(
+    request: Request,
+    flow: Annotated[str | None, Query(description="Only this flow's runs")] = None,
+    state: Annotated[str | None, Query(description="Only runs in this state type (any case): "
+                                       + ", ".join(StateType))] = None,
+) -> dict[str, Any]:
+    """Declared before ``/runs/{run_id}``, which would otherwise take ``count`` for a run id. The count is
+    ``nbflow.counts.count_runs``, as the notebook widgets count."""
+    n = count_runs(store_of(request), flow=flow or None, state=state or None)
+    return {"count": n, "flow": flow or None, "state": state.upper() if state else None}
+
+
 @router.get("/runs/{run_id}", dependencies=[READ], summary="One run (a unique id prefix works too)",
-            response_model=dict[str, Any], responses=documented(404))
-def run(run_id: str, request: Request) -> Response:
-    with store_of(request).read() as session:
-        found = find_run(session, run_id)
-        doc = {**run_document(session, found), "history": history(session, found)}
+            response_model=RunWithHistory, responses=documented(404))
+async def run(run_id: str, request: Request) -> Response:
+    store = store_of(request)
+    doc = await quick_read(store, run_detail, store, run_id)
     return Response(encode(doc), media_type="application/json")  # the dict is plain JSON: no re-validation
 
 
 @router.get("/runs/{run_id}/cells", dependencies=[READ], summary="The code cells of the latest attempt",
-            responses=documented(404))
+            response_model=RunCells, responses=documented(404))
 def cells(run_id: str, request: Request) -> dict[str, Any]:
     with store_of(request).read() as session:
         found = find_run(session, run_id)
@@ -85,7 +109,7 @@ def cells(run_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/runs/{run_id}/logs", dependencies=[READ], summary="Log lines, oldest first; ?after= to tail",
-            responses=documented(400, 404))
+            response_model=RunLogs, responses=documented(400, 404))
 def run_logs(
     run_id: str, request: Request,
     after: Annotated[str | None, Query(description="a line's id, or an ISO 8601 time: only later lines")] = None,
@@ -113,7 +137,7 @@ def _parse_after(after: str | None) -> int | datetime | None:
 
 
 @router.get("/runs/{run_id}/result", dependencies=[READ], summary="The values the notebook recorded",
-            responses=documented(404))
+            response_model=RunResult, responses=documented(404))
 def result(run_id: str, request: Request) -> dict[str, Any]:
     with store_of(request).read() as session:
         found = find_run(session, run_id)
@@ -140,7 +164,7 @@ def notebook(run_id: str, request: Request, format: Literal["ipynb", "html"] = "
 
 
 @router.post("/runs/{run_id}/cancel", dependencies=[TRIGGER], summary="Cancel a run (409 if it has ended)",
-             responses=documented(404, 409))
+             response_model=RunDocument, responses=documented(404, 409))
 def cancel(run_id: str, request: Request) -> dict[str, Any]:
     store = store_of(request)
     cancelled = request_cancel(store, run_id)
@@ -148,7 +172,8 @@ def cancel(run_id: str, request: Request) -> dict[str, Any]:
         return run_document(session, cancelled)
 
 
-@router.post("/runs/{run_id}/retry", dependencies=[TRIGGER], status_code=201, responses=documented(404, 409),
+@router.post("/runs/{run_id}/retry", dependencies=[TRIGGER], status_code=201, response_model=RunDocument,
+             responses=documented(404, 409),
              summary="Run an ended run again as a new run (409 if it has not ended)")
 def retry(run_id: str, request: Request) -> dict[str, Any]:
     store = store_of(request)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from nbflow.api.auth import ADMIN, READ
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
-from nbflow.api.schemas import SchedulePatch, ScheduleRequest
+from nbflow.api.schemas import ScheduleDocument, ScheduleList, SchedulePatch, ScheduleRequest
 from nbflow.errors import ScheduleNotFound
 from nbflow.scheduler import add_schedule, list_schedules, pause, remove, resume
 from nbflow.store import Store
@@ -26,12 +26,14 @@ def _schedule(store: Store, flow: str, name: str) -> dict[str, Any]:
 
 
 @router.get("/schedules", dependencies=[READ], summary="Schedules, by flow and name",
-            responses=documented(404))
+            response_model=ScheduleList, responses=documented(404))
 def schedules(request: Request, flow: str | None = None) -> dict[str, Any]:
     return {"schedules": list_schedules(store_of(request), flow)}
 
 
-@router.post("/schedules", dependencies=[ADMIN], status_code=201, responses=documented(400, 404, 413),
+@router.post("/schedules", dependencies=[ADMIN], status_code=201, response_model=ScheduleDocument,
+             responses={200: {"model": ScheduleDocument, "description": "An existing schedule, redefined"},
+                        **documented(400, 404, 413)},
              summary="Create a schedule (201), or replace the definition of the one with that name (200)")
 def create_schedule(body: ScheduleRequest, request: Request, response: Response) -> dict[str, Any]:
     store = store_of(request)
@@ -45,13 +47,13 @@ def create_schedule(body: ScheduleRequest, request: Request, response: Response)
 
 
 @router.get("/schedules/{flow}/{name}", dependencies=[READ], summary="One schedule",
-            responses=documented(404))
+            response_model=ScheduleDocument, responses=documented(404))
 def schedule(flow: str, name: str, request: Request) -> dict[str, Any]:
     return _schedule(store_of(request), flow, name)
 
 
 @router.patch("/schedules/{flow}/{name}", dependencies=[ADMIN], summary="Pause or resume a schedule",
-              responses=documented(400, 404, 413))
+              response_model=ScheduleDocument, responses=documented(400, 404, 413))
 def patch_schedule(flow: str, name: str, body: SchedulePatch, request: Request) -> dict[str, Any]:
     store = store_of(request)
     _schedule(store, flow, name)

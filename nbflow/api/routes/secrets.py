@@ -10,13 +10,13 @@ from fastapi import APIRouter, Request, Response
 from nbflow.api.auth import ADMIN
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
-from nbflow.api.schemas import SecretRequest
+from nbflow.api.schemas import SecretList, SecretRequest
 from nbflow.secrets import delete_secret, list_secrets, set_secret
 
 router = APIRouter(tags=["secrets"], dependencies=[ADMIN])
 
 
-@router.get("/secrets", summary="Secret names and times (never values)")
+@router.get("/secrets", response_model=SecretList, summary="Secret names and times (never values)")
 def secrets(request: Request) -> dict[str, Any]:
     return {"secrets": list_secrets(store_of(request))}
 
