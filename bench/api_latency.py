@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -100,15 +101,21 @@ class Connection:
             self.writer.close()
 
 
-async def drive(url: str, clients: int, requests: int, mode: str, interval: float) -> dict[str, list[float]]:
+async def drive(url: str, clients: int, requests: int, mode: str, interval: float,
+                warmup: int = 0, on_start: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Run the clients; ``on_start`` is called when the timed part begins (after the warm-up)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     times: dict[str, list[float]] = {"trigger": [], "get": []}
     failures: list[str] = []
     barrier = asyncio.Barrier(clients) if mode == "burst" else None
+    warmed = asyncio.Barrier(clients)  # the timed part starts when every client has warmed up
 
     async def one_request(conn: Connection, c: int, i: int) -> None:
         body = json.dumps({"parameters": {"x": i}, "idempotency_key": f"{c}-{i}"}).encode()
+        if i < 0:  # warm-up: the same requests, not timed
+            await conn.request("POST", "/api/flows/bench/runs", body)
+            return
         start = time.perf_counter()
         status, answer = await conn.request("POST", "/api/flows/bench/runs", body)
         times["trigger"].append(time.perf_counter() - start)
@@ -124,6 +131,11 @@ async def drive(url: str, clients: int, requests: int, mode: str, interval: floa
     async def one_client(c: int) -> None:
         conn = Connection(host, port)
         try:
+            for i in range(-warmup, 0):
+                await one_request(conn, c, i)
+            if await warmed.wait() == 0:  # the first client through: the timed part begins
+                on_start()
+                times["began"] = [time.perf_counter()]
             if mode == "paced":
                 await asyncio.sleep(random.uniform(0, interval))
             due = time.perf_counter()
@@ -137,9 +149,8 @@ async def drive(url: str, clients: int, requests: int, mode: str, interval: floa
         finally:
             conn.close()
 
-    began = time.perf_counter()
     await asyncio.gather(*(one_client(c) for c in range(clients)))
-    times["wall"] = [time.perf_counter() - began]
+    times["wall"] = [time.perf_counter() - times.pop("began")[0]]
     if failures:
         raise SystemExit(f"{len(failures)} requests failed, first: {failures[0]}")
     return times
@@ -150,6 +161,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=20, help="triggers (and reads) per client")
     parser.add_argument("--mode", choices=("closed", "burst", "paced"), default="closed")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed triggers per client first (the server's first requests load its caches)")
     parser.add_argument("--interval", type=float, default=1.0, help="paced: seconds between a client's triggers")
     parser.add_argument("--database-url", help="default: SQLite in a temporary NBFLOW_HOME")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -170,10 +183,17 @@ def main() -> None:
         assert server.stdout is not None and server.stdin is not None
         url = server.stdout.readline().strip()
         assert httpx.post(f"{url}/api/flows", json={"path": "bench.ipynb"}).status_code in (200, 201)
-        proc = psutil.Process(server.pid)
-        server_cpu, client_cpu = sum(proc.cpu_times()[:2]), time.process_time()
-        times = asyncio.run(drive(url, args.clients, args.requests, args.mode, args.interval))
-        server_cpu, client_cpu = sum(proc.cpu_times()[:2]) - server_cpu, time.process_time() - client_cpu
+        procs = [psutil.Process(server.pid)]
+        cpu = {"server": 0.0, "client": 0.0}
+
+        def start() -> None:
+            procs.extend(procs[0].children())  # API worker processes, if any
+            cpu["server"] = sum(sum(p.cpu_times()[:2]) for p in procs)
+            cpu["client"] = time.process_time()
+
+        times = asyncio.run(drive(url, args.clients, args.requests, args.mode, args.interval, args.warmup, start))
+        server_cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu["server"]
+        client_cpu = time.process_time() - cpu["client"]
     finally:
         if server.stdin is not None:
             server.stdin.close()
