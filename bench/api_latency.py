@@ -58,12 +58,14 @@ def percentile(values: list[float], q: float) -> float:
 def serve() -> None:
     """Server mode (a child process): run the API until stdin closes; print the URL first."""
     from nbflow.api.server import ApiServer
+    from nbflow.startup import freeze_startup_objects
     from nbflow.store import open_store
 
     server = ApiServer(open_store(), "127.0.0.1", 0)
     server.start()
     while not server.server.started:
         time.sleep(0.01)
+    freeze_startup_objects()  # as `nbflow serve` does once it is up
     print(server.url, flush=True)
     sys.stdin.read()
     server.stop()

@@ -21,6 +21,7 @@ import click
 
 from nbflow import __version__
 from nbflow.errors import NbflowError
+from nbflow.startup import freeze_startup_objects
 
 EXIT_RUN_NOT_COMPLETED = 1
 EXIT_BAD_INPUT = 2
@@ -317,6 +318,7 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s)"
                + (f", labels {','.join(offered)}" if offered else "")
                + (f", executor dask at {dask_scheduler}" if executor_ is not None else ""), err=True)
+    freeze_startup_objects()
     try:
         _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
     finally:
@@ -360,6 +362,7 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, lab
     if api is not None:
         api.start()
     sched.start(after=(lambda: api.server.started) if api is not None else None)  # its first pass: once the API answers
+    freeze_startup_objects()
     try:  # the API keeps answering while runs in flight get their grace period: clients can watch them end
         _run_runner(runner, exit_when_idle=False, grace=grace)
     finally:
