@@ -55,13 +55,13 @@ def percentile(values: list[float], q: float) -> float:
     return data[min(len(data) - 1, round((len(data) - 1) * q / 100))]
 
 
-def serve() -> None:
+def serve(workers: int) -> None:
     """Server mode (a child process): run the API until stdin closes; print the URL first."""
     from nbflow.api.server import ApiServer
     from nbflow.startup import freeze_startup_objects
     from nbflow.store import open_store
 
-    server = ApiServer(open_store(), "127.0.0.1", 0)
+    server = ApiServer(open_store(), "127.0.0.1", 0, workers=workers)
     server.start()
     while not server.server.started:
         time.sleep(0.01)
@@ -167,10 +167,11 @@ def main() -> None:
                         help="untimed triggers per client first (the server's first requests load its caches)")
     parser.add_argument("--interval", type=float, default=1.0, help="paced: seconds between a client's triggers")
     parser.add_argument("--database-url", help="default: SQLite in a temporary NBFLOW_HOME")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes on the port (serve --api-workers)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve()
+        serve(args.api_workers)
         return
     import psutil
 
@@ -179,7 +180,8 @@ def main() -> None:
     if args.database_url:
         env["NBFLOW_DATABASE_URL"] = args.database_url
     make_notebook(home, "bench", ["y = x * 2"], parameters="x = 1")
-    server = subprocess.Popen([sys.executable, __file__, "--serve"], env=env, stdin=subprocess.PIPE,
+    command = [sys.executable, __file__, "--serve", "--api-workers", str(args.api_workers)]
+    server = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdin is not None
@@ -203,6 +205,7 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
     total = args.clients * args.requests
     summary = {"database": "postgresql" if args.database_url else "sqlite", "mode": args.mode,
+               "api_workers": args.api_workers,
                "clients": args.clients, "requests": total, "wall_s": round(times["wall"][0], 2),
                "throughput_rps": round(2 * total / times["wall"][0], 1),
                "server_cpu_ms_per_request": round(server_cpu * 1000 / (2 * total), 2),

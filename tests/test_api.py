@@ -8,6 +8,7 @@ tests/test_api_server.py; keys and scopes in tests/test_api_auth.py.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -87,6 +88,7 @@ def test_health_is_open_and_reports_versions_database_and_services(sqlite_env, r
         "status": "ok", "version": nbflow.__version__, "api_version": API_VERSION,
         "database": {"reachable": True, "dialect": "sqlite", "schema_revision": body["database"]["schema_revision"]},
         "scheduler": {"running": False}, "runner": {"running": False, "worker_id": None},
+        "api": {"pid": os.getpid(), "workers": 1},
     }
     assert body["database"]["schema_revision"]
 

@@ -17,6 +17,7 @@ from helpers import at_once, make_notebook, nbflow, run_cli, serve_api, start, u
 from sqlalchemy import func, select
 
 from nbflow import client as client_module
+from nbflow.api.server import ApiServer
 from nbflow.client import ApiError, AsyncClient, Client, IncompatibleServer
 from nbflow.flows import register
 from nbflow.keys import create_key
@@ -530,3 +531,100 @@ def test_serve_says_when_it_accepts_loopback_clients_only_and_can_run_without_th
     quiet.send_signal(signal.SIGTERM)
     _out, err = quiet.communicate(timeout=60)
     assert first.startswith("nbflow serve worker:") and "REST API" not in first + err and quiet.returncode == 0
+
+
+def pids_answering(url: str, connections: int = 24) -> dict[int, dict]:
+    """``/api/health`` over ``connections`` fresh connections: the health each API process gave, by pid.
+    The kernel spreads connections over the processes of an SO_REUSEPORT port by a hash of their
+    addresses: with 24 connections and 2 processes, all on one is a 2^-23 chance."""
+    seen: dict[int, dict] = {}
+    for _ in range(connections):
+        with httpx.Client() as fresh:
+            health = fresh.get(f"{url}/api/health", timeout=10).json()
+        seen[health["api"]["pid"]] = health
+    return seen
+
+
+def test_api_workers_share_the_port_and_each_serves_the_whole_api(nbflow_env, root):
+    """``ApiServer(workers=2)``: a second process answers on the same port, with the same routes and the
+    same database; stopping the server stops it."""
+    import os
+
+    import psutil
+
+    store = open_store()
+    register(store, root / "hello.ipynb")
+    server = ApiServer(store, "127.0.0.1", 0, workers=2)
+    server.start()
+    try:
+        until(lambda: server.server.started, what="the API thread to start")
+        seen = pids_answering(server.url)
+        assert len(seen) == 2 and os.getpid() in seen, seen
+        assert all(h["api"]["workers"] == 2 and h["status"] == "ok" for h in seen.values()), seen
+        (worker_pid,) = set(seen) - {os.getpid()}
+        triggered: dict[int, str] = {}  # a run triggered through each process
+        for i in range(48):
+            if len(triggered) == 2:
+                break
+            with httpx.Client() as fresh:
+                pid = fresh.get(f"{server.url}/api/health").json()["api"]["pid"]
+                answer = fresh.post(f"{server.url}/api/flows/hello/runs", json={"parameters": {"n": i}})
+                assert answer.status_code == 201, answer.text
+                triggered.setdefault(pid, answer.json()["id"])
+        assert set(triggered) == set(seen), triggered
+        for run_id in triggered.values():  # each process wrote to the one database, and reads the other's
+            for _ in range(4):
+                with httpx.Client() as fresh:
+                    assert fresh.get(f"{server.url}/api/runs/{run_id}").json()["state"] == "PENDING"
+        bad = httpx.post(f"{server.url}/api/flows/hello/runs", json={"parameters": {"colour": 1}})
+        assert bad.status_code == 422 and "colour" in bad.json()["error"]["message"]
+        worker = psutil.Process(worker_pid)
+    finally:
+        server.stop()
+    assert worker.wait(10) is not None or not worker.is_running()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/api/health", timeout=2)
+
+
+def test_api_workers_refuse_a_taken_port_even_one_shared_with_reuseport(nbflow_env):
+    """A port another program listens on (even with SO_REUSEPORT, which would let us join it) is refused."""
+    import socket
+
+    from nbflow.api.server import CannotServe
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CannotServe, match=f"cannot listen on 127.0.0.1:{port}"):
+            ApiServer(open_store(), "127.0.0.1", port, workers=2)
+
+
+@pytest.mark.slow
+def test_serve_with_api_workers_reports_its_services_from_every_process_and_they_die_with_it(sqlite_env, root,
+                                                                                          tmp_path):
+    """Through ``nbflow serve --api-workers 2``: every API process says the scheduler and runner run (the
+    worker learns it from the serve process), and when the serve process is killed outright (no
+    clean-up), its worker process exits by itself."""
+    import psutil
+
+    env = dict(sqlite_env, NBFLOW_NOTEBOOKS_ROOT=str(root))
+    proc, url = started_serve(env, tmp_path, "--api-workers", "2", "--poll", "0.2")
+    try:
+        # the URL is printed before the API starts: wait for both processes to answer
+        def both() -> dict[int, dict] | None:
+            found = pids_answering(url)
+            return found if len(found) == 2 else None
+
+        seen = until(both, timeout=60, what="two API processes answering")
+        assert proc.pid in seen, seen
+        ids = {h["runner"]["worker_id"] for h in seen.values()}
+        assert len(ids) == 1 and None not in ids, seen
+        assert all(h["scheduler"]["running"] and h["runner"]["running"] for h in seen.values()), seen
+        workers = [psutil.Process(pid) for pid in seen if pid != proc.pid]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    _gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"API worker processes outlived their serve process: {alive}"

@@ -2,14 +2,15 @@
 
 ``create_app`` takes the store and, when ``nbflow serve`` hosts it, the scheduler and runner it runs, so
 that ``/api/health`` can say whether they are alive; a bare app (tests, an embedding program) reports
-them as not running.
+them as not running. An API worker process of ``nbflow serve --api-workers N`` has neither: it passes
+``services``, which reads what the serve process last said of them (``nbflow.api.server``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -72,7 +73,19 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def services_of(scheduler: Any, runner: Any) -> Callable[[], dict[str, Any]]:
+    """What ``/api/health`` says of the background services running in this process."""
+
+    def services() -> dict[str, Any]:
+        return {"scheduler": {"running": scheduler is not None and not scheduler.stop.is_set()},
+                "runner": {"running": runner is not None and not runner.draining.is_set(),
+                           "worker_id": runner.worker_id if runner is not None else None}}
+
+    return services
+
+
 def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any = None,
+               services: Callable[[], dict[str, Any]] | None = None, api_workers: int = 1,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,8 +101,8 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     )
     app.state.store = store or open_store()
     app.state.group_commit = GroupCommit(app.state.store)
-    app.state.scheduler = scheduler
-    app.state.runner = runner
+    app.state.services = services or services_of(scheduler, runner)
+    app.state.api_workers = api_workers
     errors.install(app)
     app.include_router(health.router, prefix="/api")
     for module in (flows, runs, schedules, secrets, hooks, keys):

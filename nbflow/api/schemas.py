@@ -354,6 +354,11 @@ class RunnerHealth(Document):
     worker_id: str | None
 
 
+class ApiProcesses(Document):
+    pid: int = Field(description="The process that answered: with several API workers, each has its own.")
+    workers: int = Field(description="How many processes serve the API on this port (`--api-workers`).")
+
+
 class Health(Document):
     status: Literal["ok", "degraded"] = Field(description="degraded: the database cannot be reached.")
     version: str = Field(description="nbflow's version.")
@@ -361,3 +366,4 @@ class Health(Document):
     database: DatabaseHealth
     scheduler: SchedulerHealth
     runner: RunnerHealth
+    api: ApiProcesses

@@ -3,6 +3,7 @@ its API version before they authenticate."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,14 +27,11 @@ def health(request: Request) -> dict[str, Any]:
     except SQLAlchemyError:  # cannot connect: that is what this route reports, not an error of its own
         revision = None
     reachable = revision is not None
-    scheduler, runner = request.app.state.scheduler, request.app.state.runner
-    scheduler_alive = scheduler is not None and not scheduler.stop.is_set()
-    runner_alive = runner is not None and not runner.draining.is_set()
     return {
         "status": "ok" if reachable else "degraded",
         "version": __version__,
         "api_version": API_VERSION,
         "database": {"reachable": reachable, "dialect": store.dialect, "schema_revision": revision},
-        "scheduler": {"running": scheduler_alive},
-        "runner": {"running": runner_alive, "worker_id": runner.worker_id if runner is not None else None},
+        **request.app.state.services(),
+        "api": {"pid": os.getpid(), "workers": request.app.state.api_workers},
     }
