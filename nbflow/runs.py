@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,14 +139,17 @@ def retry_run(store: Store, run_id: str | uuid.UUID) -> Run:
 
 
 def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel_name: str, *,
-            trigger: str, **fields: Any) -> Run:
-    """A run of ``version`` with the flow's retry and timeout settings, not yet added to a session."""
+            trigger: str, runs_dir: Path | None = None, **fields: Any) -> Run:
+    """A run of ``version`` with the flow's retry and timeout settings, not yet added to a session.
+    ``runs_dir``: the settings' (resolved once by a caller creating many runs, as it costs two
+    ``realpath`` calls)."""
     run_id = uuid.uuid4()
+    runs_dir = runs_dir or get_settings().runs_dir
     return Run(
         id=run_id, flow_id=flow.id, flow_version_id=version.id, parameters=dict(parameters),
         kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1, retry_delay=flow.retry_delay,
         retry_backoff=flow.retry_backoff, timeout=flow.timeout, cell_timeout=flow.cell_timeout,
-        trigger=trigger, output_path=str(get_settings().runs_dir / flow.name / f"{run_id}.ipynb"),
+        trigger=trigger, output_path=f"{runs_dir / flow.name}{os.sep}{run_id}.ipynb",
         result={}, **fields,
     )
 
@@ -290,11 +294,13 @@ def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Trigg
         if isinstance(ready[name], Exception):
             results[i] = ready[name]
 
+    runs_dir = get_settings().runs_dir
+
     def build(i: int, values: dict[str, Any]) -> Run:
         flow, version = ready[requests[i].flow]  # type: ignore[misc]
         found = targets[requests[i].flow]
         assert isinstance(found, _Target)
-        return new_run(flow, version, values, found.kernel_name, trigger=requests[i].trigger,
+        return new_run(flow, version, values, found.kernel_name, trigger=requests[i].trigger, runs_dir=runs_dir,
                        idempotency_key=requests[i].idempotency_key)
 
     todo = [(i, values) for i, values in checked if results[i] is None]
