@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -628,3 +629,59 @@ def test_serve_with_api_workers_reports_its_services_from_every_process_and_they
         proc.communicate(timeout=30)
     _gone, alive = psutil.wait_procs(workers, timeout=20)
     assert not alive, f"API worker processes outlived their serve process: {alive}"
+
+
+def test_the_fast_path_answers_exactly_as_the_routes_do(nbflow_env, root, monkeypatch):
+    """``nbflow.api.fastpath`` answers a well-formed trigger and run read itself; the same request sent so
+    that it declines (a content type with a charset, a query string) reaches the FastAPI route. Both
+    answers must be the same, success and error alike."""
+    from nbflow.api import fastpath
+
+    fast: list[int] = []
+    answer = fastpath._answer
+
+    async def counted(send, status, body) -> None:
+        fast.append(status)
+        await answer(send, status, body)
+
+    monkeypatch.setattr(fastpath, "_answer", counted)
+    store = open_store()
+    register(store, root / "hello.ipynb")
+    server = serve_api(store)
+    url = f"{server.url}/api/flows/hello/runs"
+    routed = {"content-type": "application/json; charset=utf-8"}  # not exactly application/json: declined
+
+    def both(body: dict) -> tuple[httpx.Response, httpx.Response]:
+        return httpx.post(url, json=body), httpx.post(url, content=json.dumps(body), headers=routed)
+
+    def same_document(a: dict, b: dict) -> None:
+        differ = {"id", "created_at", "output_path"}
+        assert {k: v for k, v in a.items() if k not in differ} == {k: v for k, v in b.items() if k not in differ}
+
+    try:
+        by_fast, by_route = both({"parameters": {"n": 3}})
+        assert (by_fast.status_code, by_route.status_code, fast) == (201, 201, [201])
+        same_document(by_fast.json(), by_route.json())
+        assert by_fast.headers["content-type"] == by_route.headers["content-type"] == "application/json"
+        key = {"parameters": {"n": 4}, "idempotency_key": "same"}
+        first, again = httpx.post(url, json=key), httpx.post(url, content=json.dumps(key), headers=routed)
+        assert (first.status_code, again.status_code) == (201, 200) and first.json() == again.json()
+        assert httpx.post(url, json=key).status_code == 200 and fast == [201, 201, 200]
+        run_id = by_fast.json()["id"]
+        read_fast, read_route = httpx.get(f"{server.url}/api/runs/{run_id}"), httpx.get(
+            f"{server.url}/api/runs/{run_id}?via=route")
+        assert (read_fast.status_code, fast[-1], len(fast)) == (200, 200, 4)
+        assert read_fast.content == read_route.content and read_fast.json()["history"]
+        assert read_fast.headers["content-type"] == read_route.headers["content-type"]
+        for body in ({"parameters": {"colour": 1}}, {"parameters": {"n": "x"}},
+                     {"parameters": {"n": 5}, "idempotency_key": "same"}):  # refused by the group commit
+            by_fast, by_route = both(body)
+            assert by_fast.status_code == by_route.status_code and by_fast.status_code in (409, 422), body
+            assert by_fast.json() == by_route.json(), body
+        assert by_fast.json()["error"]["code"] == "idempotency_conflict"
+        missing = httpx.get(f"{server.url}/api/runs/{uuid.uuid4()}")  # declined: the route's 404
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "run_not_found"
+        assert httpx.post(url, json={"parameters": {}, "bogus": 1}).status_code == 422  # the model refuses it
+        assert len(fast) == 4  # none of the refusals was answered as a success
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nbflow import __version__
 from nbflow.api import errors
+from nbflow.api.fastpath import FastPath
 from nbflow.api.group_commit import GroupCommit
 from nbflow.api.routes import flows, health, hooks, keys, runs, schedules, secrets
 from nbflow.store import Store, open_store
@@ -108,5 +109,6 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     for module in (flows, runs, schedules, secrets, hooks, keys):
         # every other route validates its input, may need a key and reads the database
         app.include_router(module.router, prefix="/api", responses=errors.documented(401, 403, 422, 503))
+    app.add_middleware(FastPath)  # inside BodyLimit, which refuses a body too large before it is read
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

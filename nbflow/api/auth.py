@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from nbflow.api.errors import Forbidden, Unauthorized
 from nbflow.api.routes import quick_read
+from nbflow.store import Store
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `nbflow keys create NAME --scope SCOPE`.")
 
@@ -39,17 +40,22 @@ def is_loopback(host: str | None) -> bool:
 
 
 def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, needed: str) -> Caller:
+    return check(request.app.state.store, credentials.credentials if credentials is not None else None,
+                 request.client.host if request.client else None, needed)
+
+
+def check(store: Store, token: str | None, host: str | None, needed: str) -> Caller:
+    """Who sends ``token`` (None: no ``Authorization: Bearer`` header) from ``host``, if allowed ``needed``;
+    else ``Unauthorized`` (401) or ``Forbidden`` (403)."""
     from nbflow.keys import SCOPES, any_active_keys, authenticate
 
-    store = request.app.state.store
-    if credentials is not None:
-        key = authenticate(store, credentials.credentials)
+    if token is not None:
+        key = authenticate(store, token)
         if key is None:
             raise Unauthorized("invalid or revoked API key")
     elif any_active_keys(store):
         raise Unauthorized("an API key is required: send the header 'Authorization: Bearer KEY'")
     else:
-        host = request.client.host if request.client else None
         if not is_loopback(host):
             raise Forbidden(f"this server has no API keys, so it accepts loopback clients only (you are {host}); "
                             "create a key with `nbflow keys create NAME --scope SCOPE`")

@@ -9,7 +9,8 @@ the requests that arrive while a batch is being written form the next batch: und
 dozens of requests, and alone a request is written at once, with no timer to wait for.
 
 Each request still gets its own answer: its run (created, or found by its idempotency key), or its own
-error, raised in its own request so the app's handlers give it the usual status and shape. The event
+error, raised in its own request so the app's handlers give it the usual status and shape (refused
+parameters come with the flow's valid ones as ``details``). The event
 loop only parses bodies and sends answers; the answer's JSON is built in the writer thread.
 """
 
@@ -23,6 +24,7 @@ import threading
 from collections import deque
 from typing import Any
 
+from nbflow.errors import ParameterError
 from nbflow.runs import RunRequest, Triggered, create_runs_once, new_run_document, run_document
 from nbflow.store import Store
 
@@ -103,6 +105,12 @@ class GroupCommit:
     def _answer(self, requests: list[RunRequest]) -> list[tuple[bytes, bool] | BaseException]:
         try:
             results = create_runs_once(self.store, requests)
+            specs: dict[str, Any] = {}
+            for request, result in zip(requests, results, strict=True):
+                if isinstance(result, ParameterError) and getattr(result, "details", None) is None:
+                    if request.flow not in specs:
+                        specs[request.flow] = _parameter_spec(self.store, request.flow)
+                    result.details = {"parameters": specs[request.flow]}  # type: ignore[attr-defined]
             answers: list[tuple[bytes, bool] | BaseException] = []
             found = [r for r in results if isinstance(r, Triggered) and not r.created]
             if found:  # runs found by their key: read as stored (they may have cells by now)
@@ -120,6 +128,16 @@ class GroupCommit:
         except Exception as exc:  # the database is down, or a bug: every request of the batch gets it
             log.debug("trigger batch failed", exc_info=exc)
             return [exc] * len(requests)
+
+
+def _parameter_spec(store: Store, name: str) -> dict[str, Any]:
+    """What a caller whose parameters were refused needs to fix them: each valid name, type and default."""
+    from nbflow.flows import get_flow, latest_version
+
+    with store.read() as session:
+        version = latest_version(session, get_flow(session, name).id)
+        spec = version.parameters if version else {}
+    return {k: {"type": v.get("type"), "default": v.get("default")} for k, v in spec.items()}
 
 
 def _settle(future: asyncio.Future[Any], answer: tuple[bytes, bool] | BaseException) -> None:

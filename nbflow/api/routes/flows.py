@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from nbflow.api.auth import ADMIN, READ, TRIGGER
 from nbflow.api.errors import documented
 from nbflow.api.routes import group_commit_of, store_of
 from nbflow.api.schemas import FlowDocument, FlowList, FlowPatch, RegisterRequest, RunDocument, TriggerRequest
-from nbflow.errors import FlowNotFound, ParameterError
+from nbflow.errors import FlowNotFound
 from nbflow.flows import (
     FlowOptions,
     default_flow_name,
     flow_documents,
     get_flow,
-    latest_version,
     list_flows,
     register,
     resolve_notebook_path,
@@ -84,21 +82,9 @@ def patch_flow(name: str, body: FlowPatch, request: Request) -> dict[str, Any]:
              summary="Queue a run (201); a repeated idempotency key returns the first run (200)")
 async def trigger(name: str, request: Request, body: TriggerRequest | None = None) -> Response:
     """Async, and no database work in this request's own thread: the run is created by the app's group
-    commit writer (``nbflow.api.group_commit``), together with the other triggers waiting."""
+    commit writer (``nbflow.api.group_commit``), together with the other triggers waiting. A well-formed
+    trigger that succeeds is usually answered before it gets here, by ``nbflow.api.fastpath``."""
     body = body or TriggerRequest()
-    try:
-        content, created = await group_commit_of(request).submit(
-            RunRequest(name, body.parameters, idempotency_key=body.idempotency_key, trigger="api"))
-    except ParameterError as exc:
-        store = store_of(request)
-        exc.details = {"parameters": await run_in_threadpool(_parameter_spec, store, name)}  # type: ignore[attr-defined]
-        raise
+    content, created = await group_commit_of(request).submit(
+        RunRequest(name, body.parameters, idempotency_key=body.idempotency_key, trigger="api"))
     return Response(content, status_code=201 if created else 200, media_type="application/json")
-
-
-def _parameter_spec(store: Store, name: str) -> dict[str, Any]:
-    """What a caller whose parameters were refused needs to fix them: each valid name, type and default."""
-    with store.read() as session:
-        version = latest_version(session, get_flow(session, name).id)
-        spec = version.parameters if version else {}
-    return {k: {"type": v.get("type"), "default": v.get("default")} for k, v in spec.items()}
