@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, cast, inspect, or_, select
+from sqlalchemy import String, and_, bindparam, cast, or_, select
 from sqlalchemy.orm import Session, defer
 
 from nbflow import states
@@ -68,7 +69,7 @@ def create_run(
     A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
     a notebook registers it, but only once the request has passed every check).
     ``worker_id`` claims the run at birth (``nbflow run`` executes it itself); without it the run is
-    queued for any worker. A taken ``idempotency_key`` raises ``IntegrityError`` (see ``create_run_once``).
+    queued for any worker. A taken ``idempotency_key`` raises ``IntegrityError`` (see ``create_runs_once``).
     """
     found = _look_up(store, target, kernel)
     values = _checked_values(store, found, parameters or {})
@@ -79,23 +80,6 @@ def create_run(
                       idempotency_key=idempotency_key)
         states.initial_state(session, run, state)
     return run
-
-
-def create_run_once(store: Store, flow_name: str, parameters: dict[str, Any] | None = None, *,
-                    idempotency_key: str | None = None, trigger: str = "api") -> tuple[Run, bool]:
-    """``create_run`` of a flow for a caller that may send the same request twice (a client retrying
-    after a timeout): returns the run and whether it was created now.
-
-    A request carrying a key already used returns that key's run and creates nothing. The UNIQUE column
-    decides, not a prior read, so concurrent requests with one key create one run on either database;
-    the prior read only spares the common repeat a notebook inspection. Reusing a key for another flow
-    or other parameters is a client bug, refused (``IdempotencyConflict``) rather than answered with a
-    run that is not what was asked for. This is ``create_runs_once`` of one request: one code path.
-    """
-    result = create_runs_once(store, [RunRequest(flow_name, parameters or {}, idempotency_key, trigger)])[0]
-    if isinstance(result, Exception):
-        raise result
-    return result.run, result.created
 
 
 def _run_by_key(store: Store, key: str, flow_name: str, parameters: dict[str, Any]) -> Run | None:
@@ -139,18 +123,23 @@ def retry_run(store: Store, run_id: str | uuid.UUID) -> Run:
 
 
 def new_run(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel_name: str, *,
-            trigger: str, runs_dir: Path | None = None, **fields: Any) -> Run:
-    """A run of ``version`` with the flow's retry and timeout settings, not yet added to a session.
-    ``runs_dir``: the settings' (resolved once by a caller creating many runs, as it costs two
-    ``realpath`` calls)."""
+            trigger: str, **fields: Any) -> Run:
+    """A run of ``version`` with the flow's retry and timeout settings, not yet added to a session."""
+    return Run(**new_run_values(flow, version, parameters, kernel_name, trigger=trigger, **fields))
+
+
+def new_run_values(flow: Flow, version: FlowVersion, parameters: dict[str, Any], kernel_name: str, *,
+                   trigger: str, runs_dir: Path | None = None, **fields: Any) -> dict[str, Any]:
+    """``new_run``'s columns, for a Core INSERT of many runs (``create_runs_once``), where building an ORM
+    object per run cost more than its insert. ``runs_dir``: the settings' (resolved once by a caller
+    creating many runs, as it costs two ``realpath`` calls)."""
     run_id = uuid.uuid4()
     runs_dir = runs_dir or get_settings().runs_dir
-    return Run(
+    return dict(
         id=run_id, flow_id=flow.id, flow_version_id=version.id, parameters=dict(parameters),
         kernel_name=kernel_name, attempt=1, max_attempts=flow.retries + 1, retry_delay=flow.retry_delay,
         retry_backoff=flow.retry_backoff, timeout=flow.timeout, cell_timeout=flow.cell_timeout,
-        trigger=trigger, output_path=f"{runs_dir / flow.name}{os.sep}{run_id}.ipynb",
-        result={}, **fields,
+        trigger=trigger, output_path=f"{runs_dir / flow.name}{os.sep}{run_id}.ipynb", result={}, **fields,
     )
 
 
@@ -223,7 +212,7 @@ def _registered(store: Store, target: str, found: _Target, kernel: str | None) -
 
 @dataclass
 class RunRequest:
-    """One request to run a flow by name, as ``create_run_once`` takes it (``create_runs_once``)."""
+    """One request to run a flow by name, as ``create_runs_once`` takes it."""
 
     flow: str
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -234,30 +223,37 @@ class RunRequest:
 @dataclass
 class Triggered:
     """A request's answer from ``create_runs_once``: its run, and whether it was created now (else an
-    earlier request with its idempotency key created it). A created run comes with its flow and version
-    (``new_run_document`` needs no query); a found one does not."""
+    earlier request with its idempotency key created it). A created run is its columns as attributes (what
+    ``new_run_document`` reads), with its flow and version (the document needs no query); a found one is
+    the stored ``Run``."""
 
-    run: Run
+    run: Any
     created: bool
     flow: Flow | None = None
     version: FlowVersion | None = None
 
 
 _KEY_TAKEN = object()  # an insert refused by a UNIQUE key (the idempotency key): resolved after the commit
+# The columns of a run document that a new run's values leave out (``_document`` reads them).
+_UNSET = {"state_message": None, "parent_run_id": None, "started_at": None, "ended_at": None, "error": None}
 
 
 def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Triggered | Exception]:
-    """``create_run_once`` for many requests at once, committed as ONE write transaction (group commit):
+    """``create_run`` of flows by name for callers that may send the same request twice (API clients
+    retrying after a timeout), many requests at once, committed as ONE write transaction (group commit):
     the API server queues concurrent triggers and creates them here, so N requests cost one commit (and
     one look-up of each flow) instead of N serialised on the database's write lock.
 
     Each request gets its own answer, in order: a ``Triggered``, or the exception that request alone
-    met (a bad parameter, an unknown flow, an idempotency conflict), exactly as ``create_run_once`` would
-    raise it; one request's failure never fails another's. The runs are built by ``new_run`` and given
-    their first state by ``states.initial_state``, as ``create_run`` does. Idempotency is the UNIQUE
-    column's, as in ``create_run_once``: a key seen before returns its run; a key taken meanwhile (by
-    another process, or by an earlier request of the same batch) is resolved after the commit.
-    An error reaching the database itself (it is down) is raised for the whole batch.
+    met (a bad parameter, an unknown flow, an idempotency conflict); one request's failure never fails
+    another's. The runs have ``new_run``'s columns and ``states.initial_values``' first state, as
+    ``create_run`` gives them. A request carrying an idempotency key already used returns that key's run
+    and creates nothing. The UNIQUE column decides, not a prior read, so concurrent requests with one key
+    create one run on either database (a key taken meanwhile, by another process or by an earlier request
+    of the same batch, is resolved after the commit); the prior read only spares the common repeat a
+    notebook inspection. Reusing a key for another flow or other parameters is a client bug, refused
+    (``IdempotencyConflict``) rather than answered with a run that is not what was asked for. An error
+    reaching the database itself (it is down) is raised for the whole batch.
     """
     from sqlalchemy.exc import DataError, IntegrityError
 
@@ -296,40 +292,37 @@ def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Trigg
 
     runs_dir = get_settings().runs_dir
 
-    def build(i: int, values: dict[str, Any]) -> Run:
+    def build(i: int, values: dict[str, Any]) -> dict[str, Any]:
         flow, version = ready[requests[i].flow]  # type: ignore[misc]
         found = targets[requests[i].flow]
         assert isinstance(found, _Target)
-        return new_run(flow, version, values, found.kernel_name, trigger=requests[i].trigger, runs_dir=runs_dir,
-                       idempotency_key=requests[i].idempotency_key)
+        return new_run_values(flow, version, values, found.kernel_name, trigger=requests[i].trigger,
+                              runs_dir=runs_dir, idempotency_key=requests[i].idempotency_key)
 
     todo = [(i, values) for i, values in checked if results[i] is None]
-    built: list[tuple[int, Run]] = []
+    built: list[tuple[int, Any]] = []
     try:  # the common case: Core statements for the whole batch, not an ORM flush of each run
-        built = [(i, build(i, values)) for i, values in todo]
         stamp, initial = utcnow(), states.initial_values()
-        for _i, run in built:
-            run.created_at = stamp
-            for column, value in initial.items():
-                setattr(run, column, value)
+        rows = [(i, {**build(i, values), "created_at": stamp, **initial}) for i, values in todo]
         with store.write() as session:
             created: set[uuid.UUID] = set()
-            if built:
+            if rows:
                 conn = session.connection()
                 # A key taken (by another process, or earlier in this batch) inserts nothing: resolved below.
-                conn.execute(insert_runs_skipping_conflicts(store.dialect), [run_values(run) for _i, run in built])
-                created = set(conn.execute(states.insert_initial_events([run.id for _i, run in built])).scalars())
+                conn.execute(insert_runs_skipping_conflicts(store.dialect), [row for _i, row in rows])
+                created = set(conn.execute(states.insert_initial_events([row["id"] for _i, row in rows])).scalars())
             if created:
                 wake_runners(session)
-        for i, run in built:
-            if run.id not in created:
+        for i, row in rows:
+            if row["id"] in created:
+                built.append((i, SimpleNamespace(**{**_UNSET, **row})))
+            else:
                 results[i] = _KEY_TAKEN
-        built = [(i, run) for i, run in built if run.id in created]
     except (IntegrityError, DataError):  # a row it refers to is gone, or a value the database refuses: again,
         built = []                        # each run in a SAVEPOINT, so that only its own request fails
         with store.write() as session:
             for i, values in todo:
-                run = build(i, values)
+                run = Run(**build(i, values))
                 try:
                     if insert_unique_run(session, run):
                         built.append((i, run))
@@ -346,13 +339,6 @@ def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Trigg
             results[i] = existing or NbflowError(f"the run of flow {request.flow!r} could not be stored: "
                                                  "a row it refers to changed meanwhile; try again")
     return results
-
-
-def run_values(run: Run) -> dict[str, Any]:
-    """The columns set on a new, unsaved ``run``, as a Core INSERT takes them (the others get their
-    defaults): for inserting many runs in one statement instead of an ORM flush of each."""
-    state = inspect(run)
-    return {attr.key: state.dict[attr.key] for attr in state.mapper.column_attrs if attr.key in state.dict}
 
 
 def insert_runs_skipping_conflicts(dialect: str, *unique: str) -> Any:

@@ -54,7 +54,7 @@ from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleErr
 from nbflow.flows import get_flow, latest_version, sync_version
 from nbflow.parameters import validate
 from nbflow.store import Store, wake_runners
-from nbflow.store.models import Flow, FlowVersion, Run, Schedule, utcnow
+from nbflow.store.models import Flow, FlowVersion, Schedule, utcnow
 
 log = logging.getLogger("nbflow.scheduler")
 
@@ -394,28 +394,25 @@ _kernels: dict[tuple[str, int, str | None], str] = {}  # versions never change: 
 
 @dataclass
 class _Target:
-    """What the scheduled runs of one flow are made of in a pass: ``template`` is ``runs.new_run``'s run
-    of the flow's latest version (its retries, timeouts, kernel, output path); each slot's row is a copy
-    with its own id, output path, slot and parameters. None: its slots are skipped (flow paused, or no
-    version)."""
+    """What the scheduled runs of one flow are made of in a pass: ``template`` is ``runs.new_run_values``'
+    run of the flow's latest version (its retries, timeouts, kernel, output path); each slot's row is a
+    copy with its own id, output path, slot and parameters. None: its slots are skipped (flow paused, or
+    no version)."""
 
     flow: Flow
-    template: Run | None
+    template: dict[str, Any] | None
     version: FlowVersion | None
-    columns: dict[str, Any] = field(default_factory=dict)
 
     def run_row(self, run_id: uuid.UUID, **fields: Any) -> dict[str, Any]:
         assert self.template is not None
-        path = self.template.output_path
-        assert path is not None
-        return {**self.columns, "id": run_id, "output_path": path.replace(str(self.template.id), str(run_id)),
-                **fields}
+        path = self.template["output_path"].replace(str(self.template["id"]), str(run_id))
+        return {**self.template, "id": run_id, "output_path": path, **fields}
 
 
 def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
     """The flows of a pass, their notebook edits picked up, with their latest versions: three queries
     for any number of flows, not two per schedule."""
-    from nbflow.runs import new_run, run_values, stored_kernel
+    from nbflow.runs import new_run_values, stored_kernel
 
     with store.read() as session:
         names = set(session.execute(select(Flow.name).where(Flow.id.in_(flow_ids))).scalars())
@@ -435,11 +432,10 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
         kernel_key = (store.url, version.id, flow.kernel_name)
         if kernel_key not in _kernels:  # parsing the stored notebook for its kernelspec: once per version
             _kernels[kernel_key] = stored_kernel(flow, version)
-        template = new_run(flow, version, {}, _kernels[kernel_key], trigger="schedule")
-        if str(template.id) not in (template.output_path or ""):  # a path not named by the run: one per run
-            raise NbflowError(f"run output path {template.output_path!r} does not name its run")
-        columns = run_values(template)
-        targets[flow_id] = _Target(flow, template, version, columns)
+        template = new_run_values(flow, version, {}, _kernels[kernel_key], trigger="schedule")
+        if str(template["id"]) not in template["output_path"]:  # a path not named by the run: one per run
+            raise NbflowError(f"run output path {template['output_path']!r} does not name its run")
+        targets[flow_id] = _Target(flow, template, version)
     return targets
 
 
