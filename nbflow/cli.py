@@ -336,7 +336,7 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
 @click.option("--no-api", is_flag=True, help="Run the scheduler and runner only, without the REST API.")
 @click.option("--api-workers", type=click.IntRange(min=1, max=64), default=1, show_default=True, metavar="N",
               help="Processes answering the REST API on the port (one core each): 2 on a 2-core machine "
-                   "answers ~1.5x the requests.")
+                   "answered ~1.35x the requests.")
 @handle_errors
 def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, labels: str, executor: str,
           dask_scheduler: str | None, tick: float, host: str, port: int, no_api: bool, api_workers: int) -> None:
