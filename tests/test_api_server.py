@@ -683,5 +683,7 @@ def test_the_fast_path_answers_exactly_as_the_routes_do(nbflow_env, root, monkey
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "run_not_found"
         assert httpx.post(url, json={"parameters": {}, "bogus": 1}).status_code == 422  # the model refuses it
         assert len(fast) == 4  # none of the refusals was answered as a success
+        empty = httpx.post(url, content=b"", headers={"content-type": "application/json"}, timeout=10)
+        assert empty.status_code == 201 and empty.json()["parameters"] == {}  # the route's defaults, no hang
     finally:
         server.stop()

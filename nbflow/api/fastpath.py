@@ -55,9 +55,10 @@ class FastPath:
             elif method == "POST" and (match := _TRIGGER.fullmatch(path)):
                 body = await self._trigger_body(scope, receive)
                 if body is not None:
-                    with contextlib.suppress(_Declined):
-                        await self._trigger(scope, match.group(1), body, send)
-                        return
+                    if body:  # an empty body means the defaults: the route knows that case
+                        with contextlib.suppress(_Declined):
+                            await self._trigger(scope, match.group(1), body, send)
+                            return
                     receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
@@ -91,8 +92,8 @@ class FastPath:
 
     @staticmethod
     async def _trigger_body(scope: Scope, receive: Receive) -> bytes | None:
-        """The body of a JSON trigger of known length (``BodyLimit`` has refused one too large), or None
-        to leave the request to FastAPI unread."""
+        """The body of a JSON trigger of known length (``BodyLimit`` has refused one too large), to be
+        replayed to FastAPI if it must answer; None if nothing was read (or the client went away)."""
         headers = dict(scope["headers"])
         if headers.get(b"content-type") != b"application/json" or not headers.get(b"content-length", b"").isdigit():
             return None
@@ -103,8 +104,7 @@ class FastPath:
                 return None
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                body = b"".join(chunks)
-                return body if body else None
+                return b"".join(chunks)
 
 
 def _authorized(store: Any, scope: Scope, needed: str) -> None:
