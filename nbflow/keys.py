@@ -92,17 +92,13 @@ def list_keys(store: Store) -> list[dict[str, Any]]:
     """Every key, active and revoked, by name; never its hash."""
     with store.read() as session:
         rows = session.execute(select(ApiKey).order_by(ApiKey.name)).scalars().all()
-        return [{"name": k.name, "scope": _scope_of(k), "created_at": _iso(k.created_at),
+        return [{"name": k.name, "scope": _widest(k.scopes), "created_at": _iso(k.created_at),
                  "revoked_at": _iso(k.revoked_at)} for k in rows]
 
 
-def _scope_of(key: ApiKey) -> str:
-    return _widest(key.scopes or [])
-
-
-def _widest(scopes: list[str]) -> str:
+def _widest(scopes: list[str] | None) -> str:
     """The widest scope stored (the column is a list, as the schema predates scopes being ordered)."""
-    known = [s for s in scopes if s in SCOPES]
+    known = [s for s in scopes or [] if s in SCOPES]
     return max(known, key=SCOPES.index) if known else "read"
 
 
@@ -124,7 +120,7 @@ def get_key(store: Store, name: str) -> dict[str, Any]:
         key = session.execute(select(ApiKey).where(ApiKey.name == name)).scalar_one_or_none()
         if key is None:
             raise KeyNotFound(f"no API key named {name!r}")
-        return {"name": key.name, "scope": _scope_of(key), "created_at": _iso(key.created_at),
+        return {"name": key.name, "scope": _widest(key.scopes), "created_at": _iso(key.created_at),
                 "revoked_at": _iso(key.revoked_at)}
 
 
@@ -143,7 +139,7 @@ def authenticate(store: Store, token: str) -> ApiKeyInfo | None:
                           "WHERE key_hash = ? AND revoked_at IS NULL", digest)
     if row is None or not hmac.compare_digest(row[1], digest):
         return None
-    return ApiKeyInfo(name=row[0], scope=_widest(json.loads(row[2]) if row[2] else []))
+    return ApiKeyInfo(name=row[0], scope=_widest(json.loads(row[2]) if row[2] else None))
 
 
 # ``scopes`` as JSON text, whatever the column type, so the driver returns the same thing on both databases.

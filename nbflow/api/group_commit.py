@@ -10,8 +10,8 @@ dozens of requests, and alone a request is written at once, with no timer to wai
 
 Each request still gets its own answer: its run (created, or found by its idempotency key), or its own
 error, raised in its own request so the app's handlers give it the usual status and shape (refused
-parameters come with the flow's valid ones as ``details``). The event
-loop only parses bodies and sends answers; the answer's JSON is built in the writer thread.
+parameters come with the flow's valid ones as ``details``). The event loop only parses bodies and sends
+answers; the answer's JSON is built in the writer thread.
 """
 
 from __future__ import annotations
