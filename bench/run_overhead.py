@@ -128,7 +128,7 @@ class Bench:
     def nbflow_api(self) -> float:
         t0_wall = datetime.now(UTC)
         t = time.perf_counter()
-        run = self._create_run(self.store, str(self.nb), {"x": "2"})
+        run = self._create_run(self.store, str(self.nb), {"x": "2"}, allow_path=True)
         t_created = time.perf_counter()
         ended = self._execute_run(self.store, run.id)
         elapsed = time.perf_counter() - t

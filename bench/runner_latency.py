@@ -85,7 +85,7 @@ def trigger_latency(store: Any, nb: Path) -> float:
     from nbflow.runs import create_run
 
     t0 = time.time()
-    run = create_run(store, str(nb), {"x": "2"})
+    run = create_run(store, str(nb), {"x": "2"}, allow_path=True)
     (ended,) = wait_ended(store, [run.id])
     return (ended.ended_at.timestamp() - t0) * 1000
 
@@ -121,7 +121,7 @@ def papermill_throughput(nb: Path, tmp: Path, total: int) -> float:
 def runner_throughput(store: Any, nb: Path, total: int, warm: int) -> float:
     from nbflow.runs import create_run
 
-    ids = [create_run(store, str(nb), {"x": "2"}).id for _ in range(total)]
+    ids = [create_run(store, str(nb), {"x": "2"}, allow_path=True).id for _ in range(total)]
     # The runs are queued; the clock starts when the runner does (a warm pool starts empty).
     t0 = time.time()
     rt = RunnerThread(store, slots=2, warm=warm)

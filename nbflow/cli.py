@@ -109,7 +109,7 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
 
     store = _store()
     run_ = create_run(store, target, parse_cli_parameters(parameters), kernel=kernel,
-                      worker_id=f"cli:{socket.gethostname()}:{os.getpid()}")
+                      worker_id=f"cli:{socket.gethostname()}:{os.getpid()}", allow_path=True)
     if not as_json:
         click.echo(f"run {run_.id} started (flow {target})", err=True)
     show_progress = sys.stderr.isatty() if progress is None else progress
@@ -165,7 +165,7 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
         doc = _trigger_remote(flow, values, kernel, wait)
     else:
         store = _store()
-        run_ = create_run(store, flow, values, kernel=kernel, trigger="manual")
+        run_ = create_run(store, flow, values, kernel=kernel, trigger="manual", allow_path=True)
         if wait:
             while True:
                 with store.read() as session:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,14 @@ class _Request:
     json: Any = None
     raw: bool = False  # return the body as bytes, not JSON
     expect: tuple[int, ...] = field(default=(200, 201, 204))
+
+
+def _segment(value: Any) -> str:
+    """``value`` as ONE segment of a URL path. A flow, schedule or key name is a name, never a path: a
+    ``/``, ``?`` or ``#`` in it is sent escaped (no flow has such a name: the server answers 404), and a
+    name made of dots cannot climb to another route (``..`` is sent as ``%2E%2E``)."""
+    text = urllib.parse.quote(str(value), safe="")
+    return text.replace(".", "%2E") if set(text) <= {"."} else text
 
 
 def _params(**values: Any) -> dict[str, Any]:
@@ -93,7 +102,7 @@ def _check_version(health: dict[str, Any], url: str) -> None:
 def _trigger(flow: str, parameters: dict[str, Any] | None, params: dict[str, Any],
              idempotency_key: str | None) -> _Request:
     body = {"parameters": {**(parameters or {}), **params}, "idempotency_key": idempotency_key}
-    return _Request("POST", f"/api/flows/{flow}/runs", json=body)
+    return _Request("POST", f"/api/flows/{_segment(flow)}/runs", json=body)
 
 
 def _count_runs(flow: str | None, state: str | None) -> _Request:
@@ -144,14 +153,14 @@ class Client:
         return self._call(_Request("GET", "/api/flows"))["flows"]
 
     def flow(self, name: str) -> dict[str, Any]:
-        return self._call(_Request("GET", f"/api/flows/{name}"))
+        return self._call(_Request("GET", f"/api/flows/{_segment(name)}"))
 
     def register(self, path: str, name: str | None = None, **settings: Any) -> dict[str, Any]:
         """Register the notebook ``path`` (relative to the server's notebooks root) as a flow."""
         return self._call(_Request("POST", "/api/flows", json={"path": path, "name": name, **settings}))
 
     def update_flow(self, name: str, **changes: Any) -> dict[str, Any]:
-        return self._call(_Request("PATCH", f"/api/flows/{name}", json=changes))
+        return self._call(_Request("PATCH", f"/api/flows/{_segment(name)}", json=changes))
 
     # -- runs --------------------------------------------------------------------------------------
     def trigger(self, flow: str, parameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
@@ -161,7 +170,7 @@ class Client:
         return self._call(_trigger(flow, parameters, params, idempotency_key))
 
     def run(self, run_id: str) -> dict[str, Any]:
-        return self._call(_Request("GET", f"/api/runs/{run_id}"))
+        return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}"))
 
     get_run = run
 
@@ -183,23 +192,25 @@ class Client:
         return self._call(_count_runs(flow, state))["count"]
 
     def cells(self, run_id: str) -> list[dict[str, Any]]:
-        return self._call(_Request("GET", f"/api/runs/{run_id}/cells"))["cells"]
+        return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/cells"))["cells"]
 
     def logs(self, run_id: str, *, after: str | int | None = None, limit: int | None = None) -> dict[str, Any]:
         """``{"logs": [...], "next_after": ...}``; pass ``next_after`` back as ``after`` to tail."""
-        return self._call(_Request("GET", f"/api/runs/{run_id}/logs", params=_params(after=after, limit=limit)))
+        return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/logs",
+                                   params=_params(after=after, limit=limit)))
 
     def result(self, run_id: str) -> dict[str, Any]:
-        return self._call(_Request("GET", f"/api/runs/{run_id}/result"))["result"]
+        return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/result"))["result"]
 
     def notebook(self, run_id: str, format: str = "ipynb") -> bytes:
-        return self._call(_Request("GET", f"/api/runs/{run_id}/notebook", params={"format": format}, raw=True))
+        return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/notebook", params={"format": format},
+                                   raw=True))
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        return self._call(_Request("POST", f"/api/runs/{run_id}/cancel"))
+        return self._call(_Request("POST", f"/api/runs/{_segment(run_id)}/cancel"))
 
     def retry(self, run_id: str) -> dict[str, Any]:
-        return self._call(_Request("POST", f"/api/runs/{run_id}/retry"))
+        return self._call(_Request("POST", f"/api/runs/{_segment(run_id)}/retry"))
 
     def wait(self, run_id: str, timeout: float | None = None, *, poll: float = 0.5) -> dict[str, Any]:
         """Follow a run until it ends and return it; ``TimeoutError`` if ``timeout`` seconds pass first."""
@@ -222,10 +233,11 @@ class Client:
         return self._call(_Request("POST", "/api/schedules", json={"flow": flow, **definition}))
 
     def set_schedule_active(self, flow: str, name: str, active: bool) -> dict[str, Any]:
-        return self._call(_Request("PATCH", f"/api/schedules/{flow}/{name}", json={"active": active}))
+        return self._call(_Request("PATCH", f"/api/schedules/{_segment(flow)}/{_segment(name)}",
+                                   json={"active": active}))
 
     def remove_schedule(self, flow: str, name: str = "default") -> None:
-        self._call(_Request("DELETE", f"/api/schedules/{flow}/{name}"))
+        self._call(_Request("DELETE", f"/api/schedules/{_segment(flow)}/{_segment(name)}"))
 
     # -- API keys (admin) ----------------------------------------------------------------------------
     def list_keys(self) -> list[dict[str, Any]]:
@@ -238,7 +250,7 @@ class Client:
 
     def revoke_key(self, name: str) -> None:
         """Revoke ``name``: the next request with it gets 401. Revoking a revoked key succeeds again."""
-        self._call(_Request("DELETE", f"/api/keys/{name}"))
+        self._call(_Request("DELETE", f"/api/keys/{_segment(name)}"))
 
 
 class AsyncClient:
@@ -281,14 +293,14 @@ class AsyncClient:
         return (await self._call(_Request("GET", "/api/flows")))["flows"]
 
     async def flow(self, name: str) -> dict[str, Any]:
-        return await self._call(_Request("GET", f"/api/flows/{name}"))
+        return await self._call(_Request("GET", f"/api/flows/{_segment(name)}"))
 
     async def trigger(self, flow: str, parameters: dict[str, Any] | None = None, *,
                       idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         return await self._call(_trigger(flow, parameters, params, idempotency_key))
 
     async def run(self, run_id: str) -> dict[str, Any]:
-        return await self._call(_Request("GET", f"/api/runs/{run_id}"))
+        return await self._call(_Request("GET", f"/api/runs/{_segment(run_id)}"))
 
     get_run = run
 
@@ -308,13 +320,13 @@ class AsyncClient:
         return (await self._call(_count_runs(flow, state)))["count"]
 
     async def logs(self, run_id: str, *, after: str | int | None = None) -> dict[str, Any]:
-        return await self._call(_Request("GET", f"/api/runs/{run_id}/logs", params=_params(after=after)))
+        return await self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/logs", params=_params(after=after)))
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
-        return await self._call(_Request("POST", f"/api/runs/{run_id}/cancel"))
+        return await self._call(_Request("POST", f"/api/runs/{_segment(run_id)}/cancel"))
 
     async def retry(self, run_id: str) -> dict[str, Any]:
-        return await self._call(_Request("POST", f"/api/runs/{run_id}/retry"))
+        return await self._call(_Request("POST", f"/api/runs/{_segment(run_id)}/retry"))
 
     async def wait(self, run_id: str, timeout: float | None = None, *, poll: float = 0.5) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -21,9 +21,11 @@ from sqlalchemy import String, and_, bindparam, cast, or_, select
 from sqlalchemy.orm import Session, defer
 
 from nbflow import states
+from nbflow.checks import MAX_NAME_LENGTH, text_problem
 from nbflow.errors import (
     IdempotencyConflict,
     IllegalTransition,
+    InvalidFlowName,
     InvalidQuery,
     NbflowError,
     ParameterError,
@@ -56,22 +58,45 @@ def _duration(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def looks_like_path(target: str) -> bool:
-    return target.endswith(".ipynb") or "/" in target or Path(target).is_file()
+    """Whether the local CLI's ``nbflow run TARGET`` / ``nbflow trigger TARGET`` means a notebook file.
+
+    Only ever consulted where the caller said a path is allowed (``create_run(..., allow_path=True)``):
+    the command line of the user's own machine. Over HTTP a flow is a name and nothing else, whatever it
+    looks like (``report.ipynb`` is a valid flow name). ``os.path.isfile`` answers False, never raises,
+    for a name the file system refuses (too long, a NUL).
+    """
+    return target.endswith(".ipynb") or "/" in target or os.path.isfile(target)
+
+
+def check_flow_reference(target: str) -> str:
+    """``target`` if it can be a flow's name, else ``InvalidFlowName`` (422): text longer than any flow
+    name (``nbflow.checks.MAX_NAME_LENGTH``), or that no database can hold (NUL, a lone surrogate). Any
+    other unknown name is simply not found (404), whatever it looks like."""
+    problem = text_problem(target, max_length=MAX_NAME_LENGTH) if isinstance(target, str) else "is not text"
+    if problem is not None:
+        shown = target[:40] + "..." if isinstance(target, str) and len(target) > 40 else target
+        raise InvalidFlowName(f"invalid flow name {shown!r}: it {problem}; a flow name is at most "
+                              f"{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-'")
+    return target
 
 
 def create_run(
     store: Store, target: str, parameters: dict[str, Any] | None = None, *,
     kernel: str | None = None, trigger: str = "manual", state: states.StateType = states.S.PENDING,
     worker_id: str | None = None, parent_run_id: uuid.UUID | None = None, idempotency_key: str | None = None,
+    allow_path: bool = False,
 ) -> Run:
     """Validate everything, then insert the run in one transaction.
 
+    ``target`` is a registered flow's name. Only with ``allow_path=True`` (the local CLI's ``nbflow run
+    PATH``, on the user's own machine) may it be a notebook file, registered on the fly; no HTTP door
+    passes it, so no remote caller can make the server read or run a file by naming it.
     A rejected request writes nothing: no run, and no flow or version either (a first ``nbflow run`` of
     a notebook registers it, but only once the request has passed every check).
     ``worker_id`` claims the run at birth (``nbflow run`` executes it itself); without it the run is
     queued for any worker. A taken ``idempotency_key`` raises ``IntegrityError`` (see ``create_runs_once``).
     """
-    found = _look_up(store, target, kernel)
+    found = _look_up(store, target, kernel, allow_path=allow_path)
     values = _checked_values(store, found, parameters or {})
     flow, version = _registered(store, target, found, kernel)
     with store.write() as session:
@@ -148,7 +173,8 @@ class _Target:
     """What ``_look_up`` found for a run request, before its parameters: the notebook that will run
     (``from_file``: read from its file, else the stored snapshot of a flow whose file is gone), its
     kernel, its parameter spec, and the flow and version to run when the flow's newest version is exactly
-    that notebook (else ``version`` is None: the flow must be registered or versioned first)."""
+    that notebook (else ``version`` is None: the flow must be registered or versioned first).
+    ``by_path``: the request named a notebook file (allowed by its caller), not a flow."""
 
     source: NotebookSource
     from_file: bool
@@ -157,10 +183,14 @@ class _Target:
     has_parameters_cell: bool
     flow: Flow | None
     version: FlowVersion | None
+    by_path: bool = False
 
 
-def _look_up(store: Store, target: str, kernel: str | None) -> _Target:
+def _look_up(store: Store, target: str, kernel: str | None, *, allow_path: bool = False) -> _Target:
     """Every check ``create_run`` needs on what would run, before anything is written.
+
+    A flow by name unless the caller allows a path (see ``create_run``); the decision is made here,
+    once, and ``_registered`` follows it.
 
     The common case (a registered flow whose notebook has not changed) costs one read transaction and a
     ``stat`` of the notebook (``read_notebook_cached``): the parameter spec is the one stored with the
@@ -168,12 +198,14 @@ def _look_up(store: Store, target: str, kernel: str | None) -> _Target:
     """
     from_file = True
     version: FlowVersion | None = None
-    if looks_like_path(target):
+    by_path = allow_path and looks_like_path(target)
+    if by_path:
         source = read_notebook_cached(target)
         with store.read() as session:
             flow = flow_by_path(session, source.path)
             version = latest_version(session, flow.id) if flow is not None else None
     else:
+        check_flow_reference(target)
         with store.read() as session:
             flow = get_flow(session, target)
             path = Path(flow.source_path) if flow.source_path else None
@@ -189,7 +221,8 @@ def _look_up(store: Store, target: str, kernel: str | None) -> _Target:
         spec, has_cell = version.parameters, version.has_parameters_cell
     else:  # a new or changed notebook (or another kernel's language): inspect it
         spec, has_cell, version = *inspect_parameters(source, kernel_name), None
-    return _Target(source, from_file, kernel_name, spec, has_cell, flow if version is not None else None, version)
+    return _Target(source, from_file, kernel_name, spec, has_cell, flow if version is not None else None, version,
+                   by_path)
 
 
 def _checked_values(store: Store, found: _Target, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +238,7 @@ def _registered(store: Store, target: str, found: _Target, kernel: str | None) -
     """The flow and version a checked request runs: registered, or versioned, first if it must be."""
     if found.flow is not None and found.version is not None:
         return found.flow, found.version
-    if looks_like_path(target):  # a new flow, or its notebook changed: register or version it first
+    if found.by_path:  # a new flow, or its notebook changed: register or version it first
         return flow_for_path(store, found.source, kernel)
     return sync_version(store, target, found.source if found.from_file else None, kernel_override=kernel)
 
@@ -266,7 +299,8 @@ def create_runs_once(store: Store, requests: Sequence[RunRequest]) -> list[Trigg
             if request.idempotency_key in taken:
                 results[i] = _existing_run(store, request)
     # Each flow is looked up (its notebook stat-ed) once per batch, and versioned at most once, only if
-    # one of its requests is valid: a rejected request writes nothing, as with create_run.
+    # one of its requests is valid: a rejected request writes nothing, as with create_run. By name only:
+    # this is the API's door, and a name never means a file here (no ``allow_path``).
     targets: dict[str, _Target | Exception] = {}
     checked: list[tuple[int, dict[str, Any]]] = []
     for i, request in enumerate(requests):

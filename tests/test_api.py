@@ -547,7 +547,7 @@ def test_create_run_with_a_taken_key_raises_for_the_caller_to_resolve(nbflow_env
     from sqlalchemy.exc import IntegrityError
 
     store = open_store()
-    create_run(store, str(root / "hello.ipynb"), idempotency_key="k1")
+    create_run(store, str(root / "hello.ipynb"), idempotency_key="k1", allow_path=True)
     with pytest.raises(IntegrityError):
         create_run(store, "hello", idempotency_key="k1")
     assert count_runs() == 1

@@ -96,9 +96,9 @@ def test_flows_run_on_the_dask_cluster_end_to_end(nbflow_env, tmp_path, cluster,
                        parameters="x = 1")
     boom = make_notebook(tmp_path, "boom", ["y = 1", "raise ValueError('boom from a dask worker')", "z = 3"])
     sleeper = make_notebook(tmp_path, "sleeper", ["import time", "time.sleep(600)"])
-    hold = create_run(store, str(sleeper))
-    doubles = [create_run(store, str(ok), {"x": x}) for x in (2, 3)]
-    failing = create_run(store, str(boom))
+    hold = create_run(store, str(sleeper), allow_path=True)
+    doubles = [create_run(store, str(ok), {"x": x}, allow_path=True) for x in (2, 3)]
+    failing = create_run(store, str(boom), allow_path=True)
     dask_worker(nbflow_env, slots=4)
 
     running = wait_until_running_cell(hold.id, 1)
@@ -196,7 +196,7 @@ def test_losing_the_dask_scheduler_crashes_the_run_in_flight_and_leaves_the_queu
     store = open_store()
     sleeper = make_notebook(tmp_path, "sleeper", ["import time", "time.sleep(600)"])
     later = make_notebook(tmp_path, "later", ["x = 1"])
-    lost = create_run(store, str(sleeper))
+    lost = create_run(store, str(sleeper), allow_path=True)
     cluster = local_cluster(1)
     executor = DaskExecutor(cluster.scheduler_address, timeout=2)
     runner = Runner(store, slots=1, poll_interval=0.2, warm_kernels=0, executor=executor)
@@ -204,7 +204,7 @@ def test_losing_the_dask_scheduler_crashes_the_run_in_flight_and_leaves_the_queu
     thread.start()
     try:
         running = wait_until_running_cell(lost.id, 1)
-        queued = create_run(store, str(later))
+        queued = create_run(store, str(later), allow_path=True)
         cluster.close()
         wait_for_state(str(lost.id), "CRASHED", timeout=30)
         with store.read() as session:

@@ -32,7 +32,7 @@ HELLO = ROOT / "notebooks" / "examples" / "hello.ipynb"
 
 def run_to_end(target: str | Path, params: dict | None = None, **kwargs):
     store = open_store()
-    run = create_run(store, str(target), params or {}, **kwargs)
+    run = create_run(store, str(target), params or {}, **kwargs, allow_path=True)
     ended = execute_run(store, run.id)
     with store.read() as session:
         return run_document(session, ended), history(session, ended), logs(session, ended)
@@ -256,7 +256,7 @@ def test_ctrl_c_cancels_the_run(sqlite_env, tmp_path):
 
 def test_state_machine_guards_runs(sqlite_env):
     store = open_store()
-    run = create_run(store, str(HELLO))
+    run = create_run(store, str(HELLO), allow_path=True)
     execute_run(store, run.id)
     with store.write() as session, pytest.raises(Exception, match="cannot go from COMPLETED to RUNNING"):
         states.transition(session, states.lock_run(session, run.id), states.S.RUNNING)
@@ -278,7 +278,7 @@ def test_cells_and_logs_can_be_watched_while_the_run_is_going(nbflow_env, tmp_pa
 
     nb = make_notebook(tmp_path, "watch", ["print('first', flush=True)", "import time\ntime.sleep(4)", "z = 3"])
     store = open_store()
-    run = create_run(store, str(nb))
+    run = create_run(store, str(nb), allow_path=True)
     worker = threading.Thread(target=execute_run, args=(store, run.id))
     worker.start()
     seen = None
@@ -308,7 +308,8 @@ def test_a_run_cancelled_before_its_running_write_executes_nothing(nbflow_env, t
 
     store = open_store()
     nb = make_notebook(tmp_path, "never", ["x = 1"])
-    run = create_run(store, str(nb), worker_id="worker:test")  # held by a process: a cancel is CANCELLING
+    # Held by a process: a cancel is CANCELLING.
+    run = create_run(store, str(nb), worker_id="worker:test", allow_path=True)
     recorder = RunRecorder(store, run.id, 1, 0, 1_000_000)
     request_cancel(store, run.id)
     recorder.start()

@@ -68,7 +68,7 @@ def test_warm_and_cold_runs_give_the_same_outputs(nbflow_env, tmp_path):
 
     runner, thread = start_runner(store, warm=0)
     try:
-        cold = create_run(store, str(nb), {"n": "21"})
+        cold = create_run(store, str(nb), {"n": "21"}, allow_path=True)
         wait_for_state(str(cold.id), "COMPLETED", timeout=60)
     finally:
         stop_runner(runner, thread)
@@ -76,7 +76,7 @@ def test_warm_and_cold_runs_give_the_same_outputs(nbflow_env, tmp_path):
     runner, thread = start_runner(store, warm=1)
     try:
         wait_ready(runner.pool)
-        warm = create_run(store, str(nb), {"n": "21"})
+        warm = create_run(store, str(nb), {"n": "21"}, allow_path=True)
         wait_for_state(str(warm.id), "COMPLETED", timeout=60)
         assert runner.pool.hits == 1
     finally:
@@ -100,7 +100,7 @@ def test_a_kernel_serves_one_run_and_the_pool_refills(sqlite_env, tmp_path):
         pids = []
         for _ in range(3):
             wait_ready(runner.pool)
-            run = create_run(store, str(nb))
+            run = create_run(store, str(nb), allow_path=True)
             wait_for_state(str(run.id), "COMPLETED", timeout=60)
             with store.read() as session:
                 pids.append(session.get(Run, run.id).result["kernel_pid"])

@@ -39,7 +39,7 @@ def wait_for_state(run_id: str, state: str, timeout: float = 30) -> None:
 def test_concurrent_claims_take_each_run_exactly_once(nbflow_env, tmp_path):
     nb = make_notebook(tmp_path, "q", ["x = 1"])
     store = open_store()
-    queued = {create_run(store, str(nb)).id for _ in range(30)}
+    queued = {create_run(store, str(nb), allow_path=True).id for _ in range(30)}
     taken: list[uuid.UUID] = []
     lock = threading.Lock()
 

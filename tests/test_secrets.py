@@ -153,7 +153,7 @@ def test_a_run_never_stores_a_secret_value(sqlite_env, tmp_path: Path, key: str)
         "print(token, file=sys.stderr)\nnbflow.record('echo', token)\ntoken",
         "raise ValueError(f'bad token {token}')",
     ])
-    run = create_run(open_store(), str(nb))
+    run = create_run(open_store(), str(nb), allow_path=True)
     ended = execute_run(open_store(), run.id)
     store = open_store()
     with store.read() as session:

@@ -67,7 +67,7 @@ def test_a_run_queued_in_process_starts_without_waiting_for_the_poll(nbflow_env,
     thread.start()
     try:
         time.sleep(1.0)  # the runner has looked once, found nothing, and gone to sleep
-        run = create_run(store, str(nb))
+        run = create_run(store, str(nb), allow_path=True)
         wait_for_state(str(run.id), "COMPLETED", timeout=45)
     finally:
         runner.request_stop()
@@ -92,5 +92,5 @@ def test_a_dead_listeners_fifo_is_forgotten_not_written_to_forever(sqlite_env, t
     wake_dir = Path(sqlite_env["NBFLOW_HOME"]) / "nbflow.db.wake"
     wake_dir.mkdir(parents=True, exist_ok=True)
     os.mkfifo(wake_dir / "4242-deadbeef")  # left by a process killed with SIGKILL: nobody reads it
-    create_run(store, str(make_notebook(tmp_path, "poke", ["x = 1"])))
+    create_run(store, str(make_notebook(tmp_path, "poke", ["x = 1"])), allow_path=True)
     assert not (wake_dir / "4242-deadbeef").exists()

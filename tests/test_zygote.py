@@ -193,7 +193,7 @@ def test_the_runner_runs_notebooks_in_forked_kernels(sqlite_env, tmp_path):
     try:
         results = []
         for _ in range(2):
-            run = create_run(store, str(nb))
+            run = create_run(store, str(nb), allow_path=True)
             until(lambda run=run: _ended(store, run.id), 120, "the run to end")
             with store.read() as session:
                 got = session.get(Run, run.id)
