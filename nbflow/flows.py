@@ -138,22 +138,45 @@ def resolve_notebook_path(path: str, root: Path | None = None) -> Path:
 
     Relative paths are relative to the root. ``..`` is refused outright, even when it would stay inside,
     so a path means what it says; symlinks are followed and where they lead must be inside too.
+    Text no file system takes (empty, a NUL, a lone surrogate, a path longer than ``PATH_MAX`` or a
+    part longer than ``NAME_MAX`` bytes) is refused here with the same 422, not left to fail in an OS
+    call as a server error.
     """
+    from nbflow.checks import MAX_PATH_LENGTH, text_problem
     from nbflow.settings import get_settings
 
     base = (root or get_settings().notebooks_root).resolve()
-    if not path or "\x00" in path:
-        raise PathNotAllowed("the notebook path is empty or contains a NUL character")
+    if not isinstance(path, str) or not path:
+        raise PathNotAllowed("the notebook path is empty")
+    problem = text_problem(path, max_length=MAX_PATH_LENGTH)
+    if problem is not None:
+        raise PathNotAllowed(f"the notebook path {problem}")
+    shown = path if len(path) <= 80 else path[:77] + "..."
+    name_max, path_max = _limit(base, "PC_NAME_MAX", 255), _limit(base, "PC_PATH_MAX", 4096)
     given = Path(path).expanduser()
+    if any(len(os.fsencode(part)) > name_max for part in given.parts):
+        raise PathNotAllowed(f"notebook path {shown!r} has a file or folder name longer than {name_max} bytes")
     if ".." in given.parts:
-        raise PathNotAllowed(f"notebook path {path!r} contains '..'; give a path inside the notebooks root {base}")
+        raise PathNotAllowed(f"notebook path {shown!r} contains '..'; give a path inside the notebooks root {base}")
     lexical = given if given.is_absolute() else base / given
     real = lexical.resolve()
     if not real.is_relative_to(base):
         how = "leads through a symlink" if lexical.is_relative_to(base) else "is"
-        raise PathNotAllowed(f"notebook path {path!r} {how} outside the notebooks root {base} "
+        raise PathNotAllowed(f"notebook path {shown!r} {how} outside the notebooks root {base} "
                              "(set NBFLOW_NOTEBOOKS_ROOT to serve another folder)")
+    if len(os.fsencode(real)) >= path_max:
+        raise PathNotAllowed(f"notebook path {shown!r} is longer than {path_max - 1} bytes once resolved")
     return real
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    """A file system limit (``os.pathconf``) of ``folder``'s file system, or ``default`` where it has none."""
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default  # -1: no limit
+
 
 def installed_kernels() -> list[str]:
     from jupyter_client.kernelspec import KernelSpecManager

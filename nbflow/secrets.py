@@ -27,7 +27,8 @@ pays nothing. Because a marker precedes the value's first use, everything the va
 
 **Parameters** are stored in clear (they are part of the run's record). A request whose parameter equals
 a stored secret's value is refused (``check_parameters``, compared through a keyed HMAC digest, so
-nothing is decrypted); pass the secret's *name* and call ``nbflow.secret(name)`` in the notebook instead.
+nothing is decrypted), without saying which secret it equals; pass the secret's *name* and call
+``nbflow.secret(name)`` in the notebook instead.
 """
 
 from __future__ import annotations
@@ -231,6 +232,10 @@ def check_parameters(store: Store, values: dict[str, Any]) -> None:
     """Refuse a run request that passes a stored secret's value as a parameter (at any depth of a list
     or dict). Parameters are stored in clear, so the value would leak into the run's record.
 
+    The refusal never says WHICH secret the value is: a caller with only a trigger key (or a webhook's
+    sender, with no key at all) must not learn secrets' names, nor test a guess against one named
+    secret. Each value's digest is compared with every stored digest, all of them, in constant time
+    (``hmac.compare_digest``): the answer and its timing are the same whichever secret matched.
     Costs one query on the (small) secret table; nothing when no secret exists. Without
     ``NBFLOW_SECRET_KEY`` the digests cannot be computed and the check is skipped.
     """
@@ -242,17 +247,20 @@ def check_parameters(store: Store, values: dict[str, Any]) -> None:
     if not strings:
         return
     with store.read() as session:
-        digests = dict(session.execute(select(Secret.value_digest, Secret.name)).all())
-    if not digests:
+        stored = [d.encode("ascii") for d in session.execute(select(Secret.value_digest)).scalars()]
+    if not stored:
         return
     keys = _configured_keys(required=False)
     if keys is None:
         return
     for name, text in strings:
-        found = digests.get(_digest(keys[1], text))
-        if found is not None:
-            raise ParameterError(f"parameter {name!r} holds the value of secret {found!r}: parameters are stored "
-                                 f"in clear; pass the secret's name and read it with nbflow.secret(name) instead")
+        digest = _digest(keys[1], text).encode("ascii")
+        matched = 0
+        for other in stored:  # no early exit: every digest is compared
+            matched |= hmac.compare_digest(digest, other)
+        if matched:
+            raise ParameterError(f"parameter {name!r} holds the value of a stored secret: parameters are stored "
+                                 "in clear; pass the secret's name and read it with nbflow.secret(name) instead")
 
 
 def _strings(value: Any) -> list[str]:

@@ -107,8 +107,9 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     errors.install(app)
     app.include_router(health.router, prefix="/api")
     for module in (flows, runs, schedules, secrets, hooks, keys):
-        # every other route validates its input, may need a key and reads the database
-        app.include_router(module.router, prefix="/api", responses=errors.documented(401, 403, 422, 503))
+        # every other route validates its input, may need a key (400: two Authorization headers) and reads
+        # the database
+        app.include_router(module.router, prefix="/api", responses=errors.documented(400, 401, 403, 422, 503))
     app.add_middleware(FastPath)  # inside BodyLimit, which refuses a body too large before it is read
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

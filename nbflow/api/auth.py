@@ -5,6 +5,11 @@ webhooks (``nbflow.keys.SCOPES`` is ordered; each scope includes the ones before
 active key has nobody to authenticate, so it trusts only its own machine: any client that is not on a
 loopback address is refused, whatever it sends. Keys are checked by ``nbflow.keys.authenticate``, which
 compares hashes in constant time; this module only decides.
+
+A request with more than one ``Authorization`` header is refused (400 ``duplicate_authorization``)
+before any key is looked at, on the routes and the fast path alike: readers disagree on which one
+counts (the first, the last, both joined), so a proxy checking one and nbflow using another could let
+a request through with a key nobody checked.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from nbflow.api.errors import Forbidden, Unauthorized
+from nbflow.api.errors import DuplicateAuthorization, Forbidden, Unauthorized
 from nbflow.api.routes import quick_read
 from nbflow.store import Store
 
@@ -40,8 +45,14 @@ def is_loopback(host: str | None) -> bool:
 
 
 def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, needed: str) -> Caller:
+    if len(request.headers.getlist("authorization")) > 1:  # HTTPBearer would read the first one
+        raise DUPLICATE
     return check(request.app.state.store, credentials.credentials if credentials is not None else None,
                  request.client.host if request.client else None, needed)
+
+
+DUPLICATE = DuplicateAuthorization("the request has more than one Authorization header; send exactly one: "
+                                   "'Authorization: Bearer KEY'")
 
 
 def check(store: Store, token: str | None, host: str | None, needed: str) -> Caller:

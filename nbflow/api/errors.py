@@ -57,6 +57,14 @@ class Forbidden(NbflowError):
     http_status = 403
 
 
+class DuplicateAuthorization(NbflowError):
+    """Two ``Authorization`` headers: which one counts would depend on who reads them (a proxy, the fast
+    path, the routes), so neither does."""
+
+    code = "duplicate_authorization"
+    http_status = 400
+
+
 class BodyTooLarge(HTTPException):
     """Raised while the body streams in: FastAPI passes HTTP exceptions through its body parsing, so
     it reaches the handler below instead of becoming a generic 400."""

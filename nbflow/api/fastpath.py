@@ -109,12 +109,14 @@ class FastPath:
 
 def _authorized(store: Any, scope: Scope, needed: str) -> None:
     token = None
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not credentials:
-                raise _Declined  # FastAPI's HTTPBearer decides what such a header means
-            token = credentials
+    headers = [value for name, value in scope["headers"] if name == b"authorization"]
+    if len(headers) > 1:
+        raise _Declined  # refused by the routes' rule (auth.authorize), with its 400
+    if headers:
+        scheme, _, credentials = headers[0].decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not credentials:
+            raise _Declined  # FastAPI's HTTPBearer decides what such a header means
+        token = credentials
     client = scope.get("client")
     check(store, token, client[0] if client else None, needed)
 
