@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import make_notebook
 from test_api import assert_error, client_for, count_runs
@@ -128,3 +130,88 @@ def test_a_key_works_on_both_databases(nbflow_env, tmp_path, monkeypatch):
                      "forbidden")
         listed = client.get("/api/flows", headers={"Authorization": f"Bearer {reader}"})
         assert [f["name"] for f in listed.json()["flows"]] == ["hello"]
+
+
+def test_duplicate_authorization_headers_are_refused_on_the_fast_path_and_the_routes(
+        sqlite_env, tmp_path, monkeypatch):
+    """Two ``Authorization`` headers: 400, whatever they hold and whichever path would have answered (the fast
+    path used to take the last, the routes the first). Over a real socket, where the headers arrive as sent."""
+    import httpx
+    from helpers import serve_api
+
+    from nbflow.api import fastpath
+    from nbflow.flows import register
+    from nbflow.runs import create_run
+
+    monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
+    answered: list[int] = []
+    answer = fastpath._answer
+
+    async def counted(send, status, body) -> None:
+        answered.append(status)
+        await answer(send, status, body)
+
+    monkeypatch.setattr(fastpath, "_answer", counted)
+    store = open_store()
+    register(store, make_notebook(tmp_path, "hello", ["x = 1"], parameters="n = 1"), name="hello")
+    run_id = str(create_run(store, "hello").id)
+    trigger, reader = create_key(store, "ci", "trigger"), create_key(store, "dash", "read")
+    server = serve_api(store)
+    base = server.url
+    routed = "application/json; charset=utf-8"  # not exactly application/json: the fast path declines it
+    requests = [  # (method, path, content type); each is answered by the fast path with one header
+        ("POST", "/api/flows/hello/runs", "application/json"),
+        ("POST", "/api/flows/hello/runs", routed),
+        ("GET", f"/api/runs/{run_id}", None),
+        ("GET", f"/api/runs/{run_id}?via=route", None),
+        ("GET", "/api/flows", None),
+        ("POST", "/api/flows", "application/json"),
+    ]
+    pairs = [(trigger, trigger), (trigger, "nbf_forged"), ("nbf_forged", trigger), (reader, trigger),
+             (trigger, reader)]
+    try:
+        for method, path, content_type in requests:
+            body = json.dumps({"parameters": {"n": 2}} if "runs" in path else {"path": "hello.ipynb"})
+            for first, second in pairs:
+                headers = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+                if content_type:
+                    headers.append(("Content-Type", content_type))
+                response = httpx.request(method, base + path, headers=headers,
+                                         content=body if method == "POST" else None)
+                assert_error(response, 400, "duplicate_authorization", "more than one Authorization header")
+        assert answered == []  # no duplicate was let through by the fast path
+        assert count_runs() == 1  # only the run made above
+        ok = httpx.post(f"{base}/api/flows/hello/runs", json={"parameters": {"n": 2}},
+                        headers={"Authorization": f"Bearer {trigger}"})
+        assert ok.status_code == 201 and answered == [201]  # one header: the fast path answers as before
+    finally:
+        server.stop()
+
+
+def test_duplicate_authorization_is_refused_without_keys_too(app):
+    """On a server with no keys (loopback trusted), two headers are refused all the same: the rule does
+    not depend on whether a key would be checked."""
+    with client_for(app) as client:
+        response = client.get("/api/flows", headers=[("Authorization", "Bearer a"), ("Authorization", "Bearer b")])
+        assert_error(response, 400, "duplicate_authorization")
+        assert client.get("/api/flows").status_code == 200
+
+
+def test_a_trigger_key_triggers_registered_flows_by_name_only(app, tmp_path, monkeypatch):
+    """What a trigger key can reach: a registered flow, by its name. A notebook file named in the URL, in
+    the server's working directory or the notebooks root, is not a flow (404), and registering is admin's."""
+    store = open_store()
+    key = create_key(store, "ci", "trigger")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    make_notebook(work, "anything", ["x = 1"])
+    monkeypatch.chdir(work)
+    auth = {"Authorization": f"Bearer {key}"}
+    with client_for(app, host="203.0.113.9") as client:
+        for name in ("anything.ipynb", "hello.ipynb", "anything"):
+            assert_error(client.post(f"/api/flows/{name}/runs", json={"parameters": {}}, headers=auth), 404,
+                         "flow_not_found")
+        assert_error(client.post("/api/flows", json={"path": "hello.ipynb"}, headers=auth), 403, "forbidden")
+        assert_error(client.post("/api/flows/hello/runs", json={"parameters": {}}, headers=auth), 404,
+                     "flow_not_found")  # not registered yet
+    assert count_runs() == 0

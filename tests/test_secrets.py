@@ -112,16 +112,68 @@ def test_bad_secrets_write_nothing(store: Store, key: str, name: str, value: obj
 
 
 def test_a_secret_value_is_refused_as_a_parameter(nbflow_env, tmp_path: Path, key: str) -> None:
+    """Refused, and the answer never says which secret the value is (an oracle for a trigger key): the
+    message is the same whichever secret matched, and names none of them."""
     nb = make_notebook(tmp_path, "p", ["pass"], parameters="token = 'x'\nitems = []")
     register(open_store(), nb, name="p")
     set_secret(open_store(), "API_TOKEN", VALUE)
-    for params in ({"token": VALUE}, {"items": ["a", VALUE]}):
-        with pytest.raises(ParameterError, match="holds the value of secret 'API_TOKEN': parameters are stored in "
-                                                 "clear; pass the secret's name"):
+    set_secret(open_store(), "WAREHOUSE_PASSWORD", "hunter2-warehouse")
+    messages = set()
+    for params in ({"token": VALUE}, {"items": ["a", VALUE]}, {"token": "hunter2-warehouse"}):
+        with pytest.raises(ParameterError, match="holds the value of a stored secret: parameters are stored in "
+                                                 "clear; pass the secret's name") as refused:
             create_run(open_store(), "p", params)
+        message = str(refused.value)
+        assert "API_TOKEN" not in message and "WAREHOUSE" not in message and VALUE not in message
+        messages.add(message.replace("'items'", "'token'"))
+    assert len(messages) == 1  # the same words for either secret
     with open_store().read() as session:
         assert session.scalar(select(func.count(Run.id))) == 0
     assert create_run(open_store(), "p", {"token": "API_TOKEN"}).parameters == {"token": "API_TOKEN"}
+
+
+def test_every_door_refuses_a_secret_value_without_naming_the_secret(sqlite_env, tmp_path: Path, key: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API (fast path and routes, over a real socket), a webhook, the CLI and the notebook backend
+    (what the magics and widgets call) give the same refusal, with no secret's name, and write nothing."""
+    import httpx
+    from helpers import serve_api
+
+    from nbflow.backend import LocalBackend
+    from nbflow.webhooks import create_webhook
+
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(root))
+    register(open_store(), make_notebook(root, "p", ["pass"], parameters="token = 'x'"), name="p")
+    set_secret(open_store(), "API_TOKEN", VALUE)
+    said = "parameter 'token' holds the value of a stored secret"
+    refusals: dict[str, str] = {}
+    server = serve_api(open_store())
+    try:
+        url = f"{server.url}/api/flows/p/runs"
+        body = json.dumps({"parameters": {"token": VALUE}})
+        for door, content_type in (("fast path", "application/json"), ("route", "application/json; charset=utf-8")):
+            answer = httpx.post(url, content=body, headers={"content-type": content_type})
+            assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_parameter", answer.text
+            refusals[door] = answer.json()["error"]["message"]
+        token, _ = create_webhook(open_store(), "p", {"token": "secret"})
+        hooked = httpx.post(f"{server.url}/api/hooks/{token}", json={"secret": VALUE})
+        assert hooked.status_code == 422, hooked.text
+        refusals["webhook"] = hooked.json()["error"]["message"]
+    finally:
+        server.stop()
+    cli = run_cli("trigger", "p", "-p", "token", VALUE)
+    assert cli.exit_code == 2 and cli.stderr.startswith("nbflow: error: ") and cli.stderr.count("\n") == 1
+    refusals["cli"] = cli.stderr
+    with pytest.raises(ParameterError) as refused:
+        LocalBackend(open_store()).trigger("p", {"token": VALUE})
+    refusals["magics"] = str(refused.value)
+    for door, message in refusals.items():
+        assert said in message and "API_TOKEN" not in message and VALUE not in message, (door, message)
+    assert refusals["fast path"] == refusals["route"]
+    with open_store().read() as session:
+        assert session.scalar(select(func.count(Run.id))) == 0
 
 
 def test_redactor_forms_and_notebook_nodes(sqlite_env, key: str) -> None:
