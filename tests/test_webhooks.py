@@ -137,3 +137,21 @@ def test_cli(flow: str) -> None:
     assert len(list_webhooks(open_store())) == 1
     assert run_cli("hooks", "revoke", str(doc["id"])).exit_code == 0
     assert list_webhooks(open_store())[0]["revoked_at"] is not None
+
+
+def test_a_webhook_runs_its_registered_flow_never_a_file_of_that_name(nbflow_env, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow may be named like a file (``deploy.ipynb``); its webhook runs the notebook registered under
+    that name, not a file of that name in the working directory of the process receiving the call."""
+    root, work = tmp_path / "root", tmp_path / "cwd"
+    root.mkdir()
+    work.mkdir()
+    register(open_store(), make_notebook(root, "real", ["pass"], parameters="ref = 'main'"), name="deploy.ipynb")
+    make_notebook(work, "deploy", ["pass"], parameters="other = 1")  # cwd/deploy.ipynb: another notebook
+    monkeypatch.chdir(work)
+    token, _ = create_webhook(open_store(), "deploy.ipynb", {"ref": "ref"})
+    run = fire_webhook(open_store(), token, {"ref": "v1"})
+    assert run.parameters == {"ref": "v1"} and run.trigger == "event"
+    with pytest.raises(ParameterError, match="unknown parameter 'other'"):  # cwd's notebook is not the flow
+        create_webhook(open_store(), "deploy.ipynb", {"other": "x"})
+    assert run_count() == 1
