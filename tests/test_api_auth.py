@@ -6,11 +6,13 @@ import json
 
 import pytest
 from helpers import make_notebook
+from sqlalchemy import select
 from test_api import assert_error, client_for, count_runs
 
 from nbflow.api import create_app
 from nbflow.keys import SCOPES, create_key, revoke_key
 from nbflow.store import open_store
+from nbflow.store.models import ApiKey, Flow, Secret
 
 RUN = "00000000-0000-0000-0000-000000000000"
 # Every route but /api/health and /api/hooks/{token} (open: see their tests), with the scope it needs.
@@ -186,6 +188,26 @@ def test_duplicate_authorization_headers_are_refused_on_the_fast_path_and_the_ro
         assert ok.status_code == 201 and answered == [201]  # one header: the fast path answers as before
     finally:
         server.stop()
+
+
+def test_every_route_that_takes_a_key_refuses_two_authorization_headers(app):
+    """The scope matrix again, with the admin key sent twice: every keyed route says 400 and does nothing;
+    the open routes ignore the header."""
+    store = open_store()
+    admin = create_key(store, "root", "admin")
+    twice = [("Authorization", f"Bearer {admin}"), ("Authorization", f"Bearer {admin}")]
+    with client_for(app, host="203.0.113.9") as client:
+        for method, path, _needed, body in ROUTES:
+            response = client.request(method, concrete(path), json=body, headers=twice)
+            assert_error(response, 400, "duplicate_authorization", "more than one Authorization header")
+        assert client.get("/api/health", headers=twice).status_code == 200
+        assert_error(client.post("/api/hooks/nbh_unknown", json={}, headers=twice), 404, "webhook_not_found")
+        assert client.get("/api/flows", headers=twice[:1]).status_code == 200
+    assert count_runs() == 0
+    with store.read() as session:  # no key made, no flow registered, no secret stored
+        assert list(session.execute(select(ApiKey.name)).scalars()) == ["root"]
+        assert session.execute(select(Flow.id)).first() is None
+        assert session.execute(select(Secret.id)).first() is None
 
 
 def test_duplicate_authorization_is_refused_without_keys_too(app):
