@@ -14,7 +14,8 @@ validation (types, conversions), so a missing field or a value of the wrong type
 the field, the parameter and the flow's parameters with their types.
 
 Runs are created with the trigger ``event``, like the other things-that-happened triggers (pipelines,
-file arrivals), by ``nbflow.runs.create_run``: the same checks as any run. A paused flow refuses webhook
+file arrivals), by ``nbflow.runs.create_run`` with the flow's name (a name, never a file path, whatever
+it looks like): the same checks as any run. A paused flow refuses webhook
 calls (409 ``flow_paused``), as its other automatic triggers wait.
 """
 

@@ -8,6 +8,9 @@ whose waits back off in sleeps of several ms; on PostgreSQL a WAL flush per comm
 the requests that arrive while a batch is being written form the next batch: under load a commit serves
 dozens of requests, and alone a request is written at once, with no timer to wait for.
 
+A request names a registered flow: ``create_runs_once`` looks flows up by name only, never as a file
+path, so no trigger can make the server read or run a notebook nobody registered.
+
 Each request still gets its own answer: its run (created, or found by its idempotency key), or its own
 error, raised in its own request so the app's handlers give it the usual status and shape (refused
 parameters come with the flow's valid ones as ``details``). The event loop only parses bodies and sends
