@@ -16,6 +16,7 @@ down: the run process kills the kernel after the end is written (see ``nbflow.ke
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from nbflow.secrets import Redactor
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
+from nbflow.store.retry import is_unavailable, retrying
 
 if TYPE_CHECKING:
     from nbflow.kernels import Kernel
@@ -142,9 +145,12 @@ class RunRecorder:
                     return
                 target = self._queued
             try:
-                if self._has_pending():
-                    with self.store.write() as session:
-                        self.write_pending(session)
+                batch = self._take()
+                if batch.any():
+                    # An outage is waited out, the same batch retried: nothing the notebook did is lost,
+                    # and the notebook never waits for it (its supervisor stops it if the lease runs out).
+                    retrying(functools.partial(self._write_batch_now, batch), self.store,
+                             what=f"recording run {self.run_id}")
             except BaseException as exc:
                 with self._cond:
                     self._error = exc
@@ -174,7 +180,9 @@ class RunRecorder:
 
     def _write_start(self, session: Any) -> None:
         run = states.lock_run(session, self.run_id)
-        if run.state != states.S.PENDING:
+        if run.attempt == self.attempt and run.state == states.S.RUNNING and run.process_id == os.getpid():
+            return  # a retry of a start whose commit did commit (the connection broke as it answered)
+        if run.state != states.S.PENDING or run.attempt != self.attempt:
             raise NotStarted(run.state)
         states.transition(session, run, states.S.RUNNING)
         run.process_id = os.getpid()
@@ -190,9 +198,11 @@ class RunRecorder:
         self._kick()
 
     def _update_cell(self, session: Any, index: int, **values: Any) -> None:
+        # Only a live cell: one a reaper already ended (this attempt's lease ran out) stays as it said.
         session.execute(
             update(CellRun)
-            .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt, CellRun.cell_index == index)
+            .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt, CellRun.cell_index == index,
+                   CellRun.state.in_(["PENDING", "RUNNING"]))
             .values(**values)
         )
 
@@ -239,10 +249,10 @@ class RunRecorder:
             if out.get("output_type") in ("display_data", "execute_result") and isinstance(payload, dict):
                 self._results[payload.get("name")] = payload.get("value")
 
-    def notebook_end(self, session: Any) -> None:
+    def notebook_end(self, session: Any, batch: _Batch | None = None) -> None:
         """In the transaction that ends the attempt: what is pending, and cells that never ran (after a
         failure, a clean exit or a stop) SKIPPED, not left PENDING."""
-        self.write_pending(session)
+        self.write_batch(session, self._take() if batch is None else batch)
         session.execute(
             update(CellRun)
             .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
@@ -287,33 +297,58 @@ class RunRecorder:
         self._last_flush = time.monotonic()
         self._kick()
 
-    def _has_pending(self) -> bool:
+    def _take(self) -> _Batch:
+        """Everything queued so far, taken off the queues: written (and retried) as one unit."""
         with self._lock:
-            return bool(self._start or self._new_cells or self._cell_updates or self._results or self._pending)
+            batch = _Batch(self._start, self._new_cells, self._cell_updates, self._results, self._pending,
+                           self.log_bytes)
+            self._start, self._new_cells, self._cell_updates, self._results = False, [], [], {}
+            self._pending, self._pending_bytes = [], 0
+        return batch
+
+    def _write_batch_now(self, batch: _Batch) -> None:
+        with self.store.write() as session:
+            self.write_batch(session, batch)
 
     def write_pending(self, session: Any) -> None:
-        """Write what is queued, in the caller's transaction (the writer's, or the attempt's end)."""
-        with self._lock:
-            start, self._start = self._start, False
-            new_cells, self._new_cells = self._new_cells, []
-            updates, self._cell_updates = self._cell_updates, []
-            found, self._results = self._results, {}
-            rows, self._pending, self._pending_bytes = self._pending, [], 0
-            log_bytes = self.log_bytes
-        if start:
+        """Write what is queued, in the caller's transaction."""
+        self.write_batch(session, self._take())
+
+    def write_batch(self, session: Any, batch: _Batch) -> None:
+        """Write ``batch`` in the caller's transaction. Rows are this attempt's (``attempt`` in every key),
+        and what is the run's own (its result, its log size) is written only while the run is still in
+        this attempt: late writes of an attempt that was reaped and retried never touch the new one."""
+        if batch.start:
             self._write_start(session)
         # Rows as Core INSERTs, not ORM objects: a fraction of the CPU, on a process whose main thread runs
         # the notebook meanwhile.
-        if new_cells:
-            session.execute(insert(CellRun), new_cells)
-        for index, values in updates:
+        if batch.new_cells:
+            session.execute(insert(CellRun), batch.new_cells)
+        for index, values in batch.cell_updates:
             self._update_cell(session, index, **values)
-        if found:
+        if batch.results:
             run = session.get(Run, self.run_id)
-            run.result = {**(run.result or {}), **found}
-        if rows:
-            session.execute(insert(Log), rows)
-            session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=log_bytes))
+            if run.attempt == self.attempt:
+                run.result = {**(run.result or {}), **batch.results}
+        if batch.logs:
+            session.execute(insert(Log), batch.logs)
+            session.execute(update(Run).where(Run.id == self.run_id, Run.attempt == self.attempt)
+                            .values(log_bytes=batch.log_bytes))
+
+
+@dataclass
+class _Batch:
+    """What a ``RunRecorder`` has queued, taken at once (``_take``)."""
+
+    start: bool
+    new_cells: list[dict[str, Any]]
+    cell_updates: list[tuple[int, dict[str, Any]]]
+    results: dict[str, Any]
+    logs: list[dict[str, Any]]
+    log_bytes: int
+
+    def any(self) -> bool:
+        return bool(self.start or self.new_cells or self.cell_updates or self.results or self.logs)
 
 
 class LogStream(io.TextIOBase):
@@ -444,38 +479,52 @@ papermill_engines.register(ENGINE_NAME, NbflowEngine)
 def _load_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Flow] | None:
     """The run and what it executes, if it is still PENDING. The recorder writes RUNNING (checking again
     that it is still PENDING) while papermill prepares the notebook."""
-    with store.read() as session:
-        run = session.get(Run, run_id)
-        if run is None or run.state != states.S.PENDING:
-            return None  # cancelled (or claimed) before this process got to it
-        version = session.get(FlowVersion, run.flow_version_id)
-        flow = session.get(Flow, run.flow_id)
-        return run, version, flow
+    def load() -> tuple[Run, FlowVersion, Flow] | None:
+        with store.read() as session:
+            run = session.get(Run, run_id)
+            if run is None or run.state != states.S.PENDING:
+                return None  # cancelled (or claimed) before this process got to it
+            version = session.get(FlowVersion, run.flow_version_id)
+            flow = session.get(Flow, run.flow_id)
+            return run, version, flow
+
+    return retrying(load, store, what=f"starting run {run_id}")
 
 
 def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | None, *,
                  name: str | None = None, message: str | None = None) -> str:
     """End the attempt in one transaction, after everything the recorder queued: last logs, skipped
-    cells, the failing cell's id, the state. Returns the run's state after it."""
+    cells, the failing cell's id, the state. Returns the run's state after it.
+
+    Retried while the database is unavailable: a run that finished during an outage shorter than its
+    lease ends as it finished. The end is written only if the run is still in this attempt and live:
+    if its lease ran out meanwhile and a reaper ended it (and maybe a retry runs elsewhere), the state
+    machine's word stands and this attempt's late end changes nothing of the run."""
     try:
         recorder.close()
     except NotStarted:  # a notebook without cells, cancelled before it started
         return _state_of(store, recorder.run_id)
-    with store.write() as session:
-        recorder.notebook_end(session)
-        run = states.lock_run(session, recorder.run_id)
-        if run.state not in (states.S.RUNNING, states.S.CANCELLING):
+    batch = recorder._take()
+
+    def end() -> str:
+        with store.write() as session:
+            run = states.lock_run(session, recorder.run_id)
+            if run.attempt != recorder.attempt or run.state not in (states.S.RUNNING, states.S.CANCELLING):
+                recorder.write_batch(session, batch)  # this attempt's rows only (see write_batch)
+                return run.state
+            recorder.notebook_end(session, batch)
+            if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
+                error["cell_id"] = session.execute(
+                    select(CellRun.cell_id).where(CellRun.run_id == run.id, CellRun.attempt == recorder.attempt,
+                                                  CellRun.cell_index == error["cell_index"])
+                ).scalar()
+            if error is None:
+                states.finish(session, run, message=message)
+            else:
+                states.fail(session, run, error=error, name=name, message=message)
             return run.state
-        if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
-            error["cell_id"] = session.execute(
-                select(CellRun.cell_id).where(CellRun.run_id == run.id, CellRun.attempt == recorder.attempt,
-                                              CellRun.cell_index == error["cell_index"])
-            ).scalar()
-        if error is None:
-            states.finish(session, run, message=message)
-        else:
-            states.fail(session, run, error=error, name=name, message=message)
-        return run.state
+
+    return retrying(end, store, what=f"ending run {recorder.run_id}")
 
 
 def prepare() -> None:
@@ -513,6 +562,9 @@ def prepare() -> None:
             raise _Rollback
     except _Rollback:
         pass
+    except Exception as exc:  # only a warm-up: a database away now is waited for by the run's own writes
+        if not is_unavailable(exc):
+            raise
     # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
     # process forked by the fork server, which did it once: nbflow.forkserver).
     nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
@@ -523,8 +575,11 @@ class _Rollback(Exception):
 
 
 def _state_of(store: Store, run_id: uuid.UUID) -> str:
-    with store.read() as session:
-        return session.get(Run, run_id).state
+    def read() -> str:
+        with store.read() as session:
+            return session.get(Run, run_id).state
+
+    return retrying(read, store, what=f"reading run {run_id}")
 
 
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:

@@ -56,6 +56,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import Leader, utcnow
+from nbflow.store.retry import is_unavailable, report_down
 
 log = logging.getLogger("nbflow.leader")
 
@@ -112,8 +113,11 @@ class Leadership:
             self._next_try = started + self.lease_seconds / 4
             try:
                 won = try_lead(self.store, self.role, self.holder, self.lease_seconds)
-            except Exception:  # a database hiccup: keep what we believed, which runs out on its own
-                log.exception("could not take or renew the %s lease", self.role)
+            except Exception as exc:  # keep what we believed, which runs out on its own
+                if is_unavailable(exc):  # an outage: said once per process (nbflow.store.retry)
+                    report_down(self.store, exc, f"the {self.role} lease")
+                else:
+                    log.exception("could not take or renew the %s lease", self.role)
             else:
                 if won and started >= self._leads_until:
                     log.info("%s now leads %s", self.holder, self.role)
@@ -125,5 +129,8 @@ class Leadership:
         self._leads_until = 0.0
         try:
             resign(self.store, self.role, self.holder)
-        except Exception:
-            log.exception("could not resign the %s lease", self.role)
+        except Exception as exc:
+            if is_unavailable(exc):
+                report_down(self.store, exc, f"resigning the {self.role} lease")
+            else:
+                log.exception("could not resign the %s lease", self.role)

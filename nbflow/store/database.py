@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import threading
@@ -26,6 +27,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.orm import Session, sessionmaker
 
 from nbflow.errors import DatabaseError
+
+log = logging.getLogger("nbflow.store")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration. tests/test_store.py checks it against Alembic's head, so it cannot drift;
@@ -161,20 +164,32 @@ class Store:
             self._listen_fifo(event, stop)
 
     def _listen_postgresql(self, event: threading.Event, stop: threading.Event) -> None:
-        import psycopg
+        """LISTEN until ``stop``; reconnect with capped backoff (``nbflow.store.retry``) while the database
+        is away: polling covers the runners meanwhile. Never ends on an error: an unexpected one is
+        logged once and retried like an outage."""
+        from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
 
+        backoff = Backoff()
+        logged: set[str] = set()
         while not stop.is_set():
             try:
                 with self.engine.connect() as conn:
                     conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
                     conn.commit()
                     raw = conn.connection.driver_connection
+                    report_up(self)
+                    backoff.reset()
                     event.set()  # anything queued while we were not listening
                     while not stop.is_set():
                         for _ in raw.notifies(timeout=0.5, stop_after=1):
                             event.set()
-            except (SQLAlchemyError, psycopg.Error, OSError):
-                if stop.wait(1.0):  # the database went away: polling covers us until it is back
+            except Exception as exc:
+                if is_unavailable(exc):
+                    report_down(self, exc, "listening for queued runs")
+                elif type(exc).__name__ not in logged:
+                    logged.add(type(exc).__name__)
+                    log.exception("listening for queued runs failed; retrying (runners poll meanwhile)")
+                if stop.wait(backoff.next()):
                     return
 
     def _wake_dir(self) -> Path | None:
