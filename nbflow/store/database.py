@@ -35,6 +35,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # keeping it here lets every process skip loading the migration scripts when the schema is current.
 SCHEMA_REVISION = "0006"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_ENV = "NBFLOW_SQLITE_BUSY_TIMEOUT_MS"
 
 
 def _redact(url: str) -> str:
@@ -44,13 +45,30 @@ def _redact(url: str) -> str:
         return url
 
 
+def _busy_timeout_ms() -> int:
+    """How long a SQLite statement waits for another process's write lock before "database is locked"
+    (which the long-lived loops then wait out: ``nbflow.store.retry``). ``NBFLOW_SQLITE_BUSY_TIMEOUT_MS``
+    changes it (tests use a short one to make the lock outlive it); it wins over the driver's own
+    ``timeout``, being set after it on each connection."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if raw is None:
+        return SQLITE_BUSY_TIMEOUT_MS
+    from nbflow.checks import number
+
+    try:
+        value = int(raw)
+    except ValueError:
+        value = raw  # refused below, with the allowed range
+    return number(value, field=BUSY_TIMEOUT_ENV, error=DatabaseError, maximum=3_600_000, integer=True)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy (below) decide how each transaction begins, instead of pysqlite.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={_busy_timeout_ms()}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
