@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 ENGINE_NAME = "nbflow"
 LOG_FLUSH_SECONDS = 0.5
 LOG_FLUSH_BYTES = 64_000
+# A stopped attempt's last log lines get this long to be written (less than the supervisor's grace).
+STOP_FLUSH_SECONDS = 1.0
 
 
 def _error_from_outputs(cell: Any) -> dict[str, Any] | None:
@@ -127,12 +129,17 @@ class RunRecorder:
             self._cond.notify_all()
             return self._queued
 
-    def sync(self) -> None:
-        """Wait until everything queued is committed; raise what the writer met (NotStarted included)."""
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait until everything queued is committed (or ``timeout`` passed); raise what the writer met
+        (NotStarted included)."""
         ticket = self._kick()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._written < ticket and self._error is None:
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._cond.wait(left)
             if self._error is not None:
                 raise self._error
 
@@ -160,16 +167,18 @@ class RunRecorder:
                 self._written = target
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Write what is queued and stop the writer; the caller writes the end itself."""
+    def close(self, timeout: float | None = None) -> None:
+        """Write what is queued and stop the writer; the caller writes the end itself. With ``timeout``
+        (a stopped attempt: its supervisor writes the end), give up waiting after that long: the writer
+        may be waiting out an outage, and a stop must not wait for the database."""
         try:
-            self.sync()
+            self.sync(timeout)
         finally:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
             if self._thread is not None:
-                self._thread.join()
+                self._thread.join(timeout)
 
     # -- the attempt ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -488,7 +497,7 @@ def _load_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Fl
             flow = session.get(Flow, run.flow_id)
             return run, version, flow
 
-    return retrying(load, store, what=f"starting run {run_id}")
+    return retrying(load, store, what=f"starting run {run_id}", read_only=True)
 
 
 def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | None, *,
@@ -579,7 +588,7 @@ def _state_of(store: Store, run_id: uuid.UUID) -> str:
         with store.read() as session:
             return session.get(Run, run_id).state
 
-    return retrying(read, store, what=f"reading run {run_id}")
+    return retrying(read, store, what=f"reading run {run_id}", read_only=True)
 
 
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:
@@ -639,7 +648,7 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
     except BaseException:
         with contextlib.suppress(Exception):
-            recorder.close()
+            recorder.close(timeout=STOP_FLUSH_SECONDS)
         raise  # stopped by the supervisor: it writes the state and settles the cells
     message = None
     if error:

@@ -198,20 +198,21 @@ class _Lease:
         if now < self.next_check:
             return None
         try:
-            why = self._poll(now)
+            wrote, why = self._poll(now)
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
             report_down(self.store, exc, f"supervising run {self.run_id}")
             self.next_check = now + self.backoff.next()
             return None
-        report_up(self.store)
+        report_up(self.store, read_only=not wrote)
         self.backoff.reset()
         self.next_check = now + CANCEL_POLL_SECONDS
         return why
 
-    def _poll(self, now: float) -> str | None:
-        if now >= self.next_beat:  # renew the lease: a live supervisor's run is never declared crashed
+    def _poll(self, now: float) -> tuple[bool, str | None]:
+        wrote = now >= self.next_beat
+        if wrote:  # renew the lease: a live supervisor's run is never declared crashed
             with self.store.write() as session:
                 session.execute(update(Run).where(Run.id == self.run_id, Run.attempt == self.attempt)
                                 .values(heartbeat_at=utcnow()))
@@ -221,14 +222,14 @@ class _Lease:
             row = session.execute(select(Run.state, Run.attempt, Run.worker_id).where(Run.id == self.run_id)).one()
         state, attempt, owner = states.StateType(row[0]), row[1], row[2]
         if attempt != self.attempt or owner != self.owner or state is states.S.SCHEDULED:
-            return "lost"  # reaped (and maybe retried elsewhere): this attempt must stop, and write nothing
+            return wrote, "lost"  # reaped (and maybe retried elsewhere): this attempt must stop, write nothing
         if state is states.S.CANCELLING:
-            return "cancel"
+            return wrote, "cancel"
         if state in states.TERMINAL:  # its process wrote its end and is exiting; or a reaper ended it
             self.ended_seen = self.ended_seen or now
             if now - self.ended_seen > ENDED_EXIT_SECONDS:
-                return "lost"
-        return None
+                return wrote, "lost"
+        return wrote, None
 
 
 def _watch(store: Store, run: Run, attempt: Attempt, stop: threading.Event | None) -> tuple[Any, str | None]:
@@ -286,7 +287,8 @@ def start_local(store: Store, run: Run, *, progress: bool = False, pool: WarmSou
             with store.read() as session:
                 return session.get(Flow, run.flow_id).source_path
 
-        cwd = working_directory(retrying(source, store, what=f"starting run {run.id}"), run.output_path)
+        cwd = working_directory(retrying(source, store, what=f"starting run {run.id}", read_only=True),
+                                run.output_path)
         if pool is not None:  # a runner: forked, with everything imported
             rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id)
         else:  # the foreground `nbflow run`
@@ -352,7 +354,7 @@ def _promote(store: Store, run_id: uuid.UUID, owner: str | None, wait: Callable[
         with store.read() as session:
             return session.get(Run, run_id).expected_start_at
 
-    due = retrying(due_at, store, what=f"retrying run {run_id}", stop=stop)
+    due = retrying(due_at, store, what=f"retrying run {run_id}", stop=stop, read_only=True)
     if due is not None:
         delay = (due - utcnow()).total_seconds()
         if delay > 0:
@@ -388,7 +390,7 @@ def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
 
     owner: Any = ...
     while True:
-        run = retrying(read, store, what=f"reading run {run_id}", stop=stop)
+        run = retrying(read, store, what=f"reading run {run_id}", stop=stop, read_only=True)
         if owner is ...:
             owner = run.worker_id
         elif run.worker_id != owner and run.state not in states.TERMINAL:
@@ -403,6 +405,6 @@ def execute_run(store: Store, run_id: uuid.UUID, *, progress: bool = False,
         elif run.state == states.S.PENDING:
             attempt = start_local(store, run, progress=progress, pool=pool) if start is None else start(store, run)
             if not supervise(store, run, attempt, stop):
-                return retrying(read, store, what=f"reading run {run_id}", stop=stop)
+                return retrying(read, store, what=f"reading run {run_id}", stop=stop, read_only=True)
         else:
             return run

@@ -56,7 +56,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import Leader, utcnow
-from nbflow.store.retry import is_unavailable, report_down
+from nbflow.store.retry import is_unavailable, report_down, report_up
 
 log = logging.getLogger("nbflow.leader")
 
@@ -119,6 +119,7 @@ class Leadership:
                 else:
                     log.exception("could not take or renew the %s lease", self.role)
             else:
+                report_up(self.store)
                 if won and started >= self._leads_until:
                     log.info("%s now leads %s", self.holder, self.role)
                 self._leads_until = started + self.lease_seconds * 3 / 4 if won else 0.0

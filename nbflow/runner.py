@@ -279,10 +279,15 @@ class Runner:
             reap(self.store, self.lease_seconds)
             workers.prune(self.store, self.lease_seconds)
             counts.compact(self.store)  # fold the run-count deltas (nbflow.counts)
+            report_up(self.store)
             self._next_reap = time.monotonic() + self.lease_seconds / 2  # after it worked: else try again soon
 
     def _claim(self) -> None:
-        for run_id in claim(self.store, self.worker_id, self.slots - len(self._threads), self.labels):
+        free = self.slots - len(self._threads)
+        claimed = claim(self.store, self.worker_id, free, self.labels)
+        if free > 0:  # it wrote (a full runner asks nothing of the database)
+            report_up(self.store)
+        for run_id in claimed:
             if run_id in self._threads:  # ours already (cannot happen while our lease holds): one supervisor
                 continue
             thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
@@ -298,8 +303,6 @@ class Runner:
         self.healthy = self._attempt("reaping", self._housekeeping)
         if not self.draining.is_set():
             self.healthy = self._attempt("claiming runs", self._claim) and self.healthy
-        if self.healthy:
-            report_up(self.store)
         return len(self._threads)
 
     def run(self, *, exit_when_idle: bool = False, grace: float = 30.0) -> None:
@@ -309,7 +312,8 @@ class Runner:
         try:  # a database that is down at start-up is waited for, like one that goes down later
             retrying(lambda: workers.register(self.store, self.worker_id, self.labels), self.store,
                      what="registering the worker", stop=self.draining)
-            retrying(self.pool.start, self.store, what="starting the kernel pool", stop=self.draining)
+            retrying(self.pool.start, self.store, what="starting the kernel pool", stop=self.draining,
+                     read_only=True)
         except Exception:
             if not self.draining.is_set():
                 raise

@@ -192,15 +192,22 @@ class Store:
         while not stop.is_set():
             try:
                 with self.engine.connect() as conn:
-                    conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
-                    conn.commit()
-                    raw = conn.connection.driver_connection
-                    report_up(self)
-                    backoff.reset()
-                    event.set()  # anything queued while we were not listening
-                    while not stop.is_set():
-                        for _ in raw.notifies(timeout=0.5, stop_after=1):
-                            event.set()
+                    try:
+                        conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
+                        conn.commit()
+                        raw = conn.connection.driver_connection
+                        report_up(self)
+                        backoff.reset()
+                        event.set()  # anything queued while we were not listening
+                        while not stop.is_set():
+                            for _ in raw.notifies(timeout=0.5, stop_after=1):
+                                event.set()
+                    except Exception:
+                        # Dropped, not returned to the pool: its reset (a ROLLBACK on a dead socket) would
+                        # log a traceback of its own for what is only an outage.
+                        with contextlib.suppress(Exception):
+                            conn.invalidate()
+                        raise
             except Exception as exc:
                 if is_unavailable(exc):
                     report_down(self, exc, "listening for queued runs")
