@@ -12,6 +12,7 @@ plus a few retry periods, measured and printed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,17 +21,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import PG_URL, _instance
 from helpers import make_notebook, nbflow, start, until
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 
-from nbflow.runs import history
+from nbflow import launcher, states
+from nbflow import runner as runner_module
+from nbflow.checks import MAX_SECONDS
+from nbflow.execute import RunRecorder, _end_attempt
+from nbflow.executors.base import Executor
+from nbflow.record import RECORD_MIME
+from nbflow.runner import Runner, reap
+from nbflow.runs import create_run, history
 from nbflow.store import open_store, reset_stores
-from nbflow.store.models import CellRun, Log, Run
+from nbflow.store.models import CellRun, Log, Run, utcnow
 
 DOWN = re.compile(r"^database .* unavailable", re.M)
 BACK = re.compile(r"^database .* is back after", re.M)
@@ -277,3 +286,106 @@ def test_sqlite_lock_held_by_another_process_past_the_busy_timeout(sqlite_env, t
     assert got["runs"] == 1
     assert len(DOWN.findall(text_)) == 1 and len(BACK.findall(text_)) == 1, text_
     assert _tracebacks(text_) == [], text_
+
+
+# -- bad values and bad rows never stop a loop; late writes of an old attempt change nothing --------------
+
+def _running(store, tmp_path: Path, **values) -> uuid.UUID:
+    """A RUNNING run (attempt 1) whose lease ran out long ago, with ``values`` stored as they are."""
+    nb = make_notebook(tmp_path, f"n{uuid.uuid4().hex[:6]}", ["x = 1"])
+    run_id = create_run(store, str(nb), worker_id="worker:gone").id
+    with store.write() as session:
+        run = states.lock_run(session, run_id)
+        states.transition(session, run, states.S.RUNNING)
+        run.heartbeat_at = utcnow() - timedelta(hours=1)
+        for key, value in values.items():
+            setattr(run, key, value)
+    return run_id
+
+
+@pytest.mark.parametrize("delay, backoff", [(math.inf, 2.0), (1e12, 2.0), (5.0, 1e300)])
+def test_a_stored_huge_retry_delay_is_capped_not_a_crash_loop(store, tmp_path, delay, backoff):
+    # Rows written before the doors checked these numbers: the reaper raised OverflowError on them and
+    # every runner exited at start-up. Now the delay is capped at checks.MAX_SECONDS.
+    run_id = _running(store, tmp_path, max_attempts=3, attempt=2, retry_delay=delay, retry_backoff=backoff)
+    assert reap(store, 30) == [run_id]
+    with store.read() as session:
+        run = session.get(Run, run_id)
+        wait = (run.expected_start_at - utcnow()).total_seconds()
+        assert (run.state, run.state_name, run.attempt) == ("SCHEDULED", "AwaitingRetry", 3)
+    assert MAX_SECONDS - 60 < wait <= MAX_SECONDS
+    assert states.retry_delay(run) == MAX_SECONDS
+
+
+def test_retry_delay_stays_within_bounds():
+    assert states.retry_delay(Run(retry_delay=2.0, retry_backoff=3.0, attempt=3)) == 18.0
+    assert states.retry_delay(Run(retry_delay=-5.0, retry_backoff=2.0, attempt=1)) == 0.0
+    assert states.retry_delay(Run(retry_delay=math.nan, retry_backoff=2.0, attempt=1)) == MAX_SECONDS
+    assert states.retry_delay(Run(retry_delay=1.0, retry_backoff=10.0, attempt=400)) == MAX_SECONDS  # overflows
+
+
+def test_a_run_that_cannot_be_reaped_is_ended_and_the_rest_are_reaped(store, tmp_path, monkeypatch):
+    bad = _running(store, tmp_path, max_attempts=2)
+    good = _running(store, tmp_path, max_attempts=2)
+    real = runner_module._reap_one
+
+    def reap_one(session, run, lease, now):  # a bug that only this row triggers
+        if run.id == bad:
+            raise ValueError("a value no code expected")
+        return real(session, run, lease, now)
+
+    monkeypatch.setattr(runner_module, "_reap_one", reap_one)
+    assert sorted(reap(store, 30)) == sorted([bad, good])
+    with store.read() as session:
+        b, g = session.get(Run, bad), session.get(Run, good)
+        assert (b.state, b.worker_id) == ("CRASHED", None)
+        assert "reaping it failed: ValueError: a value no code expected" in b.state_message
+        assert b.error["ename"] == "Crashed"
+        assert (g.state, g.state_name, g.attempt) == ("SCHEDULED", "AwaitingRetry", 2)
+    assert reap(store, 30) == []  # the bad row left the reaper's sight: not tried at every pass
+
+
+class _BrokenExecutor(Executor):
+    """A supervisor that fails for a reason of its own (not the database)."""
+
+    def execute(self, store, run_id, stop=None):
+        raise RuntimeError("the supervisor tripped")
+
+
+def test_a_failing_supervisor_ends_its_run_with_the_reason(store, tmp_path):
+    nb = make_notebook(tmp_path, "victim", ["x = 1"])
+    run_id = create_run(store, str(nb)).id
+    runner = Runner(store, slots=1, warm_kernels=0, executor=_BrokenExecutor())
+    assert runner.step() == 1
+    until(lambda: runner.step() == 0, timeout=30, what="the supervisor thread to end")
+    with store.read() as session:
+        run = session.get(Run, run_id)
+        assert run.state in ("FAILED", "CRASHED")  # ended, not RUNNING or PENDING forever
+        assert "its supervisor failed: RuntimeError: the supervisor tripped" in run.state_message
+        assert run.error["evalue"].startswith("its supervisor failed")
+
+
+def test_late_writes_of_a_reaped_attempt_leave_the_retry_alone(store, tmp_path):
+    # An attempt cut off for longer than its lease: a reaper ended it and the retry runs elsewhere.
+    # When the old attempt gets through again, its end, result, log size and cells change nothing there.
+    run_id = _running(store, tmp_path, max_attempts=2)
+    old = RunRecorder(store, run_id, 1, 0, 10_000)
+    with store.write() as session:
+        session.execute(insert(CellRun), [{"run_id": run_id, "attempt": 1, "cell_index": 0, "cell_id": "a",
+                                           "state": "RUNNING"}])
+    assert reap(store, 30) == [run_id]
+    with store.write() as session:  # attempt 2, elsewhere
+        run = states.lock_run(session, run_id)
+        states.transition(session, run, states.S.PENDING)
+        states.transition(session, run, states.S.RUNNING)
+        run.result, run.log_bytes = {"from": "attempt 2"}, 7
+    old.cell_complete(0, {"cell_type": "code", "id": "a", "execution_count": 1, "outputs": [
+        {"output_type": "display_data", "data": {RECORD_MIME: {"name": "from", "value": "attempt 1"}}}]})
+    old.log("stdout", "late line", force=True, flush=False)
+    assert _end_attempt(store, old, None) == "RUNNING"
+    assert launcher.settle(store, run_id, "crash", "a late crash of attempt 1", attempt=1) is False
+    with store.read() as session:
+        run = session.get(Run, run_id)
+        assert (run.state, run.attempt, run.result, run.log_bytes) == ("RUNNING", 2, {"from": "attempt 2"}, 7)
+        cell = session.execute(select(CellRun.state).where(CellRun.run_id == run_id, CellRun.attempt == 1)).scalar()
+        assert cell == "FAILED"  # as the reaper left it, not COMPLETED by the late write
