@@ -44,7 +44,7 @@ from nbflow.secrets import Redactor
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
-from nbflow.store.retry import is_unavailable, retrying
+from nbflow.store.retry import Backoff, is_unavailable, retrying
 
 if TYPE_CHECKING:
     from nbflow.kernels import Kernel
@@ -583,6 +583,23 @@ class _Rollback(Exception):
     """Ends ``prepare``'s transaction without committing it."""
 
 
+def _open_store() -> Store:
+    """The run's store, waiting up to a lease for a database that is away (an attempt started during an
+    outage): the worker that claimed the run reached it with the same URL, so a failure here is the
+    outage, and its supervisor stops the attempt if it outlasts the lease anyway."""
+    from nbflow.errors import DatabaseError
+
+    give_up = time.monotonic() + get_settings().lease_seconds
+    backoff = Backoff()
+    while True:
+        try:
+            return open_store()
+        except DatabaseError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(backoff.next())
+
+
 def _state_of(store: Store, run_id: uuid.UUID) -> str:
     def read() -> str:
         with store.read() as session:
@@ -598,7 +615,7 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     from papermill import execute_notebook
     from papermill.exceptions import PapermillExecutionError
 
-    store = open_store()
+    store = _open_store()
     loaded = _load_attempt(store, run_id)
     if loaded is None:
         return _state_of(store, run_id)
