@@ -221,21 +221,24 @@ class _Lease:
         with self.store.read() as session:
             row = session.execute(select(Run.state, Run.attempt, Run.worker_id).where(Run.id == self.run_id)).one()
         state, attempt, owner = states.StateType(row[0]), row[1], row[2]
-        if attempt != self.attempt or owner != self.owner or state is states.S.SCHEDULED:
-            return wrote, "lost"  # reaped (and maybe retried elsewhere): this attempt must stop, write nothing
+        # A reaper that ends an attempt clears the run's worker: ours no more, wherever its retry runs.
+        # Our own process failing with a retry left moves it to SCHEDULED, attempt + 1, still ours.
+        if owner != self.owner or (attempt != self.attempt and state is not states.S.SCHEDULED):
+            return wrote, "lost"  # this attempt must stop, and write nothing
         if state is states.S.CANCELLING:
             return wrote, "cancel"
-        if state in states.TERMINAL:  # its process wrote its end and is exiting; or a reaper ended it
+        if state in states.TERMINAL or state is states.S.SCHEDULED:  # its process wrote its end: it exits
             self.ended_seen = self.ended_seen or now
             if now - self.ended_seen > ENDED_EXIT_SECONDS:
-                return wrote, "lost"
+                return wrote, "ended"
         return wrote, None
 
 
 def _watch(store: Store, run: Run, attempt: Attempt, stop: threading.Event | None) -> tuple[Any, str | None]:
     """Wait for the attempt; stop it early on timeout, on a cancel request (the run turned
     CANCELLING, from any process), when ``stop`` is set, when the run is no longer this attempt's
-    ("lost") or when the lease could not be renewed for a whole lease ("lease").
+    ("lost"), when its process wrote its end but does not exit ("ended") or when the lease could not
+    be renewed for a whole lease ("lease").
     Returns (exit code or the running cell, why)."""
     # The timeout counts from when the attempt executes: not while it waits for a place on a cluster.
     deadline = time.monotonic() + run.timeout if run.timeout and attempt.started() else None
@@ -257,7 +260,7 @@ def _watch(store: Store, run: Run, attempt: Attempt, stop: threading.Event | Non
             if why is None and lease.lease_lost(now):
                 why = "lease"
         if why is not None:
-            cell = _running_cell(store, run) if why != "lost" else (None, None)
+            cell = _running_cell(store, run) if why not in ("lost", "ended") else (None, None)
             attempt.terminate()
             return cell, why
 
@@ -325,6 +328,8 @@ def supervise(store: Store, run: Run, attempt: Attempt, stop: threading.Event | 
         if why == "lost":
             log.warning("run %s: attempt %s was ended elsewhere (its lease ran out); stopped it", run.id, run.attempt)
             return False
+        if why == "ended":  # it wrote its end, then did not exit: stopped, nothing more to write
+            return True
         if why == "lease":
             lease = get_settings().lease_seconds
             ended("crash", f"its supervisor could not renew its lease of {lease:g}s (the database was "
