@@ -61,9 +61,10 @@ def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
 
 def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
            cell: tuple[int | None, str | None] = (None, None), *, attempt: int | None = None,
-           stop: threading.Event | None = None) -> bool:
+           worker_id: str | None = None, stop: threading.Event | None = None) -> bool:
     """Write the end the process could not write itself, if the run is still live (and, given
-    ``attempt``, still in that attempt). Returns whether it wrote it.
+    ``attempt``, still in that attempt; given ``worker_id``, still that worker's). Returns whether it
+    wrote it.
 
     ``cell`` is the cell that was running when the process was stopped (read before stopping it): it
     ends FAILED (CANCELLED on a cancel) and the cells that never ran end SKIPPED.
@@ -72,17 +73,19 @@ def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
     keeps a late write from an old attempt (its supervisor cut off from the database for longer than
     the lease, the run reaped and retried meanwhile) off the attempt that replaced it.
     """
-    return retrying(lambda: _settle(store, run_id, why, detail, cell, attempt), store,
+    return retrying(lambda: _settle(store, run_id, why, detail, cell, attempt, worker_id), store,
                     what=f"ending run {run_id}", stop=stop)
 
 
 def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str, cell: tuple[int | None, str | None],
-            expected_attempt: int | None) -> bool:
+            expected_attempt: int | None, worker_id: str | None) -> bool:
     cell_index, cell_id = cell
     with store.write() as session:
         run = states.lock_run(session, run_id)
         state = states.StateType(run.state)
         if expected_attempt is not None and run.attempt != expected_attempt:
+            return False
+        if worker_id is not None and run.worker_id != worker_id:
             return False
         if state in states.TERMINAL or (state is states.S.SCHEDULED and why != "cancel"):
             return False

@@ -216,7 +216,7 @@ class Runner:
         log.error("the supervisor of run %s failed; ending it CRASHED", run_id, exc_info=exc)
         try:
             launcher.settle(self.store, run_id, "crash", f"its supervisor failed: {type(exc).__name__}: {exc}"[:500],
-                            stop=self.stop)
+                            worker_id=self.worker_id, stop=self.stop)  # not a run taken over elsewhere
         except Exception:
             log.exception("run %s could not be ended; its lease will end it", run_id)
 
