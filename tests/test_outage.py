@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -193,6 +194,10 @@ def test_postgresql_outage_shorter_than_the_lease_loses_nothing(pg, tmp_path, co
               show=lambda: (_state(run_id), out.text))
         until(lambda: BACK.search(out.text), timeout=30, what="the 'back' line", show=lambda: out.text)
         assert proc.poll() is None, out.text  # alive through it all
+        if command == "serve":  # and its API answers as before
+            url = re.search(r"REST API on (http://\S+)/api", out.text).group(1)
+            with urllib.request.urlopen(f"{url}/api/runs/{run_id}", timeout=30) as answer:
+                assert json.load(answer)["state"] == "COMPLETED"
     finally:
         text_ = out.stop()
     print(f"{command}: survived a {allowed - cut:.1f} s PostgreSQL outage")
