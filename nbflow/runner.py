@@ -17,6 +17,10 @@ Schedules are fired into runs by ``nbflow.scheduler``; workers execute them like
 A run queued in this process wakes the runner at once (``Store.listen``), and on PostgreSQL so does one
 queued anywhere (LISTEN/NOTIFY); polling is only the fallback. Claimed runs go to warm run processes
 from ``nbflow.pool`` when one is ready for their kernel, so they skip kernel start-up.
+
+Database outages are weather (``nbflow.store.retry``): a step that cannot reach the database is
+retried with a capped backoff, supervisors keep their run processes going and retry their writes, and
+a run the reaper cannot handle (a bad stored value) is ended with the reason instead of stopping it.
 """
 
 from __future__ import annotations
