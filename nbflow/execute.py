@@ -537,8 +537,22 @@ def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | No
 
 
 def prepare() -> None:
-    """Do what every run needs before a run is known: a warm slot's run should not pay for it."""
-    store = open_store()
+    """Do what every run needs before a run is known: a warm slot's run should not pay for it.
+    Only a warm-up: with the database away, the slot stays (its run opens the store again, waiting)."""
+    from nbflow.errors import DatabaseError
+
+    try:
+        store = open_store()
+    except DatabaseError:
+        store = None
+    if store is not None:
+        _compile_statements(store)
+    # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
+    # process forked by the fork server, which did it once: nbflow.forkserver).
+    nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
+
+
+def _compile_statements(store: Store) -> None:
     # SQLAlchemy compiles each statement on its first use in a process: compile an attempt's
     # statements now, in a write transaction that changes nothing and is rolled back.
     nobody = uuid.uuid4()
@@ -574,9 +588,6 @@ def prepare() -> None:
     except Exception as exc:  # only a warm-up: a database away now is waited for by the run's own writes
         if not is_unavailable(exc):
             raise
-    # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
-    # process forked by the fork server, which did it once: nbflow.forkserver).
-    nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
 
 
 class _Rollback(Exception):
