@@ -16,6 +16,7 @@ down: the run process kills the kernel after the end is written (see ``nbflow.ke
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from nbflow.secrets import Redactor
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
+from nbflow.store.retry import Backoff, is_unavailable, retrying
 
 if TYPE_CHECKING:
     from nbflow.kernels import Kernel
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 ENGINE_NAME = "nbflow"
 LOG_FLUSH_SECONDS = 0.5
 LOG_FLUSH_BYTES = 64_000
+# A stopped attempt's last log lines get this long to be written (less than the supervisor's grace).
+STOP_FLUSH_SECONDS = 1.0
 
 
 def _error_from_outputs(cell: Any) -> dict[str, Any] | None:
@@ -124,12 +129,17 @@ class RunRecorder:
             self._cond.notify_all()
             return self._queued
 
-    def sync(self) -> None:
-        """Wait until everything queued is committed; raise what the writer met (NotStarted included)."""
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait until everything queued is committed (or ``timeout`` passed); raise what the writer met
+        (NotStarted included)."""
         ticket = self._kick()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._written < ticket and self._error is None:
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._cond.wait(left)
             if self._error is not None:
                 raise self._error
 
@@ -142,9 +152,12 @@ class RunRecorder:
                     return
                 target = self._queued
             try:
-                if self._has_pending():
-                    with self.store.write() as session:
-                        self.write_pending(session)
+                batch = self._take()
+                if batch.any():
+                    # An outage is waited out, the same batch retried: nothing the notebook did is lost,
+                    # and the notebook never waits for it (its supervisor stops it if the lease runs out).
+                    retrying(functools.partial(self._write_batch_now, batch), self.store,
+                             what=f"recording run {self.run_id}")
             except BaseException as exc:
                 with self._cond:
                     self._error = exc
@@ -154,16 +167,18 @@ class RunRecorder:
                 self._written = target
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Write what is queued and stop the writer; the caller writes the end itself."""
+    def close(self, timeout: float | None = None) -> None:
+        """Write what is queued and stop the writer; the caller writes the end itself. With ``timeout``
+        (a stopped attempt: its supervisor writes the end), give up waiting after that long: the writer
+        may be waiting out an outage, and a stop must not wait for the database."""
         try:
-            self.sync()
+            self.sync(timeout)
         finally:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
             if self._thread is not None:
-                self._thread.join()
+                self._thread.join(timeout)
 
     # -- the attempt ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,7 +189,9 @@ class RunRecorder:
 
     def _write_start(self, session: Any) -> None:
         run = states.lock_run(session, self.run_id)
-        if run.state != states.S.PENDING:
+        if run.attempt == self.attempt and run.state == states.S.RUNNING and run.process_id == os.getpid():
+            return  # a retry of a start whose commit did commit (the connection broke as it answered)
+        if run.state != states.S.PENDING or run.attempt != self.attempt:
             raise NotStarted(run.state)
         states.transition(session, run, states.S.RUNNING)
         run.process_id = os.getpid()
@@ -190,9 +207,11 @@ class RunRecorder:
         self._kick()
 
     def _update_cell(self, session: Any, index: int, **values: Any) -> None:
+        # Only a live cell: one a reaper already ended (this attempt's lease ran out) stays as it said.
         session.execute(
             update(CellRun)
-            .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt, CellRun.cell_index == index)
+            .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt, CellRun.cell_index == index,
+                   CellRun.state.in_(["PENDING", "RUNNING"]))
             .values(**values)
         )
 
@@ -239,10 +258,10 @@ class RunRecorder:
             if out.get("output_type") in ("display_data", "execute_result") and isinstance(payload, dict):
                 self._results[payload.get("name")] = payload.get("value")
 
-    def notebook_end(self, session: Any) -> None:
+    def notebook_end(self, session: Any, batch: _Batch | None = None) -> None:
         """In the transaction that ends the attempt: what is pending, and cells that never ran (after a
         failure, a clean exit or a stop) SKIPPED, not left PENDING."""
-        self.write_pending(session)
+        self.write_batch(session, self._take() if batch is None else batch)
         session.execute(
             update(CellRun)
             .where(CellRun.run_id == self.run_id, CellRun.attempt == self.attempt,
@@ -287,33 +306,58 @@ class RunRecorder:
         self._last_flush = time.monotonic()
         self._kick()
 
-    def _has_pending(self) -> bool:
+    def _take(self) -> _Batch:
+        """Everything queued so far, taken off the queues: written (and retried) as one unit."""
         with self._lock:
-            return bool(self._start or self._new_cells or self._cell_updates or self._results or self._pending)
+            batch = _Batch(self._start, self._new_cells, self._cell_updates, self._results, self._pending,
+                           self.log_bytes)
+            self._start, self._new_cells, self._cell_updates, self._results = False, [], [], {}
+            self._pending, self._pending_bytes = [], 0
+        return batch
+
+    def _write_batch_now(self, batch: _Batch) -> None:
+        with self.store.write() as session:
+            self.write_batch(session, batch)
 
     def write_pending(self, session: Any) -> None:
-        """Write what is queued, in the caller's transaction (the writer's, or the attempt's end)."""
-        with self._lock:
-            start, self._start = self._start, False
-            new_cells, self._new_cells = self._new_cells, []
-            updates, self._cell_updates = self._cell_updates, []
-            found, self._results = self._results, {}
-            rows, self._pending, self._pending_bytes = self._pending, [], 0
-            log_bytes = self.log_bytes
-        if start:
+        """Write what is queued, in the caller's transaction."""
+        self.write_batch(session, self._take())
+
+    def write_batch(self, session: Any, batch: _Batch) -> None:
+        """Write ``batch`` in the caller's transaction. Rows are this attempt's (``attempt`` in every key),
+        and what is the run's own (its result, its log size) is written only while the run is still in
+        this attempt: late writes of an attempt that was reaped and retried never touch the new one."""
+        if batch.start:
             self._write_start(session)
         # Rows as Core INSERTs, not ORM objects: a fraction of the CPU, on a process whose main thread runs
         # the notebook meanwhile.
-        if new_cells:
-            session.execute(insert(CellRun), new_cells)
-        for index, values in updates:
+        if batch.new_cells:
+            session.execute(insert(CellRun), batch.new_cells)
+        for index, values in batch.cell_updates:
             self._update_cell(session, index, **values)
-        if found:
+        if batch.results:
             run = session.get(Run, self.run_id)
-            run.result = {**(run.result or {}), **found}
-        if rows:
-            session.execute(insert(Log), rows)
-            session.execute(update(Run).where(Run.id == self.run_id).values(log_bytes=log_bytes))
+            if run.attempt == self.attempt:
+                run.result = {**(run.result or {}), **batch.results}
+        if batch.logs:
+            session.execute(insert(Log), batch.logs)
+            session.execute(update(Run).where(Run.id == self.run_id, Run.attempt == self.attempt)
+                            .values(log_bytes=batch.log_bytes))
+
+
+@dataclass
+class _Batch:
+    """What a ``RunRecorder`` has queued, taken at once (``_take``)."""
+
+    start: bool
+    new_cells: list[dict[str, Any]]
+    cell_updates: list[tuple[int, dict[str, Any]]]
+    results: dict[str, Any]
+    logs: list[dict[str, Any]]
+    log_bytes: int
+
+    def any(self) -> bool:
+        return bool(self.start or self.new_cells or self.cell_updates or self.results or self.logs)
 
 
 class LogStream(io.TextIOBase):
@@ -444,43 +488,71 @@ papermill_engines.register(ENGINE_NAME, NbflowEngine)
 def _load_attempt(store: Store, run_id: uuid.UUID) -> tuple[Run, FlowVersion, Flow] | None:
     """The run and what it executes, if it is still PENDING. The recorder writes RUNNING (checking again
     that it is still PENDING) while papermill prepares the notebook."""
-    with store.read() as session:
-        run = session.get(Run, run_id)
-        if run is None or run.state != states.S.PENDING:
-            return None  # cancelled (or claimed) before this process got to it
-        version = session.get(FlowVersion, run.flow_version_id)
-        flow = session.get(Flow, run.flow_id)
-        return run, version, flow
+    def load() -> tuple[Run, FlowVersion, Flow] | None:
+        with store.read() as session:
+            run = session.get(Run, run_id)
+            if run is None or run.state != states.S.PENDING:
+                return None  # cancelled (or claimed) before this process got to it
+            version = session.get(FlowVersion, run.flow_version_id)
+            flow = session.get(Flow, run.flow_id)
+            return run, version, flow
+
+    return retrying(load, store, what=f"starting run {run_id}", read_only=True)
 
 
 def _end_attempt(store: Store, recorder: RunRecorder, error: dict[str, Any] | None, *,
                  name: str | None = None, message: str | None = None) -> str:
     """End the attempt in one transaction, after everything the recorder queued: last logs, skipped
-    cells, the failing cell's id, the state. Returns the run's state after it."""
+    cells, the failing cell's id, the state. Returns the run's state after it.
+
+    Retried while the database is unavailable: a run that finished during an outage shorter than its
+    lease ends as it finished. The end is written only if the run is still in this attempt and live:
+    if its lease ran out meanwhile and a reaper ended it (and maybe a retry runs elsewhere), the state
+    machine's word stands and this attempt's late end changes nothing of the run."""
     try:
         recorder.close()
     except NotStarted:  # a notebook without cells, cancelled before it started
         return _state_of(store, recorder.run_id)
-    with store.write() as session:
-        recorder.notebook_end(session)
-        run = states.lock_run(session, recorder.run_id)
-        if run.state not in (states.S.RUNNING, states.S.CANCELLING):
+    batch = recorder._take()
+
+    def end() -> str:
+        with store.write() as session:
+            run = states.lock_run(session, recorder.run_id)
+            if run.attempt != recorder.attempt or run.state not in (states.S.RUNNING, states.S.CANCELLING):
+                recorder.write_batch(session, batch)  # this attempt's rows only (see write_batch)
+                return run.state
+            recorder.notebook_end(session, batch)
+            if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
+                error["cell_id"] = session.execute(
+                    select(CellRun.cell_id).where(CellRun.run_id == run.id, CellRun.attempt == recorder.attempt,
+                                                  CellRun.cell_index == error["cell_index"])
+                ).scalar()
+            if error is None:
+                states.finish(session, run, message=message)
+            else:
+                states.fail(session, run, error=error, name=name, message=message)
             return run.state
-        if error is not None and error.get("cell_index") is not None and error.get("cell_id") is None:
-            error["cell_id"] = session.execute(
-                select(CellRun.cell_id).where(CellRun.run_id == run.id, CellRun.attempt == recorder.attempt,
-                                              CellRun.cell_index == error["cell_index"])
-            ).scalar()
-        if error is None:
-            states.finish(session, run, message=message)
-        else:
-            states.fail(session, run, error=error, name=name, message=message)
-        return run.state
+
+    return retrying(end, store, what=f"ending run {recorder.run_id}")
 
 
 def prepare() -> None:
-    """Do what every run needs before a run is known: a warm slot's run should not pay for it."""
-    store = open_store()
+    """Do what every run needs before a run is known: a warm slot's run should not pay for it.
+    Only a warm-up: with the database away, the slot stays (its run opens the store again, waiting)."""
+    from nbflow.errors import DatabaseError
+
+    try:
+        store = open_store()
+    except DatabaseError:
+        store = None
+    if store is not None:
+        _compile_statements(store)
+    # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
+    # process forked by the fork server, which did it once: nbflow.forkserver).
+    nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
+
+
+def _compile_statements(store: Store) -> None:
     # SQLAlchemy compiles each statement on its first use in a process: compile an attempt's
     # statements now, in a write transaction that changes nothing and is rolled back.
     nobody = uuid.uuid4()
@@ -513,18 +585,38 @@ def prepare() -> None:
             raise _Rollback
     except _Rollback:
         pass
-    # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
-    # process forked by the fork server, which did it once: nbflow.forkserver).
-    nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
+    except Exception as exc:  # only a warm-up: a database away now is waited for by the run's own writes
+        if not is_unavailable(exc):
+            raise
 
 
 class _Rollback(Exception):
     """Ends ``prepare``'s transaction without committing it."""
 
 
+def _open_store() -> Store:
+    """The run's store, waiting up to a lease for a database that is away (an attempt started during an
+    outage): the worker that claimed the run reached it with the same URL, so a failure here is the
+    outage, and its supervisor stops the attempt if it outlasts the lease anyway."""
+    from nbflow.errors import DatabaseError
+
+    give_up = time.monotonic() + get_settings().lease_seconds
+    backoff = Backoff()
+    while True:
+        try:
+            return open_store()
+        except DatabaseError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(backoff.next())
+
+
 def _state_of(store: Store, run_id: uuid.UUID) -> str:
-    with store.read() as session:
-        return session.get(Run, run_id).state
+    def read() -> str:
+        with store.read() as session:
+            return session.get(Run, run_id).state
+
+    return retrying(read, store, what=f"reading run {run_id}", read_only=True)
 
 
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:
@@ -534,7 +626,7 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     from papermill import execute_notebook
     from papermill.exceptions import PapermillExecutionError
 
-    store = open_store()
+    store = _open_store()
     loaded = _load_attempt(store, run_id)
     if loaded is None:
         return _state_of(store, run_id)
@@ -584,7 +676,7 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
     except BaseException:
         with contextlib.suppress(Exception):
-            recorder.close()
+            recorder.close(timeout=STOP_FLUSH_SECONDS)
         raise  # stopped by the supervisor: it writes the state and settles the cells
     message = None
     if error:

@@ -56,6 +56,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from nbflow.settings import get_settings
 from nbflow.store import Store
 from nbflow.store.models import Leader, utcnow
+from nbflow.store.retry import is_unavailable, report_down, report_up
 
 log = logging.getLogger("nbflow.leader")
 
@@ -112,9 +113,13 @@ class Leadership:
             self._next_try = started + self.lease_seconds / 4
             try:
                 won = try_lead(self.store, self.role, self.holder, self.lease_seconds)
-            except Exception:  # a database hiccup: keep what we believed, which runs out on its own
-                log.exception("could not take or renew the %s lease", self.role)
+            except Exception as exc:  # keep what we believed, which runs out on its own
+                if is_unavailable(exc):  # an outage: said once per process (nbflow.store.retry)
+                    report_down(self.store, exc, f"the {self.role} lease")
+                else:
+                    log.exception("could not take or renew the %s lease", self.role)
             else:
+                report_up(self.store)
                 if won and started >= self._leads_until:
                     log.info("%s now leads %s", self.holder, self.role)
                 self._leads_until = started + self.lease_seconds * 3 / 4 if won else 0.0
@@ -125,5 +130,8 @@ class Leadership:
         self._leads_until = 0.0
         try:
             resign(self.store, self.role, self.holder)
-        except Exception:
-            log.exception("could not resign the %s lease", self.role)
+        except Exception as exc:
+            if is_unavailable(exc):
+                report_down(self.store, exc, f"resigning the {self.role} lease")
+            else:
+                log.exception("could not resign the %s lease", self.role)

@@ -135,6 +135,19 @@ class KernelPool:
             self._failures[rp.kernel_name] = 0
 
     def _refill_loop(self) -> None:
+        """Refill until closed. Nothing stops it: a pass that fails is logged (once per kind of error)
+        and tried again; the runner works cold meanwhile."""
+        logged: set[str] = set()
+        while not self._closed.is_set():
+            try:
+                self._refill()
+            except Exception as exc:
+                if type(exc).__name__ not in logged:
+                    logged.add(type(exc).__name__)
+                    log.exception("refilling the kernel pool failed; trying again (runs start cold meanwhile)")
+                self._changed.wait(REFILL_CHECK_SECONDS)
+
+    def _refill(self) -> None:
         home = get_settings().home
         home.mkdir(parents=True, exist_ok=True)
         while not self._closed.is_set():

@@ -19,6 +19,7 @@ left moves on to SCHEDULED/AwaitingRetry, and only inside the same transaction t
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -27,6 +28,7 @@ from typing import Any
 from sqlalchemy import insert, null, select
 from sqlalchemy.orm import Session
 
+from nbflow.checks import MAX_SECONDS
 from nbflow.errors import IllegalTransition, RunNotFound
 from nbflow.store import wake_runners
 from nbflow.store.models import Run, RunStateEvent, utcnow
@@ -183,8 +185,19 @@ def transition(
 
 
 def retry_delay(run: Run) -> float:
-    """Seconds before the next attempt: ``retry_delay * backoff ** (attempt - 1)``."""
-    return float(run.retry_delay) * float(run.retry_backoff) ** max(run.attempt - 1, 0)
+    """Seconds before the next attempt: ``retry_delay * backoff ** (attempt - 1)``, within
+    ``[0, checks.MAX_SECONDS]``.
+
+    The cap is for rows stored before the doors checked these numbers (``inf``, ``1e12``, a backoff
+    that overflows): uncapped, ``now + delay`` raised ``OverflowError`` in the reaper and every runner
+    exited at start-up, a crash loop. NaN counts as the longest delay; a negative one as none."""
+    try:
+        delay = float(run.retry_delay) * float(run.retry_backoff) ** max(run.attempt - 1, 0)
+    except (OverflowError, TypeError, ValueError):
+        return MAX_SECONDS
+    if math.isnan(delay):
+        return MAX_SECONDS
+    return min(max(delay, 0.0), MAX_SECONDS)
 
 
 def fail(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 import uuid
 
 import pytest
-from helpers import make_notebook, nbflow, start
+from helpers import make_notebook, nbflow, start, until
 from sqlalchemy import func, select
 from test_execution import kernels_left
 
@@ -253,24 +254,35 @@ def test_long_healthy_run_is_never_marked_crashed(sqlite_env, tmp_path):
 
 
 def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_grace(sqlite_env, tmp_path):
-    # The short run ends only once the test says so, after SIGTERM: a fixed sleep could end before the signal on
-    # a loaded machine, and its free slot would rightly be given to the queued run.
+    # Nothing here may depend on how fast the machine is (it failed under CPU load: two kernels booting at
+    # once beside other work took longer than the 30 s it gave a run to turn RUNNING, and a fixed 1 s
+    # stood for "the worker has stopped claiming"). So: generous deadlines on conditions, and the grace
+    # long enough for the short run to end on a loaded machine. The short run ends only once the test
+    # says so, after SIGTERM: a fixed sleep could end before the signal, and its free slot would rightly
+    # be given to the queued run.
     release = tmp_path / "release"
     short = make_notebook(tmp_path, "short", [
         f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)"])
-    long = make_notebook(tmp_path, "longer", ["import time\ntime.sleep(120)"])
+    long = make_notebook(tmp_path, "longer", ["import time\ntime.sleep(300)"])
     short_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(short), "--json").stdout)["id"]
     long_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(long), "--json").stdout)["id"]
     queued = make_notebook(tmp_path, "queued", ["x = 1"])
-    worker = start(sqlite_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--grace", "7")
+    worker = start(sqlite_env, tmp_path, "worker", "--slots", "2", "--poll", "0.1", "--grace", "20")
+    wake_dir = tmp_path / "home" / "nbflow.db.wake"  # the worker's wake-up FIFO: there until it drains
+
+    def listening() -> bool:
+        return any(name.startswith(f"{worker.pid}-") for name in os.listdir(wake_dir)) if wake_dir.is_dir() else False
+
     try:
-        wait_for_state(short_id, "RUNNING")
-        wait_for_state(long_id, "RUNNING")
+        wait_for_state(short_id, "RUNNING", timeout=180)
+        wait_for_state(long_id, "RUNNING", timeout=180)
         later_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", str(queued), "--json").stdout)["id"]
+        until(listening, timeout=60, what="the worker's wake-up FIFO")
         worker.send_signal(signal.SIGTERM)
-        time.sleep(1)  # the worker has stopped claiming by now
+        # Draining stops the listener, which removes its FIFO: from then on the worker claims nothing.
+        until(lambda: not listening(), timeout=60, what="the worker to stop claiming")
         release.touch()
-        worker.communicate(timeout=60)
+        worker.communicate(timeout=120)
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -164,7 +164,10 @@ class ApiServer:
         while not self._stopping.wait(STATUS_EVERY):
             now = self.services()
             if now != last:
-                self._write_status(path, now)
+                try:
+                    self._write_status(path, now)
+                except OSError:  # a full disk: the API workers keep the last status; try again next time
+                    continue
                 last = now
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import threading
@@ -27,11 +28,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nbflow.errors import DatabaseError
 
+log = logging.getLogger("nbflow.store")
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration. tests/test_store.py checks it against Alembic's head, so it cannot drift;
 # keeping it here lets every process skip loading the migration scripts when the schema is current.
 SCHEMA_REVISION = "0006"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_ENV = "NBFLOW_SQLITE_BUSY_TIMEOUT_MS"
 
 
 def _redact(url: str) -> str:
@@ -41,13 +45,30 @@ def _redact(url: str) -> str:
         return url
 
 
+def _busy_timeout_ms() -> int:
+    """How long a SQLite statement waits for another process's write lock before "database is locked"
+    (which the long-lived loops then wait out: ``nbflow.store.retry``). ``NBFLOW_SQLITE_BUSY_TIMEOUT_MS``
+    changes it (tests use a short one to make the lock outlive it); it wins over the driver's own
+    ``timeout``, being set after it on each connection."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if raw is None:
+        return SQLITE_BUSY_TIMEOUT_MS
+    from nbflow.checks import number
+
+    try:
+        value = int(raw)
+    except ValueError:
+        value = raw  # refused below, with the allowed range
+    return number(value, field=BUSY_TIMEOUT_ENV, error=DatabaseError, maximum=3_600_000, integer=True)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy (below) decide how each transaction begins, instead of pysqlite.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={_busy_timeout_ms()}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
@@ -161,20 +182,39 @@ class Store:
             self._listen_fifo(event, stop)
 
     def _listen_postgresql(self, event: threading.Event, stop: threading.Event) -> None:
-        import psycopg
+        """LISTEN until ``stop``; reconnect with capped backoff (``nbflow.store.retry``) while the database
+        is away: polling covers the runners meanwhile. Never ends on an error: an unexpected one is
+        logged once and retried like an outage."""
+        from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
 
+        backoff = Backoff()
+        logged: set[str] = set()
         while not stop.is_set():
             try:
                 with self.engine.connect() as conn:
-                    conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
-                    conn.commit()
-                    raw = conn.connection.driver_connection
-                    event.set()  # anything queued while we were not listening
-                    while not stop.is_set():
-                        for _ in raw.notifies(timeout=0.5, stop_after=1):
-                            event.set()
-            except (SQLAlchemyError, psycopg.Error, OSError):
-                if stop.wait(1.0):  # the database went away: polling covers us until it is back
+                    try:
+                        conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
+                        conn.commit()
+                        raw = conn.connection.driver_connection
+                        report_up(self)
+                        backoff.reset()
+                        event.set()  # anything queued while we were not listening
+                        while not stop.is_set():
+                            for _ in raw.notifies(timeout=0.5, stop_after=1):
+                                event.set()
+                    except Exception:
+                        # Dropped, not returned to the pool: its reset (a ROLLBACK on a dead socket) would
+                        # log a traceback of its own for what is only an outage.
+                        with contextlib.suppress(Exception):
+                            conn.invalidate()
+                        raise
+            except Exception as exc:
+                if is_unavailable(exc):
+                    report_down(self, exc, "listening for queued runs")
+                elif type(exc).__name__ not in logged:
+                    logged.add(type(exc).__name__)
+                    log.exception("listening for queued runs failed; retrying (runners poll meanwhile)")
+                if stop.wait(backoff.next()):
                     return
 
     def _wake_dir(self) -> Path | None:
