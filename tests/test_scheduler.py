@@ -105,10 +105,15 @@ def test_cron_next_fire_honours_time_zone_and_dst(sqlite_env, tmp_path):
     name = flow(tmp_path)
     winter = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin", now=T0)
     assert winter.next_fire_at == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
-    summer = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin",
+    summer = scheduler.add_schedule(store, name, name="summer", cron="0 9 * * *", timezone="Europe/Berlin",
                                     now=datetime(2026, 7, 10, 12, tzinfo=UTC))
     assert summer.next_fire_at == datetime(2026, 7, 11, 7, 0, tzinfo=UTC)
-    assert count_schedules(store) == 1  # same (flow, name): updated, not duplicated
+    # Added again unchanged, months later: same (flow, name), updated, not duplicated, and its next slot
+    # stays where it was (the slots missed since are its backlog, see test_readding_keeps_the_backlog).
+    again = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin",
+                                   now=datetime(2026, 7, 10, 12, tzinfo=UTC))
+    assert again.id == winter.id and again.next_fire_at == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
+    assert count_schedules(store) == 2
 
 
 def test_interval_schedule_fires_each_slot_once(nbflow_env, tmp_path):
