@@ -45,6 +45,7 @@ from nbflow.events import FULL_SWEEP_EVERY, RECENT_WINDOW
 from nbflow.flows import get_flow
 from nbflow.store import Store
 from nbflow.store.models import Flow, Log, Notification, NotificationDelivery, Run, utcnow
+from nbflow.store.retry import is_unavailable, report_down
 
 log = logging.getLogger("nbflow.notify")
 
@@ -209,8 +210,13 @@ def _enqueue(store: Store, now: datetime) -> None:
     rows: list[dict[str, Any]] = []
     with store.read() as session:  # found in a read: an idle tick takes no write lock
         for note in notes:
+            try:
+                on_states = check_states(note.on_states)  # a row an old version or a hand edit wrote
+            except (InvalidNotification, TypeError) as exc:
+                _skip_note(note.id, f"its end states {note.on_states!r} are not valid ({exc})")
+                continue
             query = (select(Run.id, Run.state)
-                     .where(Run.flow_id == note.flow_id, Run.state.in_(note.on_states), Run.ended_at.is_not(None),
+                     .where(Run.flow_id == note.flow_id, Run.state.in_(on_states), Run.ended_at.is_not(None),
                             Run.ended_at >= note.created_at,
                             ~exists().where(delivery.notification_id == note.id, delivery.run_id == Run.id))
                      .order_by(Run.created_at).limit(ENQUEUE_BATCH))
@@ -255,12 +261,32 @@ def _claim(store: Store, now: datetime, limit: int) -> list[_Job]:
             if note is None or run is None or not note.active:
                 item.next_attempt_at = None
                 continue
+            try:
+                with session.begin_nested():  # a run that cannot be rendered fails alone
+                    payload = _payload(run_document(session, run, cells=False), item.state)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                # Never deliverable as it is: ended, with the reason on the row (``delivery_documents``).
+                reason = f"cannot build the notification: {type(exc).__name__}: {exc}"[:500]
+                log.error("notification %s of run %s: %s", note.id, run.id, reason)
+                item.next_attempt_at, item.last_error = None, reason
+                continue
             item.attempts += 1
             item.next_attempt_at = now + timedelta(seconds=LEASE_SECONDS)
             jobs.append(_Job(delivery_id=item.id, notification_id=note.id, attempt=item.attempts, url=note.url,
-                             run_id=run.id, run_attempt=run.attempt,
-                             payload=_payload(run_document(session, run, cells=False), item.state)))
+                             run_id=run.id, run_attempt=run.attempt, payload=payload))
     return jobs
+
+
+_skipped_notes: set[int] = set()
+
+
+def _skip_note(note_id: int, reason: str) -> None:
+    """A notification row that cannot be used: said once in this process's log, skipped at every pass."""
+    if note_id not in _skipped_notes:
+        _skipped_notes.add(note_id)
+        log.error("notification %s skipped: %s; remove it and add it again (`nbflow notify`)", note_id, reason)
 
 
 def _payload(doc: dict[str, Any], state: str) -> dict[str, Any]:
@@ -293,9 +319,12 @@ def _attempt(store: Store, job: _Job) -> None:
     try:
         ok, detail = _post(store, job)
         _record(store, job, ok, detail)
-    except Exception:  # a database hiccup while recording: the lease runs out and the attempt is retried
-        log.exception("notification %s of run %s: recording attempt %s failed", job.notification_id, job.run_id,
-                      job.attempt)
+    except Exception as exc:  # recording failed: the lease runs out and the attempt is retried
+        if is_unavailable(exc):
+            report_down(store, exc, "recording a notification attempt")  # one line per outage
+        else:
+            log.exception("notification %s of run %s: recording attempt %s failed", job.notification_id,
+                          job.run_id, job.attempt)
     finally:
         with _pool_lock:
             _in_flight -= 1
