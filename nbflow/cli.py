@@ -685,6 +685,9 @@ def schedule_list(flow_name: str | None, as_json: bool) -> None:
     rows = [[d["flow"], d["name"], d["description"], d["timezone"], "active" if d["active"] else "paused",
              d["catch_up"], d["next_fire_at"] or "-", json.dumps(d["parameters"])] for d in docs]
     click.echo(_table(["FLOW", "NAME", "WHEN", "TZ", "STATE", "CATCH-UP", "NEXT", "PARAMETERS"], rows))
+    for d in docs:  # why the scheduler could not fire it (and paused it, for a broken definition)
+        if d.get("error"):
+            click.echo(f"{d['flow']}/{d['name']}: {d['error']}")
 
 
 def _schedule_change(action: str) -> Callable[..., Any]:
