@@ -18,8 +18,9 @@ scheduler fired or a user changed since the pass read it.
 
 Catch-up (slots that came due while no scheduler ran), per schedule:
 
-- ``skip`` (default): fire only the most recent due slot, and only if it is at most
-  ``SKIP_TOLERANCE`` seconds (60) old, i.e. the normal "fire on time" case; older missed slots are dropped.
+- ``skip`` (default): fire every due slot at most ``skip_tolerance()`` old (60 s, or 1.5 leases if
+  longer), i.e. the normal "fire on time" case, and every slot of a failover, restart or outage shorter
+  than that; older missed slots are dropped (scheduling was down: Airflow's ``catchup=False``).
 - ``latest``: fire the most recent due slot, however old (a single catch-up run).
 - ``all``: fire every missed slot, oldest first, up to ``MAX_CATCH_UP`` (1000, the most recent ones).
 
@@ -27,7 +28,12 @@ Catch-up (slots that came due while no scheduler ran), per schedule:
 A run whose slot is more than ``LATE_AFTER`` seconds (10) old when it is created is created
 SCHEDULED with the name ``Late`` and ``expected_start_at`` = now (the runner's claim makes it PENDING);
 an on-time run is created PENDING. Resuming a paused schedule continues from now: slots that passed
-while it was paused are not fired.
+while it was paused are not fired. Adding a schedule again with the same slots keeps its next slot (its
+backlog) and, unless a new one is given, its catch-up policy (``add_schedule``).
+
+Nothing stops the loop: a database outage is waited out (``nbflow.store.retry``: one line when it goes,
+one when it is back), and a row that cannot be fired is paused with its reason in ``schedule.error``
+while the pass goes on with the others (``_plans``, ``_commit_or_isolate``).
 """
 
 from __future__ import annotations
