@@ -422,7 +422,7 @@ def _fire_pipelines(store: Store, created_after: datetime | None) -> list[uuid.U
     with store.write() as session:
         flows = _Flows(session)
         for upstream, dep in session.execute(query.with_for_update(of=up, skip_locked=True)).all():
-            key = ("pipeline", upstream.id, dep.flow_id)
+            key = (store.url, "pipeline", upstream.id, dep.flow_id)
             if key in _poisoned:
                 continue
             try:
@@ -512,7 +512,7 @@ def _fire_file_triggers(store: Store, now: datetime) -> list[uuid.UUID]:
                               flow.name, exc)
                     trigger.active = False
                     break
-                key = ("file", trigger.id, path)
+                key = (store.url, "file", trigger.id, path)
                 if key in _poisoned:
                     continue
                 try:

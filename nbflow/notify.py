@@ -213,7 +213,7 @@ def _enqueue(store: Store, now: datetime) -> None:
             try:
                 on_states = check_states(note.on_states)  # a row an old version or a hand edit wrote
             except (InvalidNotification, TypeError) as exc:
-                _skip_note(note.id, f"its end states {note.on_states!r} are not valid ({exc})")
+                _skip_note(store, note.id, f"its end states {note.on_states!r} are not valid ({exc})")
                 continue
             query = (select(Run.id, Run.state)
                      .where(Run.flow_id == note.flow_id, Run.state.in_(on_states), Run.ended_at.is_not(None),
@@ -279,13 +279,13 @@ def _claim(store: Store, now: datetime, limit: int) -> list[_Job]:
     return jobs
 
 
-_skipped_notes: set[int] = set()
+_skipped_notes: set[tuple[str, int]] = set()  # (database URL, notification id)
 
 
-def _skip_note(note_id: int, reason: str) -> None:
+def _skip_note(store: Store, note_id: int, reason: str) -> None:
     """A notification row that cannot be used: said once in this process's log, skipped at every pass."""
-    if note_id not in _skipped_notes:
-        _skipped_notes.add(note_id)
+    if (store.url, note_id) not in _skipped_notes:
+        _skipped_notes.add((store.url, note_id))
         log.error("notification %s skipped: %s; remove it and add it again (`nbflow notify`)", note_id, reason)
 
 
