@@ -630,3 +630,34 @@ def test_parameters_that_no_longer_fit_are_shown_on_the_schedule(nbflow_env, tmp
     assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10))) == 1
     (doc,) = scheduler.list_schedules(store)
     assert doc["error"] is None and doc["id"] == sched.id
+
+
+def test_a_slot_the_database_refuses_pauses_its_schedule_and_the_others_fire(nbflow_env, tmp_path):
+    """A stored notebook (written by an old version) whose kernel name is longer than the run's column:
+    PostgreSQL refuses that run's INSERT. The chunk is retried plan by plan: the other schedule's run is
+    created, the refused one is paused with the database's reason. SQLite does not enforce the length."""
+    import nbformat
+
+    store = open_store()
+    name = flow(tmp_path)
+    other = flow(tmp_path, "other")
+    bad = scheduler.add_schedule(store, name, interval="10s", now=T0)
+    good = scheduler.add_schedule(store, other, interval="10s", now=T0)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "k" * 300, "display_name": "k", "language": "python"}
+    with store.write() as session:
+        from nbflow.store.models import Flow, FlowVersion
+
+        flow_id = session.execute(select(Flow.id).where(Flow.name == name)).scalar_one()
+        session.execute(update(Flow).where(Flow.id == flow_id).values(kernel_name=None))
+        session.execute(update(FlowVersion).where(FlowVersion.flow_id == flow_id)
+                        .values(source=nbformat.writes(nb)))
+    created = scheduler.fire_due(store, now=BASE)
+    docs = {d["flow"]: d for d in scheduler.list_schedules(store)}
+    if store.dialect == "postgresql":
+        assert [r.schedule_id for r in runs_of(store)] == [good.id] and len(created) == 1
+        assert docs[name]["active"] is False and docs[name]["id"] == bad.id
+        assert docs[name]["error"].startswith("paused: its slot could not be written (")
+        assert docs[other]["active"] and docs[other]["error"] is None
+    else:
+        assert sorted(r.schedule_id for r in runs_of(store)) == sorted([bad.id, good.id])
