@@ -51,6 +51,12 @@ files) at every tick.
   in the log rather than dropping files; registering with a fitting ``--file-param`` resumes it and the
   waiting files then fire.
 - Polling cost grows with the files that match, so move processed files out of the watched directory.
+
+**Bad rows.** An event that cannot be turned into a run for a reason other than a database outage (an
+upstream result that is not an object, a stored notebook that does not read) is rolled back alone (a
+SAVEPOINT), said once in the log and skipped by this process from then on; the pass goes on with the
+others. A trigger whose stored pattern cannot be walked is paused. An outage is raised to the scheduler's
+loop, which waits it out: nothing was marked done, so the next pass finds the same events.
 """
 
 from __future__ import annotations

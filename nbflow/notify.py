@@ -22,6 +22,11 @@ Which ended runs are looked at: those of the notification's flow that ended afte
 created. So that an idle tick stays cheap however long the history, a tick looks at runs created in the
 last ``RECENT_WINDOW`` (the index on ``run(flow_id, created_at)``); this process sweeps the whole history
 on its first pass and every ``FULL_SWEEP_EVERY`` seconds, as ``nbflow.events`` does for pipelines.
+
+Bad rows do not stop the sender: a delivery whose run cannot be rendered into a payload is ended with the
+reason in ``last_error``; a notification whose stored end states are invalid is skipped (one log line).
+A database outage while recording an attempt is one line per outage (``nbflow.store.retry``); the
+attempt's lease runs out and it is retried.
 """
 
 from __future__ import annotations
