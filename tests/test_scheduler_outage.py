@@ -187,3 +187,37 @@ def test_a_postgresql_outage_under_a_running_scheduler_loses_no_slot(own_pg, tmp
     assert "scheduler pass failed" not in err and "scheduler schedules failed" not in err, err
     during = [s for s in _slots(store) if went_wall <= s.timestamp() <= back]
     assert len(during) >= int(OUTAGE_SECONDS / INTERVAL) - 1, during  # the slots of the outage: fired after it
+
+
+def test_a_sqlite_write_lock_held_by_another_process_loses_no_slot(sqlite_env, tmp_path):
+    """Another process holds SQLite's write lock for a few seconds (a long `nbflow db prune`, a backup):
+    the scheduler's writes wait for it (busy timeout) and then fire every slot of the wait, once."""
+    import sqlite3
+
+    store, sched = _setup(tmp_path)
+    first = sched.next_fire_at
+    log = tmp_path / "scheduler.err"
+    proc = _scheduler(sqlite_env, tmp_path, log)
+    holder = None
+    try:
+        until(lambda: len(_slots(store)) >= 2, 60, "the scheduler to fire")
+        path = make_url(sqlite_env["NBFLOW_DATABASE_URL"]).database
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({path!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(4); c.execute('COMMIT')\n")],
+            stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        locked_at = time.time()
+        assert holder.wait(60) == 0
+        until(lambda: _slots(store)[-1].timestamp() > locked_at + 6, 60, "slots after the lock",
+              show=log.read_text)
+        assert proc.poll() is None, log.read_text()
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        code = _stop(proc)
+    assert code == 0, log.read_text()
+    assert_every_slot_once(_slots(store), first)
+    with sqlite3.connect(make_url(sqlite_env["NBFLOW_DATABASE_URL"]).database) as conn:
+        assert conn.execute("SELECT count(*) FROM run").fetchone()[0] == len(_slots(store))
