@@ -916,6 +916,7 @@ class Scheduler:
         outage is raised to ``run``, which waits it out; the next pass starts over from the database,
         which holds every slot not yet fired."""
         started = utcnow()
+        wrote = False
         for what, step in steps:
             try:
                 result = step(started)
@@ -925,10 +926,15 @@ class Scheduler:
                 self._failed(what, exc)
                 continue
             self._failures.pop(what, None)
-            if what in ("schedules", "events") and result and self.on_fire:
-                self.on_fire(result)
+            if what in ("schedules", "events") and result:
+                wrote = True
+                if self.on_fire:
+                    self.on_fire(result)
         wait = self._until(next_due(self.store), started)
-        report_up(self.store)
+        # On SQLite a pass that only read proves nothing: reads go on while another process holds the
+        # write lock (WAL), so "back" waits for a pass that wrote.
+        if wrote or self.store.dialect != "sqlite":
+            report_up(self.store)
         return wait
 
     def _failed(self, what: str, exc: BaseException) -> None:
