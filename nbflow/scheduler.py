@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -451,6 +452,8 @@ def _row_document(row: Any) -> dict[str, Any]:
     spec, parameters = _decoded_object(spec_text), _decoded_object(params_text)
     if spec is None and error is None:
         error = "its stored definition is not a valid JSON object; add the schedule again"
+    if isinstance(max_lateness, float) and not math.isfinite(max_lateness):  # JSON has no NaN: never 5xx
+        max_lateness = None
     return {
         "id": id_, "flow": flow_name, "name": name, "trigger": kind, "spec": spec or {},
         "description": _describe(kind, spec), "timezone": timezone, "parameters": parameters or {},

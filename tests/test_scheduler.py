@@ -590,11 +590,15 @@ def test_poison_schedule_rows_are_paused_with_their_reason_and_the_others_fire(n
     }
     if store.dialect == "sqlite":  # JSONB cannot hold text that is not JSON; SQLite can
         bad["not-json"] = {"spec": "{seconds: 60"}
+    else:  # and SQLite cannot hold a NaN (it stores NULL); PostgreSQL can
+        bad["nan-lateness"] = {"catch_up": "all", "max_lateness": float("nan")}
     for sched_name, columns in bad.items():
         _poison(store, name, sched_name, **columns)
     created = scheduler.fire_due(store, now=BASE + timedelta(seconds=0.5))
     assert [r.schedule_id for r in runs_of(store)] == [good.id] and len(created) == 1
-    docs = {d["name"]: d for d in scheduler.list_schedules(store)}  # the listing renders every row
+    listed = scheduler.list_schedules(store)
+    json.dumps(listed, allow_nan=False)  # the listing renders every row, as the API's JSON must
+    docs = {d["name"]: d for d in listed}
     assert docs["good"]["active"] and docs["good"]["error"] is None
     for sched_name in bad:
         assert docs[sched_name]["active"] is False, docs[sched_name]
