@@ -656,13 +656,13 @@ def _reason(exc: BaseException) -> str:
 def _definition(row: Any) -> tuple[tuple[str, str, str], Any]:
     """A due row's (memo key, trigger), or ``ScheduleError`` saying what is wrong with what is stored:
     a definition or policy an old version wrote, or someone edited, that no longer works."""
-    try:
-        spec = _decode(row.spec)
-    except ValueError:
-        raise ScheduleError(f"its stored definition is not valid JSON: {str(row.spec)[:100]!r}") from None
     _check_policy(row.catch_up, row.max_lateness)
-    key = (row.trigger, json.dumps(spec, sort_keys=True), row.timezone)
-    return key, _trigger(*key)
+    # The stored text is the memo key as it is: the definitions a burst shares read back identically.
+    key = (row.trigger, row.spec if isinstance(row.spec, str) else json.dumps(row.spec), row.timezone)
+    try:
+        return key, _trigger(*key)
+    except ValueError:  # json.loads (make_trigger's own errors are ScheduleError)
+        raise ScheduleError(f"its stored definition is not valid JSON: {str(row.spec)[:100]!r}") from None
 
 
 def _plans(rows: list[Any], targets: dict[int, _Target], now: datetime) -> list[_Plan]:
