@@ -68,11 +68,11 @@ def _stop(proc: subprocess.Popen) -> int:
         raise
 
 
-def _setup(tmp_path: Path) -> tuple[Any, Any]:
+def _setup(tmp_path: Path, catch_up: str | None = None) -> tuple[Any, Any]:
     store = open_store()
     nb = make_notebook(tmp_path, "tick", ["x = 1"])
     register(store, nb, name="tick")
-    return store, scheduler.add_schedule(store, "tick", interval=f"{INTERVAL:g}s")
+    return store, scheduler.add_schedule(store, "tick", interval=f"{INTERVAL:g}s", catch_up=catch_up)
 
 
 def test_a_failover_between_schedulers_loses_no_slot_with_skip(nbflow_env, tmp_path):
@@ -115,7 +115,10 @@ def test_a_failover_between_schedulers_loses_no_slot_with_skip(nbflow_env, tmp_p
 
 # -- a PostgreSQL outage -----------------------------------------------------------------------------
 
+# Longer outages, by hand: NBFLOW_TEST_OUTAGE_SECONDS=40 (skip keeps every slot up to 60 s old), or
+# NBFLOW_TEST_OUTAGE_SECONDS=90 NBFLOW_TEST_OUTAGE_CATCH_UP=all (older slots need latest or all).
 OUTAGE_SECONDS = float(os.environ.get("NBFLOW_TEST_OUTAGE_SECONDS", "6"))
+OUTAGE_CATCH_UP = os.environ.get("NBFLOW_TEST_OUTAGE_CATCH_UP") or None
 
 
 @pytest.fixture
@@ -157,7 +160,7 @@ def give_back(admin: Any, name: str) -> None:
 
 def test_a_postgresql_outage_under_a_running_scheduler_loses_no_slot(own_pg, tmp_path):
     env, name, admin = own_pg
-    store, sched = _setup(tmp_path)
+    store, sched = _setup(tmp_path, OUTAGE_CATCH_UP)
     first = sched.next_fire_at
     log = tmp_path / "scheduler.err"
     proc = _scheduler(env, tmp_path, log)
