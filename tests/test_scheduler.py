@@ -665,3 +665,27 @@ def test_a_slot_the_database_refuses_pauses_its_schedule_and_the_others_fire(nbf
         assert docs[other]["active"] and docs[other]["error"] is None
     else:
         assert sorted(r.schedule_id for r in runs_of(store)) == sorted([bad.id, good.id])
+
+
+def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(sqlite_env, tmp_path, caplog):
+    """A notification row whose stored JSON does not parse (SQLite keeps any text) makes every
+    notifications step raise: the scheduler's loop logs it once, with its traceback, and goes on firing."""
+    import logging
+
+    from sqlalchemy import text as sql
+
+    from nbflow.notify import add_notification
+
+    store = open_store()
+    name = flow(tmp_path)
+    add_notification(store, name, "http://127.0.0.1:9/hook")
+    with store.write() as session:
+        session.execute(sql("UPDATE notification SET on_states = 'FAILED,'"))
+    sched = scheduler.add_schedule(store, name, interval="1s")
+    loop = scheduler.Scheduler(store, tick=0.05)
+    with caplog.at_level(logging.ERROR, logger="nbflow.scheduler"):
+        loop.run(exit_after=2.5)
+    fired = [r.scheduled_for for r in runs_of(store)]
+    assert len(fired) >= 2 and fired[0] == sched.next_fire_at, fired
+    failures = [r for r in caplog.records if "scheduler notifications failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
