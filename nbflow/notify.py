@@ -31,6 +31,7 @@ attempt's lease runs out and it is retried.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import Text, cast, delete, exists, select
 from sqlalchemy.orm import Session
 
 from nbflow import __version__
@@ -203,8 +204,9 @@ def _executor() -> ThreadPoolExecutor:
 
 def _enqueue(store: Store, now: datetime) -> None:
     """Queue one delivery per (active notification, run of its flow that ended in one of its states)."""
-    with store.read() as session:
-        notes = session.execute(select(Notification).where(Notification.active.is_(True))).scalars().all()
+    with store.read() as session:  # column by column: a row whose stored JSON does not parse is skipped alone
+        notes = session.execute(select(Notification.id, Notification.flow_id, cast(Notification.on_states, Text),
+                                       Notification.created_at).where(Notification.active.is_(True))).all()
     if not notes:
         return
     last = _last_full_sweep.get(store.url)
@@ -215,10 +217,11 @@ def _enqueue(store: Store, now: datetime) -> None:
     rows: list[dict[str, Any]] = []
     with store.read() as session:  # found in a read: an idle tick takes no write lock
         for note in notes:
+            raw = note[2]
             try:
-                on_states = check_states(note.on_states)  # a row an old version or a hand edit wrote
-            except (InvalidNotification, TypeError) as exc:
-                _skip_note(store, note.id, f"its end states {note.on_states!r} are not valid ({exc})")
+                on_states = check_states(json.loads(raw))  # a row an old version or a hand edit wrote
+            except (InvalidNotification, TypeError, ValueError) as exc:
+                _skip_note(store, note.id, f"its end states {raw!r} are not valid ({exc})")
                 continue
             query = (select(Run.id, Run.state)
                      .where(Run.flow_id == note.flow_id, Run.state.in_(on_states), Run.ended_at.is_not(None),

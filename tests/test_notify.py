@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from helpers import at_once, make_notebook, run_cli
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from test_events import ended_run
 
 from nbflow import notify
@@ -219,6 +219,11 @@ def test_bad_rows_are_ended_or_skipped_and_the_others_delivered(flow: str, recei
     broken = add_notification(store, flow, receiver.url, on=["failed"])
     with store.write() as session:  # end states an old version (or a hand edit) stored: not a list
         session.get(Notification, broken["id"]).on_states = 42
+    if store.dialect == "sqlite":  # and text that is not JSON, which SQLite keeps and JSONB cannot hold
+        unreadable = add_notification(store, flow, receiver.url, on=["failed"])
+        with store.write() as session:
+            session.execute(text("UPDATE notification SET on_states = 'FAILED,' WHERE id = :id"),
+                            {"id": unreadable["id"]})
     unrenderable = ended_run(flow, "FAILED")
     with store.write() as session:  # an error document that is not an object cannot make a payload
         session.get(Run, unrenderable).error = ["not", "an", "object"]
@@ -233,4 +238,6 @@ def test_bad_rows_are_ended_or_skipped_and_the_others_delivered(flow: str, recei
     ended = by_run[unrenderable]
     assert ended.next_attempt_at is None and ended.delivered_at is None
     assert ended.last_error.startswith("cannot build the notification: AttributeError")
-    assert caplog.text.count(f"notification {broken['id']} skipped: its end states 42 are not valid") == 1
+    assert caplog.text.count(f"notification {broken['id']} skipped: its end states '42' are not valid") == 1
+    if store.dialect == "sqlite":
+        assert caplog.text.count(f"notification {unreadable['id']} skipped: its end states 'FAILED,'") == 1

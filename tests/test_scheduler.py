@@ -668,8 +668,9 @@ def test_a_slot_the_database_refuses_pauses_its_schedule_and_the_others_fire(nbf
 
 
 def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(sqlite_env, tmp_path, caplog):
-    """A notification row whose stored JSON does not parse (SQLite keeps any text) makes every
-    notifications step raise: the scheduler's loop logs it once, with its traceback, and goes on firing."""
+    """A damaged database (the outbox table of notifications dropped) makes every notifications step
+    raise, and it is not an outage: the scheduler's loop logs it once, with its traceback, and goes on
+    firing the schedules."""
     import logging
 
     from sqlalchemy import text as sql
@@ -680,7 +681,7 @@ def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(s
     name = flow(tmp_path)
     add_notification(store, name, "http://127.0.0.1:9/hook")
     with store.write() as session:
-        session.execute(sql("UPDATE notification SET on_states = 'FAILED,'"))
+        session.execute(sql("DROP TABLE notification_delivery"))
     sched = scheduler.add_schedule(store, name, interval="1s")
     loop = scheduler.Scheduler(store, tick=0.05)
     with caplog.at_level(logging.ERROR, logger="nbflow.scheduler"):
