@@ -690,3 +690,32 @@ def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(s
     assert len(fired) >= 2 and fired[0] == sched.next_fire_at, fired
     failures = [r for r in caplog.records if "scheduler notifications failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_migration_0007_down_and_up_keeps_every_slot_key(nbflow_env, tmp_path):
+    """schedule.error comes and goes without touching the runs: a SQLite table rebuild would have set
+    every run's schedule_id to NULL (foreign keys on), and with it the key that fires each slot once."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from nbflow.store.database import MIGRATIONS_DIR
+
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, interval="10s", now=T0)
+    scheduler.fire_due(store, now=BASE)
+
+    def migrate(target: str, down: bool) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with store.engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, target)
+            conn.commit()
+
+    migrate("0006", down=True)
+    assert "error" not in {c["name"] for c in inspect(store.engine).get_columns("schedule")}
+    migrate("head", down=False)
+    assert [(r.schedule_id, r.scheduled_for) for r in runs_of(store)] == [(sched.id, BASE)]
+    assert scheduler.fire_due(store, now=BASE) == []  # the slot is still known as fired

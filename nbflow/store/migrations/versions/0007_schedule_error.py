@@ -24,5 +24,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("schedule", schema=None) as batch_op:
-        batch_op.drop_column("error")
+    # Not batch_alter_table: on SQLite it rebuilds ``schedule``, and dropping the old table (foreign keys
+    # on) would set every run's ``schedule_id`` to NULL, losing the slot keys that make each slot fire
+    # once. ALTER TABLE ... DROP COLUMN: PostgreSQL, and SQLite 3.35+.
+    op.execute("ALTER TABLE schedule DROP COLUMN error")
