@@ -642,14 +642,15 @@ def _schedule_line(d: dict[str, Any]) -> str:
 @click.option("--name", help="Schedule name (default: 'default'); an existing one is replaced.")
 @click.option("--tz", "timezone", default="UTC", show_default=True, help="IANA time zone of the cron/date.")
 @param_option
-@click.option("--catch-up", type=click.Choice(["skip", "latest", "all"]), default="skip", show_default=True,
-              help="Slots missed while no scheduler ran: skip them, fire the latest, or fire all.")
+@click.option("--catch-up", type=click.Choice(["skip", "latest", "all"]),
+              help="Slots missed while no scheduler ran: skip them (the default), fire the latest, or fire "
+                   "all. Adding a schedule again without it keeps its policy.")
 @click.option("--max-lateness", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Never fire a slot older than this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the schedule as one JSON document.")
 @handle_errors
 def schedule_add(flow: str, cron: str | None, interval: str | None, at: str | None, name: str | None,
-                 timezone: str, parameters: tuple[tuple[str, str], ...], catch_up: str,
+                 timezone: str, parameters: tuple[tuple[str, str], ...], catch_up: str | None,
                  max_lateness: float | None, as_json: bool) -> None:
     """Schedule FLOW (exactly one of --cron, --interval, --at). Parameters are checked now."""
     from nbflow import scheduler
@@ -684,6 +685,9 @@ def schedule_list(flow_name: str | None, as_json: bool) -> None:
     rows = [[d["flow"], d["name"], d["description"], d["timezone"], "active" if d["active"] else "paused",
              d["catch_up"], d["next_fire_at"] or "-", json.dumps(d["parameters"])] for d in docs]
     click.echo(_table(["FLOW", "NAME", "WHEN", "TZ", "STATE", "CATCH-UP", "NEXT", "PARAMETERS"], rows))
+    for d in docs:  # why the scheduler could not fire it (and paused it, for a broken definition)
+        if d.get("error"):
+            click.echo(f"{d['flow']}/{d['name']}: {d['error']}")
 
 
 def _schedule_change(action: str) -> Callable[..., Any]:

@@ -51,6 +51,12 @@ files) at every tick.
   in the log rather than dropping files; registering with a fitting ``--file-param`` resumes it and the
   waiting files then fire.
 - Polling cost grows with the files that match, so move processed files out of the watched directory.
+
+**Bad rows.** An event that cannot be turned into a run for a reason other than a database outage (an
+upstream result that is not an object, a stored notebook that does not read) is rolled back alone (a
+SAVEPOINT), said once in the log and skipped by this process from then on; the pass goes on with the
+others. A trigger whose stored pattern cannot be walked is paused. An outage is raised to the scheduler's
+loop, which waits it out: nothing was marked done, so the next pass finds the same events.
 """
 
 from __future__ import annotations
@@ -66,11 +72,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, insert, or_, select, text, true
+from sqlalchemy import and_, delete, exists, insert, or_, select, text, true, update
 from sqlalchemy.orm import Session, aliased
 
 from nbflow import states
-from nbflow.errors import FlowNotFound, ParameterError, TriggerError
+from nbflow.errors import FlowNotFound, NbflowError, ParameterError, TriggerError
 from nbflow.flows import (
     check_name,
     default_flow_name,
@@ -83,6 +89,7 @@ from nbflow.flows import (
 from nbflow.parameters import validate
 from nbflow.store import Store
 from nbflow.store.models import FileSeen, FileTrigger, Flow, FlowDependency, FlowVersion, Run, utcnow
+from nbflow.store.retry import is_unavailable
 
 log = logging.getLogger("nbflow.events")
 
@@ -421,17 +428,39 @@ def _fire_pipelines(store: Store, created_after: datetime | None) -> list[uuid.U
     with store.write() as session:
         flows = _Flows(session)
         for upstream, dep in session.execute(query.with_for_update(of=up, skip_locked=True)).all():
-            flow, version, kernel = flows.get(dep.flow_id)
-            up_flow = flows.get(upstream.flow_id)[0]
-            if flow is None or version is None:
+            key = (store.url, "pipeline", upstream.id, dep.flow_id)
+            if key in _poisoned:
                 continue
-            source = f"{up_flow.name if up_flow else upstream.flow_id} run {upstream.id}"
-            values = handed_over(upstream.result, version, context=f"pipeline {source} -> {flow.name}")
-            run = new_run(flow, version, values, kernel, trigger="event", parent_run_id=upstream.id,
-                          idempotency_key=f"after:{upstream.id}:{flow.id}")
-            if insert_unique_run(session, run, states.S.PENDING, message=f"after {source} ended {upstream.state}"):
-                created.append(run.id)
+            try:
+                with session.begin_nested():  # a bad one rolls back alone; the pass goes on with the others
+                    flow, version, kernel = flows.get(dep.flow_id)
+                    up_flow = flows.get(upstream.flow_id)[0]
+                    if flow is None or version is None:
+                        continue
+                    source = f"{up_flow.name if up_flow else upstream.flow_id} run {upstream.id}"
+                    values = handed_over(upstream.result, version, context=f"pipeline {source} -> {flow.name}")
+                    run = new_run(flow, version, values, kernel, trigger="event", parent_run_id=upstream.id,
+                                  idempotency_key=f"after:{upstream.id}:{flow.id}")
+                    if insert_unique_run(session, run, states.S.PENDING,
+                                         message=f"after {source} ended {upstream.state}"):
+                        created.append(run.id)
+            except Exception as exc:
+                _poison(key, exc, f"pipeline run after run {upstream.id} (downstream flow id {dep.flow_id})")
     return created
+
+
+# Events this process could not turn into a run for a reason other than an outage (a stored result or
+# notebook it cannot read): said once in the log and skipped, so one bad event never stops the others.
+# Not persisted: a restart tries each again (once).
+_poisoned: dict[tuple[Any, ...], str] = {}
+
+
+def _poison(key: tuple[Any, ...], exc: BaseException, what: str) -> None:
+    if is_unavailable(exc):
+        raise exc
+    reason = str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}"
+    _poisoned[key] = reason
+    log.error("%s skipped: %s", what, reason[:500], exc_info=not isinstance(exc, NbflowError))
 
 
 def _unseen(session: Session, trigger_id: int, paths: list[str]) -> list[str]:
@@ -453,12 +482,19 @@ def _fire_file_triggers(store: Store, now: datetime) -> list[uuid.UUID]:
             Flow, Flow.id == FileTrigger.flow_id).where(FileTrigger.active.is_(True), Flow.paused.is_(False))
             .order_by(FileTrigger.id)).all())  # a paused flow's files wait (unseen) until it is resumed
         names = set()
+        broken: dict[int, BaseException] = {}
         for trigger_id, pattern, flow_name in triggers:
-            paths = [p for mtime, p in _matching_files(pattern) if mtime <= settled_before]
+            try:
+                paths = [p for mtime, p in _matching_files(pattern) if mtime <= settled_before]
+            except Exception as exc:  # a stored pattern glob cannot walk (not text, NUL): pause that one
+                broken[trigger_id] = exc
+                continue
             fresh = _unseen(session, trigger_id, paths)[:FILES_PER_PASS] if paths else []
             if fresh:
                 arrivals[trigger_id] = fresh
                 names.add(flow_name)
+    if broken:
+        _pause_triggers(store, broken)
     if not arrivals:
         return []
     _sync(store, names)
@@ -482,9 +518,26 @@ def _fire_file_triggers(store: Store, now: datetime) -> list[uuid.UUID]:
                               flow.name, exc)
                     trigger.active = False
                     break
-                run = new_run(flow, version, values, kernel, trigger="event")
-                seen = FileSeen(trigger_id=trigger.id, path=path, seen_at=now, run_id=run.id)
-                if insert_unique_run(session, run, states.S.PENDING, message=f"file {path} arrived",
-                                     rows=(seen,)):
-                    created.append(run.id)
+                key = (store.url, "file", trigger.id, path)
+                if key in _poisoned:
+                    continue
+                try:
+                    run = new_run(flow, version, values, kernel, trigger="event")
+                    seen = FileSeen(trigger_id=trigger.id, path=path, seen_at=now, run_id=run.id)
+                    if insert_unique_run(session, run, states.S.PENDING, message=f"file {path} arrived",
+                                         rows=(seen,)):
+                        created.append(run.id)
+                except Exception as exc:  # this file's run only (its SAVEPOINT is rolled back)
+                    _poison(key, exc, f"file {path!r} of trigger {trigger.pattern!r}")
     return created
+
+
+def _pause_triggers(store: Store, broken: dict[int, BaseException]) -> None:
+    """Pause file triggers whose stored pattern cannot be walked, each with its reason in the log."""
+    for trigger_id, exc in broken.items():
+        if is_unavailable(exc):
+            raise exc
+        log.error("file trigger %s paused: its pattern cannot be matched (%s: %s); register the flow with a "
+                  "valid --on-file to resume it", trigger_id, type(exc).__name__, str(exc)[:300])
+    with store.write() as session:
+        session.execute(update(FileTrigger).where(FileTrigger.id.in_(list(broken))).values(active=False))

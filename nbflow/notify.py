@@ -22,10 +22,16 @@ Which ended runs are looked at: those of the notification's flow that ended afte
 created. So that an idle tick stays cheap however long the history, a tick looks at runs created in the
 last ``RECENT_WINDOW`` (the index on ``run(flow_id, created_at)``); this process sweeps the whole history
 on its first pass and every ``FULL_SWEEP_EVERY`` seconds, as ``nbflow.events`` does for pipelines.
+
+Bad rows do not stop the sender: a delivery whose run cannot be rendered into a payload is ended with the
+reason in ``last_error``; a notification whose stored end states are invalid is skipped (one log line).
+A database outage while recording an attempt is one line per outage (``nbflow.store.retry``); the
+attempt's lease runs out and it is retried.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import Text, cast, delete, exists, select
 from sqlalchemy.orm import Session
 
 from nbflow import __version__
@@ -45,6 +51,7 @@ from nbflow.events import FULL_SWEEP_EVERY, RECENT_WINDOW
 from nbflow.flows import get_flow
 from nbflow.store import Store
 from nbflow.store.models import Flow, Log, Notification, NotificationDelivery, Run, utcnow
+from nbflow.store.retry import is_unavailable, report_down
 
 log = logging.getLogger("nbflow.notify")
 
@@ -197,8 +204,9 @@ def _executor() -> ThreadPoolExecutor:
 
 def _enqueue(store: Store, now: datetime) -> None:
     """Queue one delivery per (active notification, run of its flow that ended in one of its states)."""
-    with store.read() as session:
-        notes = session.execute(select(Notification).where(Notification.active.is_(True))).scalars().all()
+    with store.read() as session:  # column by column: a row whose stored JSON does not parse is skipped alone
+        notes = session.execute(select(Notification.id, Notification.flow_id, cast(Notification.on_states, Text),
+                                       Notification.created_at).where(Notification.active.is_(True))).all()
     if not notes:
         return
     last = _last_full_sweep.get(store.url)
@@ -209,8 +217,14 @@ def _enqueue(store: Store, now: datetime) -> None:
     rows: list[dict[str, Any]] = []
     with store.read() as session:  # found in a read: an idle tick takes no write lock
         for note in notes:
+            raw = note[2]
+            try:
+                on_states = check_states(json.loads(raw))  # a row an old version or a hand edit wrote
+            except (InvalidNotification, TypeError, ValueError) as exc:
+                _skip_note(store, note.id, f"its end states {raw!r} are not valid ({exc})")
+                continue
             query = (select(Run.id, Run.state)
-                     .where(Run.flow_id == note.flow_id, Run.state.in_(note.on_states), Run.ended_at.is_not(None),
+                     .where(Run.flow_id == note.flow_id, Run.state.in_(on_states), Run.ended_at.is_not(None),
                             Run.ended_at >= note.created_at,
                             ~exists().where(delivery.notification_id == note.id, delivery.run_id == Run.id))
                      .order_by(Run.created_at).limit(ENQUEUE_BATCH))
@@ -255,12 +269,32 @@ def _claim(store: Store, now: datetime, limit: int) -> list[_Job]:
             if note is None or run is None or not note.active:
                 item.next_attempt_at = None
                 continue
+            try:
+                with session.begin_nested():  # a run that cannot be rendered fails alone
+                    payload = _payload(run_document(session, run, cells=False), item.state)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                # Never deliverable as it is: ended, with the reason on the row (``delivery_documents``).
+                reason = f"cannot build the notification: {type(exc).__name__}: {exc}"[:500]
+                log.error("notification %s of run %s: %s", note.id, run.id, reason)
+                item.next_attempt_at, item.last_error = None, reason
+                continue
             item.attempts += 1
             item.next_attempt_at = now + timedelta(seconds=LEASE_SECONDS)
             jobs.append(_Job(delivery_id=item.id, notification_id=note.id, attempt=item.attempts, url=note.url,
-                             run_id=run.id, run_attempt=run.attempt,
-                             payload=_payload(run_document(session, run, cells=False), item.state)))
+                             run_id=run.id, run_attempt=run.attempt, payload=payload))
     return jobs
+
+
+_skipped_notes: set[tuple[str, int]] = set()  # (database URL, notification id)
+
+
+def _skip_note(store: Store, note_id: int, reason: str) -> None:
+    """A notification row that cannot be used: said once in this process's log, skipped at every pass."""
+    if (store.url, note_id) not in _skipped_notes:
+        _skipped_notes.add((store.url, note_id))
+        log.error("notification %s skipped: %s; remove it and add it again (`nbflow notify`)", note_id, reason)
 
 
 def _payload(doc: dict[str, Any], state: str) -> dict[str, Any]:
@@ -293,9 +327,12 @@ def _attempt(store: Store, job: _Job) -> None:
     try:
         ok, detail = _post(store, job)
         _record(store, job, ok, detail)
-    except Exception:  # a database hiccup while recording: the lease runs out and the attempt is retried
-        log.exception("notification %s of run %s: recording attempt %s failed", job.notification_id, job.run_id,
-                      job.attempt)
+    except Exception as exc:  # recording failed: the lease runs out and the attempt is retried
+        if is_unavailable(exc):
+            report_down(store, exc, "recording a notification attempt")  # one line per outage
+        else:
+            log.exception("notification %s of run %s: recording attempt %s failed", job.notification_id,
+                          job.run_id, job.attempt)
     finally:
         with _pool_lock:
             _in_flight -= 1

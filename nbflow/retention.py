@@ -47,11 +47,14 @@ from nbflow import states
 from nbflow.errors import InvalidRetention
 from nbflow.store import Store
 from nbflow.store.models import Base, Run, utcnow
+from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
 
 log = logging.getLogger("nbflow.retention")
 
 DEFAULT_BATCH = 500
 AUTO_INTERVAL = 3600.0
+RETRY_FIRST = 60.0
+MAX_AGE_DAYS = 36_500  # a century: any real retention, and far from datetime's limits
 RETENTION_ENV = "NBFLOW_RETENTION_DAYS"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _FAILED = (states.S.FAILED, states.S.CRASHED)
@@ -66,6 +69,8 @@ def parse_age(text: str) -> timedelta:
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds <= 0:
         raise InvalidRetention(f"invalid age {text!r}: it must be more than zero")
+    if seconds > MAX_AGE_DAYS * 86400:  # beyond that, ``now - age`` overflows a datetime
+        raise InvalidRetention(f"invalid age {text!r}: at most {MAX_AGE_DAYS} days")
     return timedelta(seconds=seconds)
 
 
@@ -79,8 +84,9 @@ def configured_age() -> timedelta | None:
         days = float(raw)
     except ValueError:
         days = 0.0
-    if not 0 < days < float("inf"):
-        raise InvalidRetention(f"{RETENTION_ENV}={raw!r}: give a positive number of days, e.g. 90")
+    if not 0 < days <= MAX_AGE_DAYS:  # also refuses NaN and infinities
+        raise InvalidRetention(f"{RETENTION_ENV}={raw!r}: give a positive number of days up to {MAX_AGE_DAYS}, "
+                               "e.g. 90")
     return timedelta(days=days)
 
 
@@ -255,6 +261,7 @@ class AutoPrune:
         self.interval = interval
         self._next = 0.0
         self._thread: threading.Thread | None = None
+        self._retry = Backoff(first=min(RETRY_FIRST, interval), cap=interval)
         self.last: PruneSummary | None = None
 
     def tick(self) -> bool:
@@ -274,13 +281,22 @@ class AutoPrune:
         return True
 
     def _prune(self, age: timedelta) -> None:
+        """One prune. A failure is retried sooner than the next hour (``RETRY_FIRST`` seconds, doubling up to
+        ``interval``): an outage is said once per outage (``nbflow.store.retry``), any other error once
+        with its traceback. Each batch commits on its own, so a retry starts where the last one stopped."""
         try:
             self.last = prune(self.store, age)
-            if self.last.runs:
-                log.info("retention: pruned %d runs that ended before %s", self.last.runs,
-                         self.last.cutoff.isoformat())
-        except Exception:  # a database hiccup: the next hour tries again
-            log.exception("automatic retention failed")
+        except Exception as exc:
+            self._next = time.monotonic() + self._retry.next()
+            if is_unavailable(exc):
+                report_down(self.store, exc, "automatic retention")
+            else:
+                log.exception("automatic retention failed; retrying in %.0f s", self._next - time.monotonic())
+            return
+        self._retry.reset()
+        report_up(self.store)
+        if self.last.runs:
+            log.info("retention: pruned %d runs that ended before %s", self.last.runs, self.last.cutoff.isoformat())
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

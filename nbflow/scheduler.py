@@ -18,8 +18,9 @@ scheduler fired or a user changed since the pass read it.
 
 Catch-up (slots that came due while no scheduler ran), per schedule:
 
-- ``skip`` (default): fire only the most recent due slot, and only if it is at most
-  ``SKIP_TOLERANCE`` seconds (60) old, i.e. the normal "fire on time" case; older missed slots are dropped.
+- ``skip`` (default): fire every due slot at most ``skip_tolerance()`` old (60 s, or 1.5 leases if
+  longer), i.e. the normal "fire on time" case, and every slot of a failover, restart or outage shorter
+  than that; older missed slots are dropped (scheduling was down: Airflow's ``catchup=False``).
 - ``latest``: fire the most recent due slot, however old (a single catch-up run).
 - ``all``: fire every missed slot, oldest first, up to ``MAX_CATCH_UP`` (1000, the most recent ones).
 
@@ -27,7 +28,12 @@ Catch-up (slots that came due while no scheduler ran), per schedule:
 A run whose slot is more than ``LATE_AFTER`` seconds (10) old when it is created is created
 SCHEDULED with the name ``Late`` and ``expected_start_at`` = now (the runner's claim makes it PENDING);
 an on-time run is created PENDING. Resuming a paused schedule continues from now: slots that passed
-while it was paused are not fired.
+while it was paused are not fired. Adding a schedule again with the same slots keeps its next slot (its
+backlog) and, unless a new one is given, its catch-up policy (``add_schedule``).
+
+Nothing stops the loop: a database outage is waited out (``nbflow.store.retry``: one line when it goes,
+one when it is back), and a row that cannot be fired is paused with its reason in ``schedule.error``
+while the pass goes on with the others (``_plans``, ``_commit_or_isolate``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -47,14 +54,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Text, bindparam, cast, delete, func, select, update
 
-from nbflow import states
+from nbflow import checks, states
+from nbflow.checks import number
 from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError
 from nbflow.flows import get_flow, latest_version, sync_version
 from nbflow.parameters import validate
 from nbflow.store import Store, wake_runners
 from nbflow.store.models import Flow, FlowVersion, Schedule, utcnow
+from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
 
 log = logging.getLogger("nbflow.scheduler")
 
@@ -70,6 +79,12 @@ WAKE_MARGIN = 0.002
 AFTER_TIMEOUT = 10.0
 _WINDOWS = (60.0, 3600.0, 86400.0, 7 * 86400.0, 31 * 86400.0, 366 * 86400.0, None)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Lengths of what a user types (the API schema states the same): a cron expression, a time zone name
+# (the longest IANA name has 32 characters), an ISO date, an interval such as "90m".
+MAX_CRON_LENGTH = 200
+MAX_TIMEZONE_LENGTH = 64
+MAX_AT_LENGTH = 100
+MAX_INTERVAL_TEXT = 40
 _TICK = timedelta(microseconds=1)
 
 
@@ -77,55 +92,69 @@ _TICK = timedelta(microseconds=1)
 
 
 def parse_interval(text: str | int | float) -> float:
-    """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"`` or a number of seconds -> seconds (> 0)."""
+    """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"`` or a number of seconds -> seconds, from 1 s to a
+    year (``checks.MAX_SECONDS``): ``1e300``, NaN or infinity would overflow the trigger's date math in
+    every scheduler pass, so they are refused here, at every door."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text).lower())
-        if not match:
-            raise ScheduleError(
-                f"invalid interval {text!r}: give a number and a unit, e.g. 30s, 5m, 2h, 1d"
-            )
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds < 1:
-        raise ScheduleError(f"invalid interval {text!r}: it must be at least 1 second")
-    return seconds
+        return float(number(text, field="interval (seconds)", error=ScheduleError, minimum=1))
+    if not isinstance(text, str) or len(text) > MAX_INTERVAL_TEXT:
+        shown = text if not isinstance(text, str) else text[:MAX_INTERVAL_TEXT] + "..."
+        raise ScheduleError(f"invalid interval {shown!r}: give a number and a unit, e.g. 30s, 5m, 2h, 1d")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not match:
+        raise ScheduleError(f"invalid interval {text!r}: give a number and a unit, e.g. 30s, 5m, 2h, 1d")
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    return float(number(seconds, field=f"interval {text.strip()!r} in seconds", error=ScheduleError, minimum=1))
 
 
 def parse_timezone(name: str) -> ZoneInfo:
+    checks.text(name, field="time zone", error=ScheduleError, max_length=MAX_TIMEZONE_LENGTH)
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         raise ScheduleError(f"unknown time zone {name!r} (use an IANA name such as UTC or Europe/Berlin)") from None
 
 
 def parse_at(text: str, tz: ZoneInfo) -> datetime:
+    checks.text(text, field="date", error=ScheduleError, max_length=MAX_AT_LENGTH)
     try:
         when = datetime.fromisoformat(text)
     except (TypeError, ValueError):
         raise ScheduleError(f"invalid date {text!r}: give an ISO 8601 date and time, e.g. 2026-12-01T09:00") from None
-    return when if when.tzinfo else when.replace(tzinfo=tz)
+    when = when if when.tzinfo else when.replace(tzinfo=tz)
+    try:  # 9999-12-31T23:00-05:00 is a valid ISO date that no UTC clock can hold
+        when.astimezone(UTC) + timedelta(days=1)
+    except OverflowError:
+        raise ScheduleError(f"invalid date {text!r}: out of range") from None
+    return when
 
 
 def make_trigger(kind: str, spec: dict[str, Any], timezone: str = "UTC") -> Any:
     """The APScheduler 3 trigger of a schedule: ``cron`` {expr}, ``interval`` {seconds, start},
-    ``date`` {at}. Raises ``ScheduleError`` with a clear message."""
+    ``date`` {at}. Raises ``ScheduleError`` with a clear message, also for a stored definition that an
+    old version wrote or someone edited (not a dict, a bad anchor, a value out of bounds)."""
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.date import DateTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
     tz = parse_timezone(timezone)
+    if not isinstance(spec, dict):
+        raise ScheduleError(f"invalid {kind} schedule definition {spec!r}: not an object")
     if kind == "cron":
-        expr = str(spec.get("expr", ""))
+        expr = checks.text(spec.get("expr", ""), field="cron expression", error=ScheduleError,
+                           max_length=MAX_CRON_LENGTH)
         try:
             return CronTrigger.from_crontab(crontab_days_as_names(expr), timezone=tz)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             raise ScheduleError(f"invalid cron expression {expr!r}: {exc}") from None
     if kind == "interval":
         seconds = parse_interval(spec.get("seconds", 0))
         start = spec.get("start")
-        start_date = datetime.fromisoformat(start) if start else None
-        return IntervalTrigger(seconds=seconds, start_date=start_date, timezone=tz)
+        try:
+            start_date = datetime.fromisoformat(start) if start else None
+            return IntervalTrigger(seconds=seconds, start_date=start_date, timezone=tz)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ScheduleError(f"invalid interval anchor {start!r}: {exc}") from None
     if kind == "date":
         return DateTrigger(parse_at(str(spec.get("at")), tz), timezone=tz)
     raise ScheduleError(f"unknown schedule kind {kind!r}; kinds: cron, interval, date")
@@ -212,111 +241,242 @@ def _spec(cron: str | None, interval: str | float | None, at: str | None, tz: Zo
             "give exactly one of cron, interval or at" + (f" (got {', '.join(given)})" if given else "")
         )
     if cron is not None:
+        checks.text(cron, field="cron expression", error=ScheduleError, max_length=MAX_CRON_LENGTH)
         return "cron", {"expr": " ".join(cron.split())}
     if interval is not None:
         # The anchor of the slots: start + k * interval, stable across restarts and schedulers.
         start = now.replace(microsecond=0) + timedelta(seconds=1)
         return "interval", {"seconds": parse_interval(interval), "start": start.astimezone(tz).isoformat()}
-    when = parse_at(str(at), tz)
-    if when <= now:
-        raise ScheduleError(f"date {at!r} is in the past")
-    return "date", {"at": when.isoformat()}
+    return "date", {"at": parse_at(at if isinstance(at, str) else str(at), tz).isoformat()}
 
 
-def _check_policy(catch_up: str, max_lateness: float | None) -> None:
-    if catch_up not in CATCH_UP_POLICIES:
-        raise ScheduleError(f"unknown catch-up policy {catch_up!r}; policies: {', '.join(CATCH_UP_POLICIES)}")
-    if max_lateness is not None and max_lateness <= 0:
-        raise ScheduleError(f"max lateness must be a positive number of seconds, got {max_lateness}")
+def _check_policy(catch_up: Any, max_lateness: Any) -> None:
+    if not isinstance(catch_up, str) or catch_up not in CATCH_UP_POLICIES:
+        raise ScheduleError(f"unknown catch-up policy {str(catch_up)[:40]!r}; "
+                            f"policies: {', '.join(CATCH_UP_POLICIES)}")
+    if max_lateness is not None:
+        number(max_lateness, field="max lateness (seconds)", error=ScheduleError)
+        if max_lateness <= 0:
+            raise ScheduleError(f"max lateness must be a positive number of seconds, got {max_lateness}")
+
+
+@dataclass
+class _Stored:
+    """A schedule row as stored, read column by column so that a definition an old version wrote (not
+    JSON, not an object) still reads: ``spec`` is None when it does not decode."""
+
+    id: int
+    trigger: str
+    spec: dict[str, Any] | None
+    timezone: str
+    catch_up: str
+    max_lateness: float | None
+    next_fire_at: datetime | None
+    active: bool
+    error: str | None
+
+
+def _decode(raw: Any) -> Any:
+    """A JSON column read as text (``cast(..., Text)``) -> its value; ``ValueError`` when it is not JSON."""
+    if raw is None or not isinstance(raw, str):
+        return raw
+    return json.loads(raw)
+
+
+def _decoded_object(raw: Any) -> dict[str, Any] | None:
+    try:
+        value = _decode(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _stored(session: Any, flow: Flow, name: str, *, missing_ok: bool = False) -> _Stored | None:
+    row = session.execute(
+        select(Schedule.id, Schedule.trigger, cast(Schedule.spec, Text), Schedule.timezone, Schedule.catch_up,
+               Schedule.max_lateness, Schedule.next_fire_at, Schedule.active, Schedule.error)
+        .where(Schedule.flow_id == flow.id, Schedule.name == name).with_for_update()
+    ).one_or_none()
+    if row is None:
+        if missing_ok:
+            return None
+        raise ScheduleError(f"flow {flow.name!r} has no schedule named {name!r}")
+    return _Stored(row[0], row[1], _decoded_object(row[2]), *row[3:])
+
+
+def _same_timing(stored: _Stored, kind: str, spec: dict[str, Any], timezone: str) -> bool:
+    """Whether a new definition has the same slots as the stored one: same kind, zone and spec (for an
+    interval, the same length: its anchor is kept), and the stored one still works."""
+    if stored.spec is None or stored.trigger != kind or stored.timezone != timezone:
+        return False
+    if kind == "interval":
+        if stored.spec.get("seconds") != spec["seconds"] or not stored.spec.get("start"):
+            return False
+    elif stored.spec != spec:
+        return False
+    try:
+        make_trigger(stored.trigger, stored.spec, stored.timezone)
+    except ScheduleError:
+        return False
+    return True
 
 
 def add_schedule(
     store: Store, flow_name: str, *, name: str | None = None, cron: str | None = None,
     interval: str | float | None = None, at: str | None = None, timezone: str = "UTC",
-    parameters: dict[str, Any] | None = None, catch_up: str = "skip", max_lateness: float | None = None,
+    parameters: dict[str, Any] | None = None, catch_up: str | None = None, max_lateness: float | None = None,
     now: datetime | None = None,
 ) -> Schedule:
     """Create the schedule ``name`` (default ``default``) of a flow, or replace its definition.
 
     Everything is checked before anything is written: the trigger, the time zone, the catch-up policy
     and the parameters (against the flow's latest version, as a run request is).
+
+    Adding a schedule again (a deploy re-running ``nbflow register --schedule``) must not lose work:
+
+    - Same slots (same cron expression and zone, same interval length, same date): the schedule keeps
+      its next slot, so slots missed meanwhile still fire under its catch-up policy, and an interval
+      keeps its anchor. A one-off date that already fired does not fire again.
+    - The catch-up policy (``catch_up`` with ``max_lateness``) is kept unless one is given: ``catch_up``
+      sets both (``max_lateness`` None clears it), ``max_lateness`` alone changes only the bound. A new
+      schedule defaults to ``skip``.
+    - Parameters are what is given (none: the notebook's defaults).
+    - A schedule the scheduler paused for an error (``error``) is active again, its error cleared.
     """
     now = now or utcnow()
     tz = parse_timezone(timezone)
     kind, spec = _spec(cron, interval, at, tz, now)
     trigger = make_trigger(kind, spec, timezone)
-    _check_policy(catch_up, max_lateness)
+    if catch_up is not None or max_lateness is not None:
+        _check_policy(catch_up or "skip", max_lateness)
     sched_name = name or "default"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", sched_name):
-        raise ScheduleError(f"invalid schedule name {sched_name!r}: letters, digits, '.', '_' and '-' only")
-    next_fire = _first_at_or_after(trigger, now)
+    if not isinstance(sched_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", sched_name):
+        raise ScheduleError(f"invalid schedule name {str(sched_name)[:200]!r}: "
+                            "letters, digits, '.', '_' and '-' only")
     with store.write() as session:
         flow = get_flow(session, flow_name)
         version = latest_version(session, flow.id)
         if version is None:
             raise FlowNotFound(f"flow {flow_name!r} has no version to schedule")
         values = validate(version.parameters, parameters or {}, has_parameters_cell=version.has_parameters_cell)
-        schedule = _find(session, flow, sched_name, missing_ok=True)
-        if schedule is None:
-            schedule = Schedule(flow_id=flow.id, name=sched_name, active=True)
+        stored = _stored(session, flow, sched_name, missing_ok=True)
+        same = stored is not None and _same_timing(stored, kind, spec, timezone)
+        if same and kind == "interval":
+            assert stored is not None and stored.spec is not None
+            spec = {**spec, "start": stored.spec["start"]}
+        if not same and kind == "date" and trigger.run_date <= now:
+            raise ScheduleError(f"date {at!r} is in the past")
+        kept_policy = (stored.catch_up, stored.max_lateness) if stored is not None else ("skip", None)
+        try:
+            _check_policy(*kept_policy)
+        except ScheduleError:  # an old row's policy that no longer reads: the default
+            kept_policy = ("skip", None)
+        if catch_up is not None:
+            policy = (catch_up, max_lateness)
+        elif max_lateness is not None:
+            policy = (kept_policy[0], max_lateness)
+        else:
+            policy = kept_policy
+        fields = {"trigger": kind, "spec": spec, "timezone": timezone, "parameters": values,
+                  "catch_up": policy[0], "max_lateness": policy[1], "error": None,
+                  "next_fire_at": stored.next_fire_at if same and stored is not None
+                  and (stored.next_fire_at is not None or kind == "date") else _first_at_or_after(trigger, now)}
+        if stored is None:
+            schedule = Schedule(flow_id=flow.id, name=sched_name, active=True, **fields)
             session.add(schedule)
-        schedule.trigger, schedule.spec, schedule.timezone = kind, spec, timezone
-        schedule.parameters, schedule.catch_up, schedule.max_lateness = values, catch_up, max_lateness
-        schedule.next_fire_at = next_fire
-        session.flush()
-    return schedule
+            session.flush()
+            return schedule
+        if stored.error is not None and not stored.active:
+            fields["active"] = True  # paused by the scheduler for its error: adding it again is the fix
+        session.execute(update(Schedule).where(Schedule.id == stored.id).values(**fields))
+        found = session.get(Schedule, stored.id)
+        assert found is not None
+        return found
 
 
-def _find(session: Any, flow: Flow, name: str, *, missing_ok: bool = False) -> Schedule | None:
-    schedule = session.execute(
-        select(Schedule).where(Schedule.flow_id == flow.id, Schedule.name == name).with_for_update()
-    ).scalar_one_or_none()
-    if schedule is None and not missing_ok:
-        raise ScheduleError(f"flow {flow.name!r} has no schedule named {name!r}")
-    return schedule
-
-
-def pause(store: Store, flow_name: str, name: str = "default") -> Schedule:
+def pause(store: Store, flow_name: str, name: str = "default") -> None:
     with store.write() as session:
-        schedule = _find(session, get_flow(session, flow_name), name)
-        assert schedule is not None
-        schedule.active = False
-    return schedule
+        stored = _stored(session, get_flow(session, flow_name), name)
+        assert stored is not None
+        session.execute(update(Schedule).where(Schedule.id == stored.id).values(active=False))
 
 
 def resume(store: Store, flow_name: str, name: str = "default", *, now: datetime | None = None) -> Schedule:
-    """Reactivate a schedule from now on: slots that passed while it was paused are not fired."""
+    """Reactivate a schedule from now on: slots that passed while it was paused are not fired. A schedule
+    whose stored definition no longer works stays paused, with a message saying to add it again."""
     now = now or utcnow()
     with store.write() as session:
-        schedule = _find(session, get_flow(session, flow_name), name)
-        assert schedule is not None
-        trigger = make_trigger(schedule.trigger, schedule.spec, schedule.timezone)
-        schedule.active = True
-        schedule.next_fire_at = _first_at_or_after(trigger, now)
-    return schedule
+        stored = _stored(session, get_flow(session, flow_name), name)
+        assert stored is not None
+        if stored.spec is None:
+            raise ScheduleError(f"schedule {flow_name}/{name} cannot be resumed: its stored definition is not "
+                                "valid; add it again (`nbflow schedule add`)")
+        try:
+            trigger = make_trigger(stored.trigger, stored.spec, stored.timezone)
+        except ScheduleError as exc:
+            raise ScheduleError(f"schedule {flow_name}/{name} cannot be resumed: {exc}; add it again "
+                                "(`nbflow schedule add`)") from None
+        session.execute(update(Schedule).where(Schedule.id == stored.id)
+                        .values(active=True, next_fire_at=_first_at_or_after(trigger, now), error=None))
+        found = session.get(Schedule, stored.id)
+        assert found is not None
+        return found
 
 
 def remove(store: Store, flow_name: str, name: str = "default") -> None:
     """Delete a schedule; its past runs stay (their ``schedule_id`` becomes NULL)."""
     with store.write() as session:
-        schedule = _find(session, get_flow(session, flow_name), name)
-        session.delete(schedule)
+        stored = _stored(session, get_flow(session, flow_name), name)
+        assert stored is not None
+        session.execute(delete(Schedule).where(Schedule.id == stored.id))
+
+
+_LIST_COLUMNS = (Schedule.id, Flow.name, Schedule.name, Schedule.trigger, cast(Schedule.spec, Text),
+                 Schedule.timezone, cast(Schedule.parameters, Text), Schedule.active, Schedule.catch_up,
+                 Schedule.max_lateness, Schedule.next_fire_at, Schedule.error)
 
 
 def list_schedules(store: Store, flow_name: str | None = None) -> list[dict[str, Any]]:
+    """Every schedule (of one flow), as documents. Read column by column: a row whose stored JSON does not
+    decode is listed with its error, never breaks the listing."""
     with store.read() as session:
-        query = select(Schedule, Flow.name).join(Flow, Flow.id == Schedule.flow_id).order_by(Flow.name, Schedule.name)
+        query = select(*_LIST_COLUMNS).join(Flow, Flow.id == Schedule.flow_id).order_by(Flow.name, Schedule.name)
         if flow_name:
             query = query.where(Flow.id == get_flow(session, flow_name).id)
-        return [schedule_document(s, f) for s, f in session.execute(query).all()]
+        return [_row_document(row) for row in session.execute(query).all()]
+
+
+def _row_document(row: Any) -> dict[str, Any]:
+    (id_, flow_name, name, kind, spec_text, timezone, params_text, active, catch_up, max_lateness, next_fire_at,
+     error) = row
+    spec, parameters = _decoded_object(spec_text), _decoded_object(params_text)
+    if spec is None and error is None:
+        error = "its stored definition is not a valid JSON object; add the schedule again"
+    if isinstance(max_lateness, float) and not math.isfinite(max_lateness):  # JSON has no NaN: never 5xx
+        max_lateness = None
+    return {
+        "id": id_, "flow": flow_name, "name": name, "trigger": kind, "spec": spec or {},
+        "description": _describe(kind, spec), "timezone": timezone, "parameters": parameters or {},
+        "active": active, "catch_up": catch_up, "max_lateness": max_lateness,
+        "next_fire_at": next_fire_at.isoformat() if next_fire_at else None, "error": error,
+    }
+
+
+def _describe(kind: str, spec: dict[str, Any] | None) -> str:
+    try:
+        if kind == "cron":
+            return f"cron '{spec['expr']}'"  # type: ignore[index]
+        if kind == "interval":
+            return f"every {float(spec['seconds']):g}s"  # type: ignore[index]
+        if kind == "date":
+            return f"at {spec['at']}"  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        pass
+    return f"{kind} (invalid definition)"
 
 
 def describe(schedule: Schedule) -> str:
-    if schedule.trigger == "cron":
-        return f"cron '{schedule.spec['expr']}'"
-    if schedule.trigger == "interval":
-        return f"every {schedule.spec['seconds']:g}s"
-    return f"at {schedule.spec['at']}"
+    return _describe(schedule.trigger, schedule.spec)
 
 
 def schedule_document(schedule: Schedule, flow_name: str) -> dict[str, Any]:
@@ -326,24 +486,35 @@ def schedule_document(schedule: Schedule, flow_name: str) -> dict[str, Any]:
         "parameters": schedule.parameters, "active": schedule.active, "catch_up": schedule.catch_up,
         "max_lateness": schedule.max_lateness,
         "next_fire_at": schedule.next_fire_at.isoformat() if schedule.next_fire_at else None,
+        "error": schedule.error,
     }
 
 
 # -- firing -----------------------------------------------------------------------------------------
 
 
-def slots_to_fire(schedule: Any, trigger: Any, now: datetime) -> list[datetime]:
+def slots_to_fire(schedule: Any, trigger: Any, now: datetime, tolerance: float | None = None) -> list[datetime]:
     """The due slots of ``schedule`` (a ``Schedule``, or a row with its ``next_fire_at``, ``catch_up``
-    and ``max_lateness``) the catch-up policy keeps, oldest first."""
+    and ``max_lateness``) the catch-up policy keeps, oldest first. ``tolerance``: ``skip_tolerance()``."""
     start = schedule.next_fire_at
     if start is None or start > now:
         return []
     if schedule.max_lateness is not None:
         start = max(start, now - timedelta(seconds=schedule.max_lateness))
     if schedule.catch_up == "skip":
-        start = max(start, now - timedelta(seconds=SKIP_TOLERANCE))
-    limit = MAX_CATCH_UP if schedule.catch_up == "all" else 1
+        start = max(start, now - timedelta(seconds=skip_tolerance() if tolerance is None else tolerance))
+    limit = 1 if schedule.catch_up == "latest" else MAX_CATCH_UP
     return due_slots(trigger, start, now, limit)
+
+
+def skip_tolerance() -> float:
+    """How old a missed slot may be and still fire under ``skip``: ``SKIP_TOLERANCE`` (60 s), or 1.5 leases
+    (``NBFLOW_LEASE_SECONDS``) if that is longer. A failover between schedulers leaves a gap of at most
+    1.25 leases plus a tick (``nbflow.leader``), so every slot of that gap is still fired by the new
+    leader: a failover, a quick restart or a short database outage is not downtime of scheduling."""
+    from nbflow.settings import get_settings
+
+    return max(SKIP_TOLERANCE, 1.5 * get_settings().lease_seconds)
 
 
 # Which notebook file (path, mtime, size, inode) each flow was last synced from, per store URL and flow id:
@@ -376,8 +547,10 @@ def _sync_versions(store: Store, flow_names: set[str]) -> None:
             continue
         try:
             sync_version(store, name)
-        except NbflowError as exc:
-            log.warning("flow %s: running its last stored version (%s)", name, exc)
+        except Exception as exc:  # unreadable, not a notebook, or anything else the file does to the parser
+            if is_unavailable(exc):
+                raise
+            log.warning("flow %s: running its last stored version (%s)", name, _reason(exc))
             continue
         _synced[key] = signature
 
@@ -402,6 +575,7 @@ class _Target:
     flow: Flow
     template: dict[str, Any] | None
     version: FlowVersion | None
+    error: str | None = None
 
     def run_row(self, run_id: uuid.UUID, **fields: Any) -> dict[str, Any]:
         assert self.template is not None
@@ -411,7 +585,8 @@ class _Target:
 
 def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
     """The flows of a pass, their notebook edits picked up, with their latest versions: three queries
-    for any number of flows, not two per schedule."""
+    for any number of flows, not two per schedule. A flow whose runs cannot be made (its stored notebook
+    no longer parses, say) gets a target with its ``error``: its schedules record it, the others fire."""
     from nbflow.runs import new_run_values, stored_kernel
 
     with store.read() as session:
@@ -429,12 +604,20 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
         if flow.paused or version is None:  # paused: its slots are skipped
             targets[flow_id] = _Target(flow, None, version)
             continue
-        kernel_key = (store.url, version.id, flow.kernel_name)
-        if kernel_key not in _kernels:  # parsing the stored notebook for its kernelspec: once per version
-            _kernels[kernel_key] = stored_kernel(flow, version)
-        template = new_run_values(flow, version, {}, _kernels[kernel_key], trigger="schedule")
-        if str(template["id"]) not in template["output_path"]:  # a path not named by the run: one per run
-            raise NbflowError(f"run output path {template['output_path']!r} does not name its run")
+        try:
+            kernel_key = (store.url, version.id, flow.kernel_name)
+            if kernel_key not in _kernels:  # parsing the stored notebook for its kernelspec: once per version
+                _kernels[kernel_key] = stored_kernel(flow, version)
+            template = new_run_values(flow, version, {}, _kernels[kernel_key], trigger="schedule")
+            if str(template["id"]) not in template["output_path"]:  # a path not named by the run: one per run
+                raise NbflowError(f"run output path {template['output_path']!r} does not name its run")
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            reason = f"flow {flow.name!r} cannot make a run: {_reason(exc)}"
+            log.error("%s; its schedules create no run until that is fixed", reason)
+            targets[flow_id] = _Target(flow, None, version, error=reason)
+            continue
         targets[flow_id] = _Target(flow, template, version)
     return targets
 
@@ -442,7 +625,8 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
 @dataclass
 class _Plan:
     """One due schedule's part of a pass, decided before any write: the slots to fire and what its row
-    becomes. ``seen`` is the row as read; a chunk applies the plan only if the row is still that."""
+    becomes. ``seen`` is the row as read; a chunk applies the plan only if the row is still that.
+    ``error``: what the row records (None clears it); ``active`` False pauses it."""
 
     schedule_id: int
     seen: tuple[Any, ...]
@@ -451,57 +635,88 @@ class _Plan:
     active: bool = True
     target: _Target | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
     @property
     def first(self) -> datetime:
         return self.slots[0] if self.slots else self.seen[0]
 
 
-_DUE_COLUMNS = (Schedule.id, Schedule.flow_id, Schedule.trigger, Schedule.spec, Schedule.timezone,
-                Schedule.parameters, Schedule.catch_up, Schedule.max_lateness, Schedule.next_fire_at,
-                Schedule.active, Schedule.updated_at)
+_DUE_COLUMNS = (Schedule.id, Schedule.flow_id, Schedule.trigger, cast(Schedule.spec, Text).label("spec"),
+                Schedule.timezone, cast(Schedule.parameters, Text).label("parameters"), Schedule.catch_up,
+                Schedule.max_lateness, Schedule.next_fire_at, Schedule.active, Schedule.updated_at)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as one line a user can act on: an nbflow error's message, else its kind and message."""
+    text = str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:500]
+
+
+def _definition(row: Any) -> tuple[tuple[str, str, str], Any]:
+    """A due row's (memo key, trigger), or ``ScheduleError`` saying what is wrong with what is stored:
+    a definition or policy an old version wrote, or someone edited, that no longer works."""
+    _check_policy(row.catch_up, row.max_lateness)
+    # The stored text is the memo key as it is: the definitions a burst shares read back identically.
+    key = (row.trigger, row.spec if isinstance(row.spec, str) else json.dumps(row.spec), row.timezone)
+    try:
+        return key, _trigger(*key)
+    except ValueError:  # json.loads (make_trigger's own errors are ScheduleError)
+        raise ScheduleError(f"its stored definition is not valid JSON: {str(row.spec)[:100]!r}") from None
 
 
 def _plans(rows: list[Any], targets: dict[int, _Target], now: datetime) -> list[_Plan]:
     """Decide every due schedule's slots and next fire time. Schedules sharing a definition (and, for
     slots, a ``next_fire_at``) share the calendar math: a burst of 5,000 ``0 * * * *`` schedules computes
-    it once."""
+    it once.
+
+    A row that cannot be planned (see ``_definition``; a trigger whose next slot cannot be computed) is
+    paused with its reason in ``error`` (``nbflow schedule list``), and the pass goes on with the others."""
     slots_memo: dict[tuple[Any, ...], list[datetime]] = {}
     next_memo: dict[tuple[str, str, str], datetime | None] = {}
-    values_memo: dict[tuple[int, str], dict[str, Any] | None] = {}
+    values_memo: dict[tuple[int, str], dict[str, Any] | str] = {}
+    tolerance = skip_tolerance()
     plans = []
     for row in rows:
         seen = (row.next_fire_at, row.active, row.updated_at)
-        key = (row.trigger, json.dumps(row.spec, sort_keys=True), row.timezone)
         try:
-            trigger = _trigger(*key)
-        except ScheduleError as exc:  # a stored definition that no longer works (tz data changed)
-            log.error("schedule %s: %s; paused", row.id, exc)
-            plans.append(_Plan(row.id, seen, [], row.next_fire_at, active=False))
+            key, trigger = _definition(row)
+            if key not in next_memo:
+                next_memo[key] = _first_at_or_after(trigger, now + _TICK) if row.trigger != "date" else None
+            slot_key = (*key, row.next_fire_at, row.catch_up, row.max_lateness)
+            if slot_key not in slots_memo:
+                slots_memo[slot_key] = slots_to_fire(row, trigger, now, tolerance)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            reason = _reason(exc)
+            log.error("schedule %s: %s; paused (add it again to fix it)", row.id, reason)
+            plans.append(_Plan(row.id, seen, [], row.next_fire_at, active=False, error=f"paused: {reason}"))
             continue
-        if key not in next_memo:
-            next_memo[key] = _first_at_or_after(trigger, now + _TICK) if row.trigger != "date" else None
         plan = _Plan(row.id, seen, [], next_memo[key])
         plans.append(plan)
         target = targets.get(row.flow_id)
+        if target is not None and target.error is not None:
+            plan.error = target.error
+            continue
         if target is None or target.template is None or target.version is None:
             continue  # flow gone, paused, or without a version: the slots are skipped
-        slot_key = (*key, row.next_fire_at, row.catch_up, row.max_lateness)
-        if slot_key not in slots_memo:
-            slots_memo[slot_key] = slots_to_fire(row, trigger, now)
         if not slots_memo[slot_key]:
             continue
-        params_key = (target.version.id, json.dumps(row.parameters or {}, sort_keys=True))
+        params_key = (target.version.id, str(row.parameters))
         if params_key not in values_memo:
             try:
-                values_memo[params_key] = validate(target.version.parameters, row.parameters or {},
+                values_memo[params_key] = validate(target.version.parameters, _decode(row.parameters) or {},
                                                    has_parameters_cell=target.version.has_parameters_cell)
-            except ParameterError as exc:
-                log.error("schedule %s of flow %s: its parameters no longer fit the notebook (%s); no run created",
-                          row.id, target.flow.name, exc)
-                values_memo[params_key] = None
+            except (ParameterError, ValueError, TypeError, AttributeError) as exc:
+                reason = (f"its parameters no longer fit the notebook ({_reason(exc)}); no run was created "
+                          "for its last slot: add the schedule again with valid parameters")
+                log.error("schedule %s of flow %s: %s", row.id, target.flow.name, reason)
+                values_memo[params_key] = reason
         values = values_memo[params_key]
-        if values is not None:
+        if isinstance(values, str):
+            plan.error = values
+        else:
             plan.slots, plan.target, plan.parameters = slots_memo[slot_key], target, values
     plans.sort(key=lambda p: (p.first, p.schedule_id))  # earliest slots first
     return plans
@@ -561,9 +776,35 @@ def _commit_chunk(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.
             wake_runners(session)
         conn.execute(
             update(Schedule.__table__).where(Schedule.__table__.c.id == bindparam("b_id"))
-            .values(next_fire_at=bindparam("b_next"), active=bindparam("b_active")),
-            [{"b_id": p.schedule_id, "b_next": p.next_fire_at, "b_active": p.active} for p in mine])
+            .values(next_fire_at=bindparam("b_next"), active=bindparam("b_active"), error=bindparam("b_error")),
+            [{"b_id": p.schedule_id, "b_next": p.next_fire_at, "b_active": p.active, "b_error": p.error}
+             for p in mine])
     return created
+
+
+def _commit_or_isolate(store: Store, chunk: list[_Plan], now: datetime) -> list[uuid.UUID]:
+    """``_commit_chunk``, and if the chunk fails for something other than an outage (a row the database
+    refuses), each plan alone: the one that still fails is paused with the database's reason, and the
+    others' runs are created. An outage is raised, for the scheduler's loop to wait out."""
+    try:
+        return _commit_chunk(store, chunk, now)
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise
+        if len(chunk) == 1:
+            _pause_for(store, chunk[0], exc)
+            return []
+    created: list[uuid.UUID] = []
+    for plan in chunk:
+        created.extend(_commit_or_isolate(store, [plan], now))
+    return created
+
+
+def _pause_for(store: Store, plan: _Plan, exc: BaseException) -> None:
+    reason = f"paused: its slot could not be written ({_reason(exc)})"
+    log.error("schedule %s: %s", plan.schedule_id, reason)
+    with store.write() as session:
+        session.execute(update(Schedule).where(Schedule.id == plan.schedule_id).values(active=False, error=reason))
 
 
 def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
@@ -577,6 +818,10 @@ def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
     instead of all at the end, and SQLite's write lock is never held for long. Runs and their first
     state events are inserted with Core, a few statements per chunk (``INSERT ... ON CONFLICT DO
     NOTHING`` on the slot key), not one ORM flush and SAVEPOINT per run (~12 ms per run).
+
+    A bad row never stops a pass: it is paused with its reason (see ``_plans``) and the others fire. A
+    database outage is raised (``nbflow.store.retry.is_unavailable``): the loop waits it out, and as a
+    slot is advanced only in the transaction that creates its run, no slot is lost or fired twice.
     """
     now = now or utcnow()
     with store.read() as session:
@@ -587,7 +832,7 @@ def fire_due(store: Store, now: datetime | None = None) -> list[Any]:
     targets = _targets(store, {row.flow_id for row in rows})
     created: list[Any] = []
     for chunk in _chunks(_plans(rows, targets, now), CHUNK_SLOTS):
-        created.extend(_commit_chunk(store, chunk, now))
+        created.extend(_commit_or_isolate(store, chunk, now))
     return created
 
 
@@ -624,6 +869,7 @@ class Scheduler:
         self.leadership = Leadership(store, SCHEDULER, holder or new_worker_id("scheduler"))
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failures: dict[str, str] = {}  # step -> the error it last logged
 
     def run(self, *, exit_after: float | None = None, after: Callable[[], bool] | None = None) -> None:
         """Loop in the calling thread until ``stop`` is set (or ``exit_after`` seconds have passed).
@@ -641,19 +887,25 @@ class Scheduler:
                 pass
         deadline = time.monotonic() + exit_after if exit_after is not None else None
         retention = AutoPrune(self.store)  # NBFLOW_RETENTION_DAYS, hourly, in a thread of its own
+        steps: tuple[tuple[str, Callable[[datetime], Any]], ...] = (
+            ("schedules", lambda started: fire_due(self.store, started)),
+            ("events", lambda started: fire_events(self.store)),
+            ("notifications", lambda started: deliver_notifications(self.store, wait=False)),  # never blocks
+            ("retention", lambda started: retention.tick()),
+        )
+        backoff = Backoff()
         while not self.stop.is_set():
             wait = self.tick
             try:
                 if self.leadership.check():  # else another scheduler leads: stand by
-                    started = utcnow()
-                    ids = fire_due(self.store, started) + fire_events(self.store)
-                    if ids and self.on_fire:
-                        self.on_fire(ids)
-                    deliver_notifications(self.store, wait=False)  # posts in threads of its own: never blocks
-                    retention.tick()
-                    wait = self._until(next_due(self.store), started)
-            except Exception:  # a database hiccup must not end the scheduler: log and try next tick
-                log.exception("scheduler pass failed")
+                    wait = self._pass(steps)
+                    backoff.reset()
+            except Exception as exc:  # never the end of the scheduler: an outage is waited out, a bug logged
+                if is_unavailable(exc):
+                    report_down(self.store, exc, "scheduler pass")  # one line per outage, not per try
+                    wait = backoff.next()
+                else:
+                    self._failed("pass", exc)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -661,6 +913,39 @@ class Scheduler:
                 wait = min(wait, left)
             self.stop.wait(wait)
         self.leadership.resign()  # a clean stop hands the role over without waiting out the lease
+
+    def _pass(self, steps: tuple[tuple[str, Callable[[datetime], Any]], ...]) -> float:
+        """One pass: each step on its own, so a bug in one (events, say) does not stop the others. An
+        outage is raised to ``run``, which waits it out; the next pass starts over from the database,
+        which holds every slot not yet fired."""
+        started = utcnow()
+        wrote = False
+        for what, step in steps:
+            try:
+                result = step(started)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                self._failed(what, exc)
+                continue
+            self._failures.pop(what, None)
+            if what in ("schedules", "events") and result:
+                wrote = True
+                if self.on_fire:
+                    self.on_fire(result)
+        wait = self._until(next_due(self.store), started)
+        # On SQLite a pass that only read proves nothing: reads go on while another process holds the
+        # write lock (WAL), so "back" waits for a pass that wrote.
+        if wrote or self.store.dialect != "sqlite":
+            report_up(self.store)
+        return wait
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """Log a step's unexpected error with its traceback once, not at every tick while it repeats."""
+        reason = _reason(exc)
+        if self._failures.get(what) != reason:
+            self._failures[what] = reason
+            log.error("scheduler %s failed (the other steps go on; retried each pass)", what, exc_info=exc)
 
     def _until(self, soonest: datetime | None, started: datetime) -> float:
         """Seconds to wait before the next pass: until the earliest slot comes due (slots fall on whole

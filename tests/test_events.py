@@ -397,3 +397,42 @@ def test_file_trigger_end_to_end(nbflow_env, tmp_path):
     assert sorted((r.parameters["path"], r.state, r.result["content"]) for r in runs) == [
         (str(incoming / "a.csv"), "COMPLETED", "alpha"), (str(incoming / "b.csv"), "COMPLETED", "beta")]
     assert sched_err.count("queued run") == 2
+
+
+# -- bad rows never stop a pass ---------------------------------------------------------------------
+
+
+def test_a_bad_upstream_run_is_skipped_once_and_the_others_fire(nbflow_env, tmp_path, caplog):
+    flow(tmp_path, "A")
+    flow(tmp_path, "B", parameters="x = 1")
+    store = open_store()
+    events.set_dependencies(store, "B", ["A"])
+    bad = ended_run("A")
+    with store.write() as session:  # a result an old version (or a hand edit) stored: not an object
+        session.get(Run, bad).result = ["not", "an", "object"]
+    good = ended_run("A", result={"x": 5})
+    with caplog.at_level(logging.ERROR, logger="nbflow.events"):
+        (created,) = events.fire_events(store, full=True)
+        assert events.fire_events(store, full=True) == []  # the bad one is not retried at every tick
+    (run,) = runs_of("B")
+    assert (run.id, run.parent_run_id, run.parameters) == (created, good, {"x": 5})
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert f"after run {bad}" in caplog.text and "skipped" in caplog.text
+
+
+def test_a_file_trigger_whose_pattern_cannot_be_walked_is_paused_and_the_others_fire(sqlite_env, tmp_path,
+                                                                                       caplog):
+    flow(tmp_path, "ingest", parameters="path = ''")
+    store = open_store()
+    good = events.add_file_trigger(store, "ingest", str(tmp_path / "in" / "*"))
+    with store.write() as session:  # SQLite stores a NUL that every door refuses; glob cannot walk it
+        session.add(FileTrigger(flow_id=good.flow_id, pattern=f"{tmp_path}/bad\x00/*", parameter="path",
+                                active=True, created_at=utcnow()))
+    arrived = write(tmp_path / "in" / "a.csv", "a")
+    with caplog.at_level(logging.ERROR, logger="nbflow.events"):
+        (run_id,) = events.fire_events(store)
+    assert [(r.id, r.parameters) for r in runs_of("ingest")] == [(run_id, {"path": str(arrived)})]
+    with store.read() as session:
+        active = dict(session.execute(select(FileTrigger.id, FileTrigger.active)).all())
+    assert active.pop(good.id) is True and list(active.values()) == [False]
+    assert "paused: its pattern cannot be matched (ValueError: embedded null byte)" in caplog.text

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from helpers import at_once, make_notebook, run_cli
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from test_events import ended_run
 
 from nbflow import notify
@@ -209,3 +209,35 @@ def test_cli(flow: str, receiver: Receiver) -> None:
     assert run_cli("notify", "remove", str(doc["id"])).exit_code == 0
     assert list_notifications(open_store()) == []
     assert "no notification with id" in run_cli("notify", "remove", str(doc["id"])).stderr
+
+
+def test_bad_rows_are_ended_or_skipped_and_the_others_delivered(flow: str, receiver: Receiver, caplog) -> None:
+    import logging
+
+    store = open_store()
+    good = add_notification(store, flow, receiver.url, on=["failed"])
+    broken = add_notification(store, flow, receiver.url, on=["failed"])
+    with store.write() as session:  # end states an old version (or a hand edit) stored: not a list
+        session.get(Notification, broken["id"]).on_states = 42
+    if store.dialect == "sqlite":  # and text that is not JSON, which SQLite keeps and JSONB cannot hold
+        unreadable = add_notification(store, flow, receiver.url, on=["failed"])
+        with store.write() as session:
+            session.execute(text("UPDATE notification SET on_states = 'FAILED,' WHERE id = :id"),
+                            {"id": unreadable["id"]})
+    unrenderable = ended_run(flow, "FAILED")
+    with store.write() as session:  # an error document that is not an object cannot make a payload
+        session.get(Run, unrenderable).error = ["not", "an", "object"]
+    fine = ended_run(flow, "FAILED")
+    with caplog.at_level(logging.ERROR, logger="nbflow.notify"):
+        assert deliver_notifications(store) == 1
+        assert deliver_notifications(store, now=utcnow() + timedelta(hours=1)) == 0
+    assert [r["body"]["run"]["id"] for r in receiver.requests] == [str(fine)]
+    by_run = {d.run_id: d for d in deliveries()}
+    assert set(by_run) == {fine, unrenderable} and all(d.notification_id == good["id"] for d in by_run.values())
+    assert by_run[fine].delivered_at is not None
+    ended = by_run[unrenderable]
+    assert ended.next_attempt_at is None and ended.delivered_at is None
+    assert ended.last_error.startswith("cannot build the notification: AttributeError")
+    assert caplog.text.count(f"notification {broken['id']} skipped: its end states '42' are not valid") == 1
+    if store.dialect == "sqlite":
+        assert caplog.text.count(f"notification {unreadable['id']} skipped: its end states 'FAILED,'") == 1

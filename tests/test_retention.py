@@ -212,7 +212,7 @@ def test_automatic_retention_runs_hourly_on_the_leader_only(sqlite_env: dict[str
 
     monkeypatch.delenv("NBFLOW_RETENTION_DAYS", raising=False)
     assert configured_age() is None and not AutoPrune(history.store).tick()  # default: keep everything
-    for bad in ("abc", "0", "-3", "nan", "inf"):
+    for bad in ("abc", "0", "-3", "nan", "inf", "1e300", "36501"):
         monkeypatch.setenv("NBFLOW_RETENTION_DAYS", bad)
         with pytest.raises(InvalidRetention, match="NBFLOW_RETENTION_DAYS"):
             configured_age()
@@ -245,3 +245,34 @@ def test_the_scheduler_loop_applies_retention(sqlite_env: dict[str, str], tmp_pa
     while old in history.present() and time.monotonic() < deadline:  # the prune runs in a thread of its own
         time.sleep(0.05)
     assert history.present() == {young}
+
+
+@pytest.mark.parametrize("age", ["99999999999999999999d", "36501d"])
+def test_ages_beyond_a_century_are_refused(age: str) -> None:
+    with pytest.raises(InvalidRetention, match="at most 36500 days"):
+        parse_age(age)
+
+
+def test_a_failed_automatic_prune_is_retried_soon_and_an_outage_said_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The database cannot be opened (a directory where the file should be: SQLite's "unable to open
+    database file", an outage): the prune fails, is retried after 60 s then 120 s (not the next hour), and
+    the outage is one warning, not a traceback per try."""
+    import logging
+
+    (tmp_path / "db").mkdir()
+    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    monkeypatch.setenv("NBFLOW_RETENTION_DAYS", "30")
+    auto = AutoPrune(store)
+    delays = []
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            auto._next = 0.0  # as if the retry were due now
+            assert auto.tick()
+            auto.join(30)
+            delays.append(auto._next - time.monotonic())
+    assert 55 < delays[0] <= 60 and 115 < delays[1] <= 120, delays
+    unavailable = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(unavailable) == 1 and "automatic retention" in unavailable[0].getMessage()
+    assert "Traceback" not in caplog.text and auto.last is None
+    store.dispose()

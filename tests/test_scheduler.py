@@ -105,10 +105,15 @@ def test_cron_next_fire_honours_time_zone_and_dst(sqlite_env, tmp_path):
     name = flow(tmp_path)
     winter = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin", now=T0)
     assert winter.next_fire_at == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
-    summer = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin",
+    summer = scheduler.add_schedule(store, name, name="summer", cron="0 9 * * *", timezone="Europe/Berlin",
                                     now=datetime(2026, 7, 10, 12, tzinfo=UTC))
     assert summer.next_fire_at == datetime(2026, 7, 11, 7, 0, tzinfo=UTC)
-    assert count_schedules(store) == 1  # same (flow, name): updated, not duplicated
+    # Added again unchanged, months later: same (flow, name), updated, not duplicated, and its next slot
+    # stays where it was (the slots missed since are its backlog, see test_readding_keeps_the_backlog).
+    again = scheduler.add_schedule(store, name, cron="0 9 * * *", timezone="Europe/Berlin",
+                                   now=datetime(2026, 7, 10, 12, tzinfo=UTC))
+    assert again.id == winter.id and again.next_fire_at == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
+    assert count_schedules(store) == 2
 
 
 def test_interval_schedule_fires_each_slot_once(nbflow_env, tmp_path):
@@ -404,3 +409,313 @@ def test_scheduler_wakes_when_a_slot_comes_due_not_a_tick_later(nbflow_env, tmp_
 def utcnow_floor() -> datetime:
     """Now, to the whole second: slot times are whole seconds."""
     return scheduler.utcnow().replace(microsecond=0)
+
+
+# -- bounds: one clear error at every door ----------------------------------------------------------
+
+BAD_DEFINITIONS = [
+    ({"interval": 1e300}, "interval (seconds) must be from 1 to 31622400"),
+    ({"interval": float("nan")}, "interval (seconds) must be a finite number"),
+    ({"interval": float("inf")}, "interval (seconds) must be a finite number"),
+    ({"interval": -5}, "interval (seconds) must be from 1 to 31622400, got -5"),
+    ({"interval": "1e300s"}, "invalid interval '1e300s'"),
+    ({"interval": "NaN"}, "invalid interval 'NaN'"),
+    ({"interval": "Infinity"}, "invalid interval 'Infinity'"),
+    ({"interval": "400d"}, "interval '400d' in seconds must be from 1 to 31622400, got 34560000"),
+    ({"interval": "9" * 400}, "invalid interval '999"),
+    ({"at": "9999-12-31T23:00:00-05:00"}, "invalid date '9999-12-31T23:00:00-05:00': out of range"),
+    ({"at": "2030-01-01T00:00" + "0" * 200}, "date is longer than 100 characters"),
+    ({"cron": "* * * * * " * 100}, "cron expression is longer than 200 characters"),
+    ({"cron": "0 9 * * *\x00"}, "cron expression contains a NUL character"),
+    ({"cron": "*/99999999999999999999 * * * *"}, "invalid cron expression"),
+    ({"cron": "0 9 * * *", "timezone": "Europe/" + "x" * 300}, "time zone is longer than 64 characters"),
+    ({"cron": "0 9 * * *", "timezone": "UTC\x00"}, "time zone contains a NUL character"),
+    ({"cron": "0 9 * * *", "timezone": "../../../etc/passwd"}, "unknown time zone"),
+    ({"interval": "1m", "catch_up": "x" * 10_000}, "unknown catch-up policy 'xxxx"),
+    ({"interval": "1m", "max_lateness": float("inf")}, "max lateness (seconds) must be a finite number"),
+    ({"interval": "1m", "max_lateness": 1e300}, "max lateness (seconds) must be from 0 to 31622400"),
+    ({"interval": "1m", "max_lateness": -1}, "max lateness (seconds) must be from 0 to 31622400, got -1"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_DEFINITIONS)
+def test_out_of_bounds_schedules_get_one_clear_error(sqlite_env, tmp_path, kwargs, message):
+    store = open_store()
+    name = flow(tmp_path)
+    with pytest.raises(ScheduleError) as err:
+        scheduler.add_schedule(store, name, **kwargs)
+    assert message in str(err.value) and len(str(err.value)) < 400
+    assert count_schedules(store) == 0
+
+
+def test_out_of_bounds_schedules_through_the_cli_api_and_magics(sqlite_env, tmp_path):
+    from IPython.core.error import UsageError
+
+    from nbflow.magics import _seconds
+    from tests.helpers import serve_api
+
+    flow(tmp_path)
+    for args, text in [(["--interval", "1e300s"], "invalid interval '1e300s'"),
+                       (["--interval", "400d"], "must be from 1 to 31622400"),
+                       (["--at", "9999-12-31T23:00:00-05:00"], "out of range"),
+                       (["--cron", "0 9 * * *", "--tz", "x" * 100], "time zone is longer than 64 characters"),
+                       (["--interval", "1m", "--max-lateness", "1e300"], "max lateness (seconds) must be from")]:
+        proc = nbflow(sqlite_env, tmp_path, "schedule", "add", "job", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("nbflow: error: ") and text in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    import httpx
+
+    server = serve_api(open_store())
+    try:
+        # Python's JSON (and so the API's) reads NaN and Infinity; 1e300 is plain JSON.
+        for body in ('{"flow": "job", "interval": 1e300}', '{"flow": "job", "interval": NaN}',
+                     '{"flow": "job", "interval": Infinity}', '{"flow": "job", "interval": "1e300s"}',
+                     '{"flow": "job", "interval": "400d"}', '{"flow": "job", "at": "9999-12-31T23:00:00-05:00"}'):
+            answer = httpx.post(f"{server.url}/api/schedules", content=body,
+                                headers={"Content-Type": "application/json"}, timeout=30)
+            assert answer.status_code == 422, (body, answer.status_code, answer.text)
+    finally:
+        server.stop()
+    with pytest.raises(UsageError, match="--interval: interval '400d' in seconds must be from 1"):
+        _seconds("400d", "--interval")
+    assert count_schedules(open_store()) == 0
+
+
+# -- adding a schedule again ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["all", "skip"])
+def test_readding_an_unchanged_schedule_keeps_its_next_slot_and_backlog(nbflow_env, tmp_path, policy):
+    """A deploy re-running `register --schedule` / `schedule add` while slots were missed: they still fire
+    under the schedule's own policy (re-adding gives none), and each once."""
+    store = open_store()
+    name = flow(tmp_path)
+    scheduler.add_schedule(store, name, interval="10s", catch_up=policy, now=T0)
+    assert len(scheduler.fire_due(store, now=BASE)) == 1
+    back = BASE + timedelta(seconds=45)  # slots +10, +20, +30, +40 missed (all within skip's tolerance)
+    again = scheduler.add_schedule(store, name, interval="10s", now=back)
+    assert again.next_fire_at == BASE + timedelta(seconds=10) and again.catch_up == policy
+    assert again.spec["start"] == (T0 + timedelta(seconds=1)).isoformat()  # the anchor stays
+    assert len(scheduler.fire_due(store, now=back)) == 4
+    assert [(r.scheduled_for - BASE).total_seconds() for r in runs_of(store)] == [0, 10, 20, 30, 40]
+    # Added again, again: nothing is fired twice, the next slot is still +50.
+    assert scheduler.add_schedule(store, name, interval="10s", now=back).next_fire_at == BASE + timedelta(seconds=50)
+    assert scheduler.fire_due(store, now=back) == []
+
+
+def test_a_changed_schedule_keeps_its_catch_up_policy_unless_one_is_given(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    first = scheduler.add_schedule(store, name, cron="0 * * * *", catch_up="all", max_lateness=7200, now=T0)
+    changed = scheduler.add_schedule(store, name, cron="30 * * * *", now=T0)  # new slots: from now
+    assert (changed.catch_up, changed.max_lateness) == ("all", 7200)
+    assert changed.id == first.id and changed.next_fire_at == T0 + timedelta(minutes=30)
+    bound = scheduler.add_schedule(store, name, cron="30 * * * *", max_lateness=600, now=T0)
+    assert (bound.catch_up, bound.max_lateness) == ("all", 600)  # only the bound changes
+    latest = scheduler.add_schedule(store, name, cron="30 * * * *", catch_up="latest", now=T0)
+    assert (latest.catch_up, latest.max_lateness) == ("latest", None)  # a new policy, given whole
+    fresh = scheduler.add_schedule(store, name, name="other", cron="30 * * * *", now=T0)
+    assert (fresh.catch_up, fresh.max_lateness) == ("skip", None)  # a new schedule: the default
+    # A one-off date that fired already is unchanged when added again: no second run, no "in the past".
+    once = scheduler.add_schedule(store, name, name="once", at="2026-01-10T12:10:00+00:00", now=T0)
+    assert len(scheduler.fire_due(store, now=once.next_fire_at + timedelta(seconds=1))) == 1
+    later = T0 + timedelta(days=1)
+    again = scheduler.add_schedule(store, name, name="once", at="2026-01-10T12:10:00+00:00", now=later)
+    assert again.next_fire_at is None
+    with pytest.raises(ScheduleError, match="is in the past"):
+        scheduler.add_schedule(store, name, name="once", at="2026-01-10T12:20:00+00:00", now=later)
+
+
+def test_readding_through_the_cli_and_the_api_keeps_backlog_and_policy(sqlite_env, tmp_path):
+    import httpx
+
+    from tests.helpers import serve_api
+
+    store = open_store()
+    nb = make_notebook(tmp_path, "daily", ["x = 1"])
+    assert nbflow(sqlite_env, tmp_path, "register", str(nb), "--schedule", "0 9 * * *").returncode == 0
+    assert nbflow(sqlite_env, tmp_path, "schedule", "add", "daily", "--cron", "0 9 * * *",
+                  "--catch-up", "all").returncode == 0
+    past = datetime(2026, 1, 1, 9, tzinfo=UTC)
+    with store.write() as session:  # as if the scheduler had been down since 1 January
+        session.execute(update(Schedule).values(next_fire_at=past))
+    # The deploy runs register --schedule again, and someone re-posts the definition through the API.
+    assert nbflow(sqlite_env, tmp_path, "register", str(nb), "--schedule", "0 9 * * *").returncode == 0
+    server = serve_api(store)
+    try:
+        answer = httpx.post(f"{server.url}/api/schedules", json={"flow": "daily", "cron": "0 9 * * *"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
+    (doc,) = scheduler.list_schedules(store)
+    assert doc["catch_up"] == "all" and doc["next_fire_at"] == past.isoformat()
+    assert len(scheduler.fire_due(store, now=datetime(2026, 1, 5, 9, 30, tzinfo=UTC))) == 5  # 1..5 January
+
+
+# -- bad rows never stop a pass ---------------------------------------------------------------------
+
+
+def _poison(store, flow_name: str, name: str, **columns) -> int:
+    """A schedule row as an old version (or a hand edit) could have left it: written around the checks."""
+    from sqlalchemy import text as sql
+
+    with store.write() as session:
+        flow_id = session.execute(sql("SELECT id FROM flow WHERE name = :n"), {"n": flow_name}).scalar_one()
+        values = {"flow_id": flow_id, "name": name, "trigger": "interval", "spec": '{"seconds": 60}',
+                  "timezone": "UTC", "parameters": "{}", "active": True, "catch_up": "skip", "max_lateness": None,
+                  "next_fire_at": T0, "created_at": T0, "updated_at": T0, **columns}
+        cast = "CAST(:spec AS JSONB)" if store.dialect == "postgresql" else ":spec"
+        pcast = "CAST(:parameters AS JSONB)" if store.dialect == "postgresql" else ":parameters"
+        return session.execute(sql(
+            "INSERT INTO schedule (flow_id, name, trigger, spec, timezone, parameters, active, catch_up, "
+            f"max_lateness, next_fire_at, created_at, updated_at) VALUES (:flow_id, :name, :trigger, {cast}, "
+            f":timezone, {pcast}, :active, :catch_up, :max_lateness, :next_fire_at, :created_at, :updated_at) "
+            "RETURNING id"), values).scalar_one()
+
+
+def test_poison_schedule_rows_are_paused_with_their_reason_and_the_others_fire(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    good = scheduler.add_schedule(store, name, name="good", interval="10s", now=T0)
+    bad = {
+        "not-an-object": {"spec": '"every minute"'},
+        "huge-interval": {"spec": '{"seconds": 1e300}'},
+        "bad-anchor": {"spec": '{"seconds": 60, "start": "yesterday"}'},
+        "bad-cron": {"trigger": "cron", "spec": '{"expr": "99 * * * *"}'},
+        "bad-kind": {"trigger": "lunar", "spec": "{}"},
+        "bad-zone": {"timezone": "Mars/Base"},
+        "bad-policy": {"catch_up": "sometimes"},
+        "bad-lateness": {"catch_up": "all", "max_lateness": 1e300},
+    }
+    if store.dialect == "sqlite":  # JSONB cannot hold text that is not JSON; SQLite can
+        bad["not-json"] = {"spec": "{seconds: 60"}
+    else:  # and SQLite cannot hold a NaN (it stores NULL); PostgreSQL can
+        bad["nan-lateness"] = {"catch_up": "all", "max_lateness": float("nan")}
+    for sched_name, columns in bad.items():
+        _poison(store, name, sched_name, **columns)
+    created = scheduler.fire_due(store, now=BASE + timedelta(seconds=0.5))
+    assert [r.schedule_id for r in runs_of(store)] == [good.id] and len(created) == 1
+    listed = scheduler.list_schedules(store)
+    json.dumps(listed, allow_nan=False)  # the listing renders every row, as the API's JSON must
+    docs = {d["name"]: d for d in listed}
+    assert docs["good"]["active"] and docs["good"]["error"] is None
+    for sched_name in bad:
+        assert docs[sched_name]["active"] is False, docs[sched_name]
+        assert docs[sched_name]["error"].startswith("paused: "), docs[sched_name]
+    assert "must be from 1 to 31622400" in docs["huge-interval"]["error"]
+    assert "unknown schedule kind 'lunar'" in docs["bad-kind"]["error"]
+    assert "unknown catch-up policy 'sometimes'" in docs["bad-policy"]["error"]
+    assert "unknown time zone 'Mars/Base'" in docs["bad-zone"]["error"]
+    # The next passes go on firing the good one; the paused ones stay out of the way.
+    assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10.5))) == 1
+    # `nbflow schedule list` shows them and why; adding one again fixes it.
+    listing = nbflow(nbflow_env, tmp_path, "schedule", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "job/bad-kind: paused: unknown schedule kind 'lunar'" in listing.stdout
+    fixed = scheduler.add_schedule(store, name, name="huge-interval", interval="1m", now=BASE)
+    assert fixed.active and fixed.error is None
+    with pytest.raises(ScheduleError, match="cannot be resumed: unknown schedule kind 'lunar'"):
+        scheduler.resume(store, name, "bad-kind")
+    scheduler.pause(store, name, "bad-kind")  # pause and remove work on any row
+    scheduler.remove(store, name, "bad-kind")
+
+
+def test_parameters_that_no_longer_fit_are_shown_on_the_schedule(nbflow_env, tmp_path):
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, interval="10s", parameters={"n": 2}, now=T0)
+    with store.write() as session:  # as if the notebook's parameter had changed type since
+        session.execute(update(Schedule).values(parameters={"n": "two"}))
+    assert scheduler.fire_due(store, now=BASE) == []
+    (doc,) = scheduler.list_schedules(store)
+    assert doc["active"] and "its parameters no longer fit the notebook" in doc["error"]
+    scheduler.add_schedule(store, name, interval="10s", parameters={"n": 3}, now=BASE)
+    assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10))) == 1
+    (doc,) = scheduler.list_schedules(store)
+    assert doc["error"] is None and doc["id"] == sched.id
+
+
+def test_a_slot_the_database_refuses_pauses_its_schedule_and_the_others_fire(nbflow_env, tmp_path):
+    """A stored notebook (written by an old version) whose kernel name is longer than the run's column:
+    PostgreSQL refuses that run's INSERT. The chunk is retried plan by plan: the other schedule's run is
+    created, the refused one is paused with the database's reason. SQLite does not enforce the length."""
+    import nbformat
+
+    store = open_store()
+    name = flow(tmp_path)
+    other = flow(tmp_path, "other")
+    bad = scheduler.add_schedule(store, name, interval="10s", now=T0)
+    good = scheduler.add_schedule(store, other, interval="10s", now=T0)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "k" * 300, "display_name": "k", "language": "python"}
+    with store.write() as session:
+        from nbflow.store.models import Flow, FlowVersion
+
+        flow_id = session.execute(select(Flow.id).where(Flow.name == name)).scalar_one()
+        session.execute(update(Flow).where(Flow.id == flow_id).values(kernel_name=None))
+        session.execute(update(FlowVersion).where(FlowVersion.flow_id == flow_id)
+                        .values(source=nbformat.writes(nb)))
+    created = scheduler.fire_due(store, now=BASE)
+    docs = {d["flow"]: d for d in scheduler.list_schedules(store)}
+    if store.dialect == "postgresql":
+        assert [r.schedule_id for r in runs_of(store)] == [good.id] and len(created) == 1
+        assert docs[name]["active"] is False and docs[name]["id"] == bad.id
+        assert docs[name]["error"].startswith("paused: its slot could not be written (")
+        assert docs[other]["active"] and docs[other]["error"] is None
+    else:
+        assert sorted(r.schedule_id for r in runs_of(store)) == sorted([bad.id, good.id])
+
+
+def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(sqlite_env, tmp_path, caplog):
+    """A damaged database (the outbox table of notifications dropped) makes every notifications step
+    raise, and it is not an outage: the scheduler's loop logs it once, with its traceback, and goes on
+    firing the schedules."""
+    import logging
+
+    from sqlalchemy import text as sql
+
+    from nbflow.notify import add_notification
+
+    store = open_store()
+    name = flow(tmp_path)
+    add_notification(store, name, "http://127.0.0.1:9/hook")
+    with store.write() as session:
+        session.execute(sql("DROP TABLE notification_delivery"))
+    sched = scheduler.add_schedule(store, name, interval="1s")
+    loop = scheduler.Scheduler(store, tick=0.05)
+    with caplog.at_level(logging.ERROR, logger="nbflow.scheduler"):
+        loop.run(exit_after=2.5)
+    fired = [r.scheduled_for for r in runs_of(store)]
+    assert len(fired) >= 2 and fired[0] == sched.next_fire_at, fired
+    failures = [r for r in caplog.records if "scheduler notifications failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_migration_0007_down_and_up_keeps_every_slot_key(nbflow_env, tmp_path):
+    """schedule.error comes and goes without touching the runs: a SQLite table rebuild would have set
+    every run's schedule_id to NULL (foreign keys on), and with it the key that fires each slot once."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from nbflow.store.database import MIGRATIONS_DIR
+
+    store = open_store()
+    name = flow(tmp_path)
+    sched = scheduler.add_schedule(store, name, interval="10s", now=T0)
+    scheduler.fire_due(store, now=BASE)
+
+    def migrate(target: str, down: bool) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with store.engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, target)
+            conn.commit()
+
+    migrate("0006", down=True)
+    assert "error" not in {c["name"] for c in inspect(store.engine).get_columns("schedule")}
+    migrate("head", down=False)
+    assert [(r.schedule_id, r.scheduled_for) for r in runs_of(store)] == [(sched.id, BASE)]
+    assert scheduler.fire_due(store, now=BASE) == []  # the slot is still known as fired

@@ -126,6 +126,9 @@ class Schedule(Base):
     catch_up: Mapped[str] = mapped_column(String(20), default="skip")
     max_lateness: Mapped[float | None] = mapped_column(Float)
     next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    # Why the scheduler could not fire it (a broken stored definition, parameters that no longer fit):
+    # shown by ``nbflow schedule list``; cleared by adding the schedule again or by its next good slot.
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

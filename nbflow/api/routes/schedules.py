@@ -40,8 +40,10 @@ def create_schedule(body: ScheduleRequest, request: Request, response: Response)
     name = body.name or "default"
     if any(d["name"] == name for d in list_schedules(store, body.flow)):
         response.status_code = 200
+    # A catch-up policy not given keeps the schedule's own (re-posting a definition must not reset it).
+    catch_up = body.catch_up if "catch_up" in body.model_fields_set else None
     add_schedule(store, body.flow, name=name, cron=body.cron, interval=body.interval, at=body.at,
-                 timezone=body.timezone, parameters=body.parameters, catch_up=body.catch_up,
+                 timezone=body.timezone, parameters=body.parameters, catch_up=catch_up,
                  max_lateness=body.max_lateness)
     return _schedule(store, body.flow, name)
 
