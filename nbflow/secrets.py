@@ -41,6 +41,7 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from nbflow import checks
 from nbflow.errors import (
     InvalidName,
     InvalidSecret,
@@ -110,10 +111,9 @@ def _digest(digest_key: bytes, value: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidName(f"invalid secret name {name!r}: use letters, digits, '_', '.' or '-', starting with "
-                          "a letter or '_' (at most 200 characters)")
-    return name
+    return checks.name(name, field="secret name", error=InvalidName, pattern=_NAME_RE,
+                       rule="use letters, digits, '_', '.' or '-', starting with a letter or '_' (at most "
+                            f"{checks.MAX_NAME_LENGTH} characters)")
 
 
 def _iso(value: datetime | None) -> str | None:
