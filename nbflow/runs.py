@@ -548,6 +548,8 @@ def logs(session: Session, run: Run, *, limit: int | None = None,
     if isinstance(after, int | float) and not isinstance(after, bool):
         after = checks.number(after, field="after", error=InvalidQuery, minimum=0, maximum=checks.MAX_OFFSET,
                               integer=True)
+        if after >= 2**31 - 1 and store_dialect(session) == "postgresql":
+            return []  # past what the log's 32-bit id column can hold there: no line is later
     query = select(Log).where(Log.run_id == run.id)
     if after is not None:
         query = query.where(Log.id > after if isinstance(after, int) else Log.at > after)

@@ -63,7 +63,8 @@ MASK = "***"
 MIN_VALUE_LENGTH = 4
 MIN_PASSPHRASE = 16
 _KDF_SALT = b"nbflow-secrets-v1"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}$")
+SECRET_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}$"
+_NAME_RE = re.compile(SECRET_NAME_PATTERN)
 
 
 @functools.lru_cache(maxsize=4)

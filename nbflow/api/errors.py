@@ -119,19 +119,24 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app answers at this path. Starlette's 405 names only the methods of
-    the first route whose path matched, but several routes share a path (GET and PATCH of a flow are two
-    functions), and ``Allow`` must list them all (RFC 9110; schemathesis checks it)."""
-    from starlette.routing import Match
+    """Every method the API answers at this path. Starlette's 405 names only the methods of the first
+    route whose path matched, but several routes share a path (GET and PATCH of a flow are two functions),
+    and ``Allow`` must list them all (RFC 9110; schemathesis checks it). Read from the OpenAPI document,
+    which lists every operation, once per app."""
+    from starlette.routing import compile_path
 
-    methods: set[str] = set()
-    scope = {**request.scope, "method": "GET"}
-    for route in request.app.router.routes:
-        match, _child = route.matches(scope)
-        route_methods = getattr(route, "methods", None)
-        if match is not Match.NONE and route_methods:
-            methods |= set(route_methods)
-    return sorted(methods)
+    table = getattr(request.app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, item in request.app.openapi().get("paths", {}).items():
+            methods = {m.upper() for m in item if m.upper() in _METHODS}
+            table.append((compile_path(template)[0], methods | ({"HEAD"} if "GET" in methods else set())))
+        request.app.state.allow_table = table
+    path = request.scope.get("path", "")
+    return sorted({m for regex, methods in table if regex.match(path) for m in methods})
+
+
+_METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE"}
 
 
 def _database_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -166,9 +166,15 @@ class WebhookRequest(Body):
         default_factory=dict, description="Parameter name -> field of the JSON body (dotted path) to pass as it.")
 
 
+# What ``nbflow.notify`` accepts, stated loosely enough to be exact for what clients send: an http(s) URL
+# with a host name (letters, digits, '.', '-', an optional port), or secret:NAME.
+URL_PATTERN = (r"^(?:https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,4})?(?:[/?#][^\s\x00]*)?"
+               r"|secret:[A-Za-z_][A-Za-z0-9_.-]{0,199})$")
+
+
 class NotificationRequest(Body):
-    url: str = Field(min_length=1, max_length=checks.MAX_URL_LENGTH, pattern=NO_NUL,
-                     description="An http(s) URL, or secret:NAME.")
+    url: str = Field(min_length=1, max_length=checks.MAX_URL_LENGTH, pattern=URL_PATTERN,
+                     description="An http(s) URL, or secret:NAME (a stored secret holding the URL).")
     on: list[Literal["FAILED", "CRASHED", "CANCELLED", "COMPLETED"]] = Field(
         default_factory=lambda: ["FAILED"], min_length=1, description="End states that send it.")
 

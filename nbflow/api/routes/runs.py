@@ -3,11 +3,13 @@ notebook), cancel and retry."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BeforeValidator
 
 from nbflow import checks
 from nbflow.api.auth import READ, TRIGGER
@@ -50,10 +52,18 @@ FlowFilter = Annotated[str | None, Query(max_length=checks.MAX_NAME_LENGTH, desc
 StateFilter = Annotated[str | None, Query(
     description="Only runs in this state type (upper or lower case)",
     json_schema_extra={"enum": [*(t.value for t in StateType), *(t.value.lower() for t in StateType)]})]
-Time = Annotated[datetime | None, Query(description="ISO 8601 with its offset, e.g. 2026-11-24T18:00:00Z")]
+def _iso_text(value: Any) -> Any:
+    """pydantic also reads a number as a Unix time ("0.5"): the document says ISO 8601, so only that."""
+    if isinstance(value, str) and not re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ValueError("expected an ISO 8601 time such as 2026-11-24T18:00:00Z")
+    return value
+
+
+Time = Annotated[datetime | None, BeforeValidator(_iso_text),
+                 Query(description="ISO 8601 with its offset, e.g. 2026-11-24T18:00:00Z")]
 # ``after`` of a log: a line's id (ids only grow from 1; 18 digits stay within the 64-bit column on both
 # databases) or a time. Parsed by ``_parse_after``, which answers 400 as for the other filters.
-AFTER_SCHEMA = {"anyOf": [{"type": "string", "pattern": r"^[0-9]{1,18}$"}, {"type": "string", "format": "date-time"}]}
+AFTER_SCHEMA = {"anyOf": [{"type": "string", "pattern": r"^[0-9]{0,18}$"}, {"type": "string", "format": "date-time"}]}
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -77,12 +87,12 @@ def runs(
     created_before: Time = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_-]*$",
-                                        description="next_cursor of the previous page")] = None,
+                                        description="next_cursor of the previous page; empty: the first")] = None,
 ) -> dict[str, Any]:
     """Pages follow each other by cursor, not offset: runs created while a client pages never make it
     see a run twice or miss one. ``next_cursor`` is null on the last page."""
     with store_of(request).read() as session:
-        found = list_runs(session, flow=flow, state=state, limit=limit + 1, cursor=cursor,
+        found = list_runs(session, flow=flow, state=state, limit=limit + 1, cursor=cursor or None,
                           created_after=_aware(created_after, "created_after"),
                           created_before=_aware(created_before, "created_before"))
         page = found[:limit]
