@@ -499,6 +499,11 @@ def flow_by_path(session: Session, path: Path) -> Flow | None:
 
 
 def get_flow(session: Session, name: str) -> Flow:
+    if not isinstance(name, str) or checks.text_problem(name, max_length=checks.MAX_NAME_LENGTH) is not None:
+        # No flow has such a name (``check_name``), and the database may refuse to even compare it (a NUL
+        # on PostgreSQL, a lone surrogate on SQLite): answered as any unknown name, without asking.
+        shown = name if isinstance(name, str) and len(name) <= 60 else f"{str(name)[:60]}..."
+        raise FlowNotFound(f"no flow named {shown!r}")
     flow = session.execute(select(Flow).where(Flow.name == name)).scalar_one_or_none()
     if flow is None:
         known = ", ".join(session.execute(select(Flow.name).order_by(Flow.name).limit(20)).scalars())

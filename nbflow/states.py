@@ -183,8 +183,16 @@ def transition(
 
 
 def retry_delay(run: Run) -> float:
-    """Seconds before the next attempt: ``retry_delay * backoff ** (attempt - 1)``."""
-    return float(run.retry_delay) * float(run.retry_backoff) ** max(run.attempt - 1, 0)
+    """Seconds before the next attempt: ``retry_delay * backoff ** (attempt - 1)``, at most
+    ``checks.MAX_SECONDS``: each factor is bounded, but 100 retries of a backoff of 100 are not, and
+    ``now + timedelta`` of more than ~10**14 s overflows (a row stored before the bounds can hold inf)."""
+    from nbflow.checks import MAX_SECONDS
+
+    try:
+        delay = float(run.retry_delay) * float(run.retry_backoff) ** max(run.attempt - 1, 0)
+    except OverflowError:
+        return MAX_SECONDS
+    return delay if 0 <= delay <= MAX_SECONDS else (0.0 if delay < 0 else MAX_SECONDS)
 
 
 def fail(
