@@ -322,9 +322,7 @@ class FlowOptions:
             if value == 0:
                 raise NotebookError(f"--{field} must be positive (omit it for no timeout)")
         if self.concurrency_limit is not None and self.concurrency_limit != 0:
-            check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")
-            checks.number(self.concurrency_limit, field="--concurrency", error=NotebookError, minimum=0,
-                          maximum=checks.MAX_CONCURRENCY, integer=True)
+            check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")  # bounded too
         if self.collision is not None:
             check_collision(self.collision)
         if self.kernel_name is not None:

@@ -464,11 +464,21 @@ def poison_flow(directory: Path) -> Path:
 def all_rows() -> dict[str, int]:
     """Rows of every table a bad input could have written."""
     from nbflow.store import open_store
-    from nbflow.store.models import ApiKey, Flow, FlowVersion, Notification, Run, Schedule, Secret, Webhook
+    from nbflow.store.models import (
+        ApiKey,
+        Flow,
+        FlowVersion,
+        Notification,
+        Run,
+        Schedule,
+        Secret,
+        TagLimit,
+        Webhook,
+    )
 
     with open_store().read() as session:
         return {model.__tablename__: session.execute(select(func.count()).select_from(model)).scalar_one()
-                for model in (Run, Flow, FlowVersion, ApiKey, Secret, Webhook, Notification, Schedule)}
+                for model in (Run, Flow, FlowVersion, ApiKey, Secret, Webhook, Notification, Schedule, TagLimit)}
 
 
 @pytest.fixture
@@ -632,7 +642,7 @@ def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_p
     (["--retries", "1000000"], "--retries must be from 0 to 100, got 1000000"),
     (["--timeout", "1e400"], "--timeout must be a finite number from 0 to 31622400, got inf"),
     (["--cell-timeout", "99999999999"], "--cell-timeout must be from 0 to 31622400, got 99999999999"),
-    (["--concurrency", "10000000000"], "--concurrency must be from 0 to 10000, got 10000000000"),
+    (["--concurrency", "10000000000"], "--concurrency must be at most 10,000 runs; got 10000000000"),
     (["--tag", " padded"], "invalid tag ' padded'"),
     (["--tag", "t\udcff"], "a tag contains a character that is not valid Unicode"),
     (["--kernel", "k" * 201], "--kernel is longer than 200 characters"),
@@ -648,11 +658,21 @@ def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, s
     assert_nothing_written()
 
 
-def test_out_of_bounds_settings_on_both_databases(nbflow_env: dict[str, str], tmp_path: Path) -> None:
+def test_out_of_bounds_and_bad_names_on_both_databases(nbflow_env: dict[str, str], tmp_path: Path) -> None:
+    """What PostgreSQL refused with a traceback (an INTEGER out of range, text it cannot encode) and SQLite
+    stored: refused by the same checks before either database sees it."""
     path = poison_flow(tmp_path)
     assert_bad_input(nbflow(nbflow_env, tmp_path, "register", path, "--retry-delay", "inf"), "--retry-delay")
     assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--limit", "100000"), "limit must be from 1 to 10001")
+    assert_bad_input(nbflow(nbflow_env, tmp_path, "limits", "set", "gpu", "99999999999"),
+                     "must be at most 10,000 runs")
+    assert_bad_input(nbflow(nbflow_env, tmp_path, "limits", "set", "g\udcff", "3"), "invalid tag")
+    assert_bad_input(nbflow(nbflow_env, tmp_path, "keys", "create", "k\udcff", "--scope", "read"),
+                     "invalid key name: it contains a character that is not valid Unicode")
+    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", "no\udcffsuch"), "no flow named")
     assert_nothing_written()
+    assert all_rows() == {"run": 0, "flow": 0, "flow_version": 0, "api_key": 0, "secret": 0, "webhook": 0,
+                          "notification": 0, "schedule": 0, "tag_limit": 0}
 
 
 def test_poison_through_the_magics(nbflow_env: dict[str, str], tmp_path: Path,
