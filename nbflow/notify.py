@@ -90,7 +90,7 @@ def _check_url(store: Store, url: str) -> str:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise InvalidNotification(f"invalid notification URL {url!r}: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    if parsed.scheme not in ("http", "https") or not parsed.host or (parsed.port or 0) > 65535:
         raise InvalidNotification(f"invalid notification URL {url!r}: give an http:// or https:// URL with a host")
     return url
 

@@ -168,7 +168,8 @@ class WebhookRequest(Body):
 
 # What ``nbflow.notify`` accepts, stated loosely enough to be exact for what clients send: an http(s) URL
 # with a host name (letters, digits, '.', '-', an optional port), or secret:NAME.
-URL_PATTERN = (r"^(?:https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,4})?(?:[/?#][^\s\x00]*)?"
+PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+URL_PATTERN = (r"^(?:https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::" + PORT + r")?(?:[/?#][^\s\x00]*)?"
                r"|secret:[A-Za-z_][A-Za-z0-9_.-]{0,199})$")
 
 
