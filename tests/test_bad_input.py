@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -616,7 +617,16 @@ def test_names_and_text_are_checked_at_the_edge(poison_server: Any) -> None:
     assert all_rows() == before
 
 
-@pytest.mark.parametrize(("args", "message"), [
+def in_process(*args: Any) -> subprocess.CompletedProcess:
+    """``nbflow ARGS`` through click's runner in this process (the real commands, without the seconds a new
+    Python takes on a busy machine), as a ``CompletedProcess`` for ``assert_bad_input``."""
+    from helpers import run_cli
+
+    result = run_cli(*args)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+POISON_CLI = [
     (["-p", "who", "\udcff"], "parameter 'who': a text value contains a character that is not valid Unicode"),
     (["-p", "items", '["\\ud800"]'], "parameter 'items': a text value contains a character that is not valid"),
     (["-p", "opts", '{"k": "\\u0000"}'], "parameter 'opts': a text value contains a NUL character"),
@@ -624,17 +634,23 @@ def test_names_and_text_are_checked_at_the_edge(poison_server: Any) -> None:
     (["-p", "ratio", "1e400"], "parameter 'ratio' must be a finite number, got inf"),
     (["-p", "\udcff", "1"], "a parameter name contains a character that is not valid Unicode"),
     (["-p", "n" * 201, "1"], "a parameter name is longer than 200 characters"),
-], ids=["surrogate", "surrogate-in-list", "nul-in-dict", "nan", "overflow", "surrogate-name", "long-name"])
-def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_path: Path, args: list[str],
-                                               message: str) -> None:
+]
+
+
+def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_path: Path) -> None:
     """``\\udcff`` is what Python makes of the byte 0xff on a command line (invalid UTF-8): the CLI gets
-    lone surrogates from any shell."""
+    lone surrogates from any shell. One real process with that byte, the rest through click's runner."""
     path = poison_flow(tmp_path)
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", path, *args), message)
+    proc = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(path), "-p", "who", b"\xff"],
+                          env=nbflow_env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=180)
+    assert_bad_input(proc, POISON_CLI[0][1])
+    for args, message in POISON_CLI:
+        assert_bad_input(in_process("run", path, *args), message)
     assert_nothing_written()
 
 
-@pytest.mark.parametrize(("args", "message"), [
+OUT_OF_BOUNDS_SETTINGS = [
     (["--retry-delay", "inf"], "--retry-delay must be a finite number from 0 to 31622400, got inf"),
     (["--retry-delay", "1e12"], "--retry-delay must be from 0 to 31622400, got 1000000000000"),
     (["--retry-backoff", "1e300"], "--retry-backoff must be from 1 to 100, got 1e+300"),
@@ -647,14 +663,16 @@ def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_p
     (["--tag", "t\udcff"], "a tag contains a character that is not valid Unicode"),
     (["--kernel", "k" * 201], "--kernel is longer than 200 characters"),
     (["--name", "n\udcff"], "invalid flow name: it contains a character that is not valid Unicode"),
-], ids=["delay-inf", "delay-1e12", "backoff-1e300", "backoff-nan", "retries", "timeout-overflow", "cell-timeout",
-        "concurrency", "tag-padded", "tag-surrogate", "kernel-long", "name-surrogate"])
-def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, str], tmp_path: Path,
-                                                          args: list[str], message: str) -> None:
+]
+
+
+def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     """The CLI's own option types let these through; the service's bounds (``FlowOptions.validate``)
-    refuse them, so they can never reach the reaper (a retry delay of inf stopped every runner at start)."""
+    refuse them, so they can never reach the reaper (a retry delay of inf stopped every runner at start).
+    ``--retry-delay inf`` in a real process: ``test_out_of_bounds_and_bad_names_on_both_databases``."""
     path = poison_flow(tmp_path)
-    assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, *args), message)
+    for args, message in OUT_OF_BOUNDS_SETTINGS:
+        assert_bad_input(in_process("register", path, *args), message)
     assert_nothing_written()
 
 
@@ -663,13 +681,12 @@ def test_out_of_bounds_and_bad_names_on_both_databases(nbflow_env: dict[str, str
     stored: refused by the same checks before either database sees it."""
     path = poison_flow(tmp_path)
     assert_bad_input(nbflow(nbflow_env, tmp_path, "register", path, "--retry-delay", "inf"), "--retry-delay")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "runs", "--limit", "100000"), "limit must be from 1 to 10001")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "limits", "set", "gpu", "99999999999"),
-                     "must be at most 10,000 runs")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "limits", "set", "g\udcff", "3"), "invalid tag")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "keys", "create", "k\udcff", "--scope", "read"),
+    assert_bad_input(in_process("runs", "--limit", "100000"), "limit must be from 1 to 10001")
+    assert_bad_input(in_process("limits", "set", "gpu", "99999999999"), "must be at most 10,000 runs")
+    assert_bad_input(in_process("limits", "set", "g\udcff", "3"), "invalid tag")
+    assert_bad_input(in_process("keys", "create", "k\udcff", "--scope", "read"),
                      "invalid key name: it contains a character that is not valid Unicode")
-    assert_bad_input(nbflow(nbflow_env, tmp_path, "run", "no\udcffsuch"), "no flow named")
+    assert_bad_input(in_process("run", "no\udcffsuch"), "no flow named")
     assert_nothing_written()
     assert all_rows() == {"run": 0, "flow": 0, "flow_version": 0, "api_key": 0, "secret": 0, "webhook": 0,
                           "notification": 0, "schedule": 0, "tag_limit": 0}
