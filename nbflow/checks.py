@@ -15,6 +15,7 @@ The limits are constants here so the OpenAPI schema (``nbflow.api.schemas``) can
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from nbflow.errors import NbflowError
@@ -27,11 +28,23 @@ MAX_RETRIES = 100
 MAX_BACKOFF = 100.0
 # Counts a user can ask for in one request (page sizes, log lines) and offsets (log cursors).
 MAX_LIMIT = 10_000
+MAX_PAGE = 500  # runs in one page of GET /api/runs
+MAX_LOG_LINES = 5000  # log lines in one answer
 MAX_OFFSET = 2**62  # fits a signed 64-bit column on both databases
-# Names (flows, keys, secrets, schedules, labels) and free text (messages, paths, parameter values).
+MAX_CONCURRENCY = 10_000  # runs of one flow at once
+MAX_ITEMS = 100  # tags or labels of a flow, entries of a webhook mapping
+# Names (flows, keys, secrets, schedules, tags, labels, idempotency keys) and free text (messages, paths,
+# parameter values). A parameter's name is a name too, but a JSON key: MAX_NAME_LENGTH as well.
 MAX_NAME_LENGTH = 200
+MAX_URL_LENGTH = 2048
 MAX_PATH_LENGTH = 4096
 MAX_TEXT_LENGTH = 1_000_000
+MAX_DEPTH = 64  # nesting of a JSON value (parameters, webhook bodies)
+
+# The characters of every plain name (flows, API keys): what a URL path segment, a file name and a shell
+# word all take without quoting. The same pattern is published in the OpenAPI document.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 def number(value: Any, *, field: str, error: type[NbflowError], minimum: float = 0.0,
@@ -83,7 +96,46 @@ def text(value: Any, *, field: str, error: type[NbflowError], max_length: int = 
     return value
 
 
-def json_value(value: Any, *, field: str, error: type[NbflowError], max_depth: int = 64) -> Any:
+def name(value: Any, *, field: str, error: type[NbflowError], pattern: re.Pattern[str] = NAME_RE,
+         rule: str = "use letters, digits, '.', '_' or '-', starting with a letter or digit",
+         max_length: int = MAX_NAME_LENGTH) -> str:
+    """``value`` if it is a name ``pattern`` matches in full (a trailing newline included: ``$`` alone
+    would let ``"name\\n"`` through), else ``error``. Too long and unstorable text get their own message,
+    which states the limit instead of echoing a page of text back."""
+    if not isinstance(value, str):
+        raise error(f"{field} must be text, got {type(value).__name__}")
+    if len(value) > max_length:
+        raise error(f"invalid {field}: it is longer than {max_length:,} characters ({len(value):,})")
+    problem = text_problem(value, max_length=max_length)
+    if problem is not None:
+        raise error(f"invalid {field}: it {problem}")
+    if not pattern.fullmatch(value):
+        raise error(f"invalid {field} {value!r}: {rule}")
+    return value
+
+
+def printable(value: Any) -> Any:
+    """``value`` (a JSON-like document) with every string, keys included, made encodable as UTF-8: a lone
+    surrogate becomes its escape (``\\ud800``). For rows stored before the edge refused such text, so that
+    one old row never breaks a listing; a value that needs nothing is returned as it is, uncopied."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        cleaned = {printable(k): printable(v) for k, v in value.items()}
+        return value if all(a is b for a, b in zip(cleaned.items(), value.items(), strict=True)) else cleaned
+    if isinstance(value, list):
+        items = [printable(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
+
+
+def json_value(value: Any, *, field: str, error: type[NbflowError], max_depth: int = MAX_DEPTH) -> Any:
     """Check every string (keys included) inside a JSON-like value, and its nesting depth; returns it.
 
     For parameters, webhook payload fields and results: what is stored as JSON must read back as JSON
@@ -98,7 +150,7 @@ def json_value(value: Any, *, field: str, error: type[NbflowError], max_depth: i
             if problem is not None:
                 raise error(f"{field}: a text value {problem}")
         elif isinstance(item, float) and not math.isfinite(item):
-            raise error(f"{field}: {item!r} is not a finite number")
+            raise error(f"{field}: {item!r} is not a finite number (JSON numbers are finite)")
         elif isinstance(item, dict):
             for key, inner in item.items():
                 if isinstance(key, str):

@@ -19,6 +19,7 @@ clearly, not later as an odd 404 or a missing field.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -64,6 +65,16 @@ def _segment(value: Any) -> str:
     name made of dots cannot climb to another route (``..`` is sent as ``%2E%2E``)."""
     text = urllib.parse.quote(str(value), safe="")
     return text.replace(".", "%2E") if set(text) <= {"."} else text
+
+
+def _body(request: _Request) -> dict[str, Any]:
+    """The request's JSON body, as bytes httpx sends unchanged. ASCII-escaped, and NaN or infinities written
+    as Python writes them: whatever the values, the server receives them and answers with its own one error
+    (a 422 naming the parameter, as from every other door), instead of this client failing to encode them."""
+    if request.json is None:
+        return {}
+    return {"content": json.dumps(request.json, ensure_ascii=True, allow_nan=True).encode("ascii"),
+            "headers": {"Content-Type": "application/json"}}
 
 
 def _params(**values: Any) -> dict[str, Any]:
@@ -133,7 +144,7 @@ class Client:
 
     def _send(self, request: _Request) -> Any:
         try:
-            response = self._http.request(request.method, request.path, params=request.params, json=request.json)
+            response = self._http.request(request.method, request.path, params=request.params, **_body(request))
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"cannot reach the nbflow server at {self.url}: {exc}") from None
         return _result(request, response)
@@ -275,7 +286,7 @@ class AsyncClient:
     async def _send(self, request: _Request) -> Any:
         try:
             response = await self._http.request(request.method, request.path, params=request.params,
-                                                json=request.json)
+                                                **_body(request))
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"cannot reach the nbflow server at {self.url}: {exc}") from None
         return _result(request, response)

@@ -54,7 +54,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from nbflow import states
+from nbflow import checks, states
 from nbflow.errors import InvalidLimit, LimitNotFound
 from nbflow.store.models import Flow, Run, TagLimit
 from nbflow.workers import labels_fit
@@ -244,6 +244,8 @@ def check_limit(value: int, what: str, hint: str = "") -> int:
     which is never what anyone means (pausing is another feature)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidLimit(f"{what} must be a whole number of runs, at least 1{hint}; got {value!r}")
+    if value > checks.MAX_CONCURRENCY:  # and a 32-bit column on PostgreSQL
+        raise InvalidLimit(f"{what} must be at most {checks.MAX_CONCURRENCY:,} runs; got {value!r}")
     return value
 
 
@@ -254,7 +256,8 @@ def check_collision(value: str) -> str:
 
 
 def _check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not tag.strip() or tag != tag.strip() or len(tag) > 200:
+    if (not isinstance(tag, str) or not tag.strip() or tag != tag.strip() or len(tag) > checks.MAX_NAME_LENGTH
+            or checks.text_problem(tag) is not None):  # a NUL, or not valid Unicode: never stored
         raise InvalidLimit(f"invalid tag {tag!r}: a non-empty name without surrounding spaces, at most 200 "
                            "characters (use --global for the limit on all runs)")
     return tag

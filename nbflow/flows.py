@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
+from nbflow import checks
 from nbflow.concurrency import check_collision, check_limit
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed
 from nbflow.parameters import python_parameters_missed, spec_from_papermill
@@ -31,7 +32,7 @@ from nbflow.store import Store
 from nbflow.store.models import FileTrigger, Flow, FlowDependency, FlowVersion, Run, utcnow
 from nbflow.workers import check_labels
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+NAME_RE = checks.NAME_RE
 
 
 @dataclass(frozen=True)
@@ -249,11 +250,7 @@ def default_flow_name(path: Path) -> str:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise InvalidFlowName(
-            f"invalid flow name {name!r}: use letters, digits, '.', '_' or '-' (starting with a letter or digit)"
-        )
-    return name
+    return checks.name(name, field="flow name", error=InvalidFlowName)
 
 
 def _literal_assignment(node: Any) -> bool:
@@ -329,21 +326,50 @@ class FlowOptions:
     labels: tuple[str, ...] | None = None  # worker labels its runs need (nbflow.workers); replaces them
 
     def validate(self) -> None:
-        for field, value in (("retries", self.retries), ("retry-delay", self.retry_delay),
-                             ("timeout", self.timeout), ("cell-timeout", self.cell_timeout)):
-            if value is not None and value < 0:
+        """Every setting within its bounds (``nbflow.checks``), or one ``NotebookError`` naming it: a
+        number stored here is one the reaper and the runners compute with later (``now + delay``), so
+        NaN, infinities and absurd sizes never get that far."""
+        for field, value, low, high, integer in (
+            ("retries", self.retries, 0, checks.MAX_RETRIES, True),
+            ("retry-delay", self.retry_delay, 0.0, checks.MAX_SECONDS, False),
+            ("retry-backoff", self.retry_backoff, 1.0, checks.MAX_BACKOFF, False),
+            ("timeout", self.timeout, 0.0, checks.MAX_SECONDS, False),
+            ("cell-timeout", self.cell_timeout, 0.0, checks.MAX_SECONDS, False),
+        ):
+            if value is None:
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0 and low == 0:
                 raise NotebookError(f"--{field} must not be negative, got {value}")
-        if self.retry_backoff is not None and self.retry_backoff < 1:
-            raise NotebookError(f"--retry-backoff must be at least 1, got {self.retry_backoff}")
+            checks.number(value, field=f"--{field}", error=NotebookError, minimum=low, maximum=high, integer=integer)
         for field, value in (("timeout", self.timeout), ("cell-timeout", self.cell_timeout)):
             if value == 0:
                 raise NotebookError(f"--{field} must be positive (omit it for no timeout)")
         if self.concurrency_limit is not None and self.concurrency_limit != 0:
-            check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")
+            check_limit(self.concurrency_limit, "--concurrency", " (or 0 to remove the limit)")  # bounded too
         if self.collision is not None:
             check_collision(self.collision)
+        if self.kernel_name is not None:
+            checks.text(self.kernel_name, field="--kernel", error=NotebookError, max_length=checks.MAX_NAME_LENGTH)
+        if self.tags is not None:
+            check_tags(self.tags)
         if self.labels is not None:
+            if len(self.labels) > checks.MAX_ITEMS:
+                raise NotebookError(f"a flow takes at most {checks.MAX_ITEMS} labels, got {len(self.labels)}")
             check_labels(self.labels)
+
+
+def check_tags(tags: Any) -> list[str]:
+    """A flow's tags: at most ``MAX_ITEMS`` names, each non-empty text without surrounding spaces, at most
+    ``MAX_NAME_LENGTH`` characters, with no NUL or lone surrogate (tags are stored, and listed, as JSON)."""
+    if isinstance(tags, str) or not isinstance(tags, list | tuple | set | frozenset):
+        raise NotebookError(f"tags must be a list of names, got {type(tags).__name__}")
+    if len(tags) > checks.MAX_ITEMS:
+        raise NotebookError(f"a flow takes at most {checks.MAX_ITEMS} tags, got {len(tags)}")
+    for tag in tags:
+        checks.text(tag, field="a tag", error=NotebookError, max_length=checks.MAX_NAME_LENGTH)
+        if not tag.strip() or tag != tag.strip():
+            raise NotebookError(f"invalid tag {tag!r}: a non-empty name without surrounding spaces")
+    return list(tags)
 
 
 def latest_version(session: Session, flow_id: int) -> FlowVersion | None:
@@ -494,6 +520,11 @@ def flow_by_path(session: Session, path: Path) -> Flow | None:
 
 
 def get_flow(session: Session, name: str) -> Flow:
+    if not isinstance(name, str) or checks.text_problem(name, max_length=checks.MAX_NAME_LENGTH) is not None:
+        # No flow has such a name (``check_name``), and the database may refuse to even compare it (a NUL
+        # on PostgreSQL, a lone surrogate on SQLite): answered as any unknown name, without asking.
+        shown = name if isinstance(name, str) and len(name) <= 60 else f"{str(name)[:60]}..."
+        raise FlowNotFound(f"no flow named {shown!r}")
     flow = session.execute(select(Flow).where(Flow.name == name)).scalar_one_or_none()
     if flow is None:
         known = ", ".join(session.execute(select(Flow.name).order_by(Flow.name).limit(20)).scalars())
@@ -588,4 +619,4 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
                 "id": str(last.id), "state": last.state, "state_name": last.state_name,
                 "created_at": last.created_at.isoformat()},
         })
-    return docs
+    return checks.printable(docs)  # a row stored before text was checked at the edge still lists

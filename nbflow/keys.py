@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from nbflow import checks
 from nbflow.errors import InvalidName, InvalidScope, KeyExists, KeyNotFound
 from nbflow.store import Store
 from nbflow.store.models import ApiKey, utcnow
@@ -57,18 +58,15 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _check_name(name: str) -> str:
-    from nbflow.flows import NAME_RE
-
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidName(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' "
-                          "(starting with a letter or digit, at most 200 characters)")
-    return name
+def check_name(name: str) -> str:
+    return checks.name(name, field="key name", error=InvalidName,
+                       rule="use letters, digits, '.', '_' or '-' (starting with a letter or digit, at most "
+                            f"{checks.MAX_NAME_LENGTH} characters)")
 
 
 def create_key(store: Store, name: str, scope: str) -> str:
     """Create the key ``name`` and return it in clear: the only time it exists outside its holder."""
-    _check_name(name)
+    check_name(name)
     check_scope(scope)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:

@@ -26,7 +26,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, kwds, ma
 
 from nbflow.backend import Backend, get_backend
 from nbflow.errors import FlowNotFound, NbflowError
-from nbflow.flows import FlowOptions
+from nbflow.flows import FlowOptions, check_name
 
 SESSION_NOTE = ("runs in a fresh kernel: names defined in this notebook's session are not available in the flow "
                 "(import and compute what it needs in the cell)")
@@ -215,6 +215,7 @@ class FlowMagics(Magics):
         current directory.
         """
         args = _parse(self.flow_cell.parser, line)
+        check_name(args.name)  # before the name is looked up anywhere
         if args.run and args.dry_run:
             raise UsageError("--run and --dry-run exclude each other")
         options = FlowOptions(retries=args.retries, timeout=_seconds(args.timeout, "--timeout"))
@@ -250,7 +251,7 @@ class FlowMagics(Magics):
         from papermill import execute_notebook
         from papermill.exceptions import PapermillExecutionError
 
-        from nbflow.flows import cell_source, check_name, inspect_parameters, resolve_kernel
+        from nbflow.flows import cell_source, inspect_parameters, resolve_kernel
         from nbflow.kernels import Kernel, KernelStartError
         from nbflow.parameters import validate
         from nbflow.record import RECORD_MIME

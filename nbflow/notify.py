@@ -45,7 +45,7 @@ from typing import Any
 from sqlalchemy import Text, cast, delete, exists, select
 from sqlalchemy.orm import Session
 
-from nbflow import __version__
+from nbflow import __version__, checks
 from nbflow.errors import InvalidNotification, NbflowError, NotificationNotFound
 from nbflow.events import FULL_SWEEP_EVERY, RECENT_WINDOW
 from nbflow.flows import get_flow
@@ -83,6 +83,7 @@ def _check_url(store: Store, url: str) -> str:
 
     if not isinstance(url, str) or not url.strip():
         raise InvalidNotification("the notification URL is empty; give an http(s) URL or secret:NAME")
+    checks.text(url, field="the notification URL", error=InvalidNotification, max_length=checks.MAX_URL_LENGTH)
     url = url.strip()
     if url.startswith(SECRET_URL_PREFIX):
         from nbflow.secrets import list_secrets
@@ -96,7 +97,7 @@ def _check_url(store: Store, url: str) -> str:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise InvalidNotification(f"invalid notification URL {url!r}: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    if parsed.scheme not in ("http", "https") or not parsed.host or (parsed.port or 0) > 65535:
         raise InvalidNotification(f"invalid notification URL {url!r}: give an http:// or https:// URL with a host")
     return url
 

@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+from nbflow import checks
 from nbflow.errors import ParameterError
 
 KNOWN_TYPES = ("str", "int", "float", "bool", "list", "dict")
@@ -177,6 +178,10 @@ def validate(spec: dict[str, dict[str, Any]], values: dict[str, Any], *, has_par
     A notebook without a ``parameters`` cell accepts any names, as papermill does (they are injected at
     the top), because there is nothing to check them against.
     """
+    if not isinstance(values, dict):
+        raise ParameterError(f"parameters must be an object {{name: value}}, got {type(values).__name__}")
+    for name in values:
+        checks.text(name, field="a parameter name", error=ParameterError, max_length=checks.MAX_NAME_LENGTH)
     if not has_parameters_cell:
         return _json_checked(dict(values))
     unknown = sorted(set(values) - set(spec))
@@ -200,7 +205,11 @@ def validate(spec: dict[str, dict[str, Any]], values: dict[str, Any], *, has_par
 
 
 def _json_checked(values: dict[str, Any]) -> dict[str, Any]:
-    """Parameters are stored as JSON: NaN, infinities and arbitrary objects are refused up front."""
+    """Parameters are stored as JSON: NaN, infinities, arbitrary objects and text that is not valid
+    Unicode (a lone surrogate, which SQLite would store and then fail to read back) or holds a NUL
+    (which PostgreSQL refuses) are refused up front, so the one message names the parameter."""
+    for name, value in values.items():
+        checks.json_value(value, field=f"parameter {name!r}", error=ParameterError)
     try:
         json.dumps(values, allow_nan=False)
     except (TypeError, ValueError) as exc:

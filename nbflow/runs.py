@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import String, and_, bindparam, cast, or_, select
 from sqlalchemy.orm import Session, defer
 
-from nbflow import states
+from nbflow import checks, states
 from nbflow.checks import MAX_NAME_LENGTH, text_problem
 from nbflow.errors import (
     IdempotencyConflict,
@@ -522,7 +522,9 @@ def _document(run: Any, flow_name: str | None, version: int | None,
     }
     if cells is not None:
         doc["cells"] = cells
-    return doc
+    # A row stored before text was checked at the edge (a lone surrogate in a parameter, or in what a kernel
+    # reported) must not break every listing that includes it: such text is shown escaped.
+    return checks.printable(doc)
 
 
 def history(session: Session, run: Run) -> list[dict[str, Any]]:
@@ -567,13 +569,21 @@ def run_detail(store: Store, run_id: str | uuid.UUID) -> dict[str, Any]:
             raise RunNotFound(f"no run with id {full}")
         cells = [cell_document(c) for c in conn.execute(_CELLS, {"run_id": full, "attempt": row.attempt})]
         events = [_event_document(e) for e in conn.execute(_HISTORY, {"run_id": full})]
-    return {**_document(row, row.flow_name, row.version_number, cells), "history": events}
+    return {**_document(row, row.flow_name, row.version_number, cells), "history": checks.printable(events)}
 
 
 def logs(session: Session, run: Run, *, limit: int | None = None,
          after: int | datetime | None = None) -> list[dict[str, Any]]:
     """The run's log lines, oldest first: the last ``limit`` of them, or (tailing) the first ``limit``
-    after ``after``, a line's ``id`` (ids only grow) or a time."""
+    after ``after``, a line's ``id`` (ids only grow) or a time. Both are bounded (``nbflow.checks``):
+    an id past a 64-bit column would fail in the database, not answer "no lines"."""
+    if limit is not None:
+        checks.number(limit, field="limit", error=InvalidQuery, minimum=1, maximum=checks.MAX_LIMIT, integer=True)
+    if isinstance(after, int | float) and not isinstance(after, bool):
+        after = checks.number(after, field="after", error=InvalidQuery, minimum=0, maximum=checks.MAX_OFFSET,
+                              integer=True)
+        if after >= 2**31 - 1 and store_dialect(session) == "postgresql":
+            return []  # past what the log's 32-bit id column can hold there: no line is later
     query = select(Log).where(Log.run_id == run.id)
     if after is not None:
         query = query.where(Log.id > after if isinstance(after, int) else Log.at > after)
@@ -584,8 +594,8 @@ def logs(session: Session, run: Run, *, limit: int | None = None,
     rows = list(session.execute(query).scalars())
     if tail:
         rows.reverse()
-    return [{"id": r.id, "at": _iso(r.at), "stream": r.stream, "attempt": r.attempt, "cell_index": r.cell_index,
-             "text": r.text} for r in rows]
+    return checks.printable([{"id": r.id, "at": _iso(r.at), "stream": r.stream, "attempt": r.attempt,
+                              "cell_index": r.cell_index, "text": r.text} for r in rows])
 
 
 def list_runs(session: Session, *, flow: str | None = None, state: str | None = None,
@@ -594,6 +604,7 @@ def list_runs(session: Session, *, flow: str | None = None, state: str | None = 
     """Runs newest first, in the total order (created_at, id): a page starting after ``cursor`` (see
     ``run_cursor``) neither repeats nor skips a run, however many runs are created meanwhile (they are
     newer than any cursor, so they land before the first page)."""
+    checks.number(limit, field="limit", error=InvalidQuery, minimum=1, maximum=checks.MAX_LIMIT + 1, integer=True)
     query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
     if flow:
         query = query.where(Run.flow_id == get_flow(session, flow).id)

@@ -42,6 +42,7 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from nbflow import checks
 from nbflow.errors import (
     InvalidName,
     InvalidSecret,
@@ -63,7 +64,8 @@ MASK = "***"
 MIN_VALUE_LENGTH = 4
 MIN_PASSPHRASE = 16
 _KDF_SALT = b"nbflow-secrets-v1"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}$")
+SECRET_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}$"
+_NAME_RE = re.compile(SECRET_NAME_PATTERN)
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,10 +113,9 @@ def _digest(digest_key: bytes, value: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidName(f"invalid secret name {name!r}: use letters, digits, '_', '.' or '-', starting with "
-                          "a letter or '_' (at most 200 characters)")
-    return name
+    return checks.name(name, field="secret name", error=InvalidName, pattern=_NAME_RE,
+                       rule="use letters, digits, '_', '.' or '-', starting with a letter or '_' (at most "
+                            f"{checks.MAX_NAME_LENGTH} characters)")
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from nbflow import checks
 from nbflow.errors import FlowPaused, InvalidWebhook, ParameterError, WebhookNotFound
 from nbflow.flows import get_flow, latest_version
 from nbflow.keys import hash_token
@@ -34,12 +35,16 @@ from nbflow.store import Store
 from nbflow.store.models import Flow, Run, Webhook, utcnow
 
 TOKEN_PREFIX = "nbh_"
-_SEGMENT = re.compile(r"^[^.\s]+$")
+_SEGMENT = re.compile(r"[^.\s\x00]+")
+# A parameter a mapping names: a Python identifier in ASCII (what the OpenAPI document states, too).
+_PARAMETER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
 
 
 def _split(path: str) -> list[str]:
-    if not isinstance(path, str) or not path or any(not _SEGMENT.match(p) for p in path.split(".")):
+    if isinstance(path, str):
+        checks.text(path, field="a body field path", error=InvalidWebhook, max_length=checks.MAX_PATH_LENGTH)
+    if not isinstance(path, str) or not path or any(not _SEGMENT.fullmatch(p) for p in path.split(".")):
         raise InvalidWebhook(f"invalid body field path {path!r}: give dotted keys such as 'ref' or "
                              "'head_commit.id' (a number indexes a list: 'commits.0.id')")
     return path.split(".")
@@ -55,9 +60,11 @@ def check_mapping(spec: dict[str, Any], has_parameters_cell: bool, mapping: dict
     ``parameters`` cell to declare them), every path well formed."""
     if not isinstance(mapping, dict):
         raise InvalidWebhook("the mapping must be an object {parameter: body field path}")
+    if len(mapping) > checks.MAX_ITEMS:
+        raise InvalidWebhook(f"a mapping takes at most {checks.MAX_ITEMS} parameters, got {len(mapping)}")
     for name, path in mapping.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise InvalidWebhook(f"invalid parameter name {name!r} in the mapping")
+        checks.name(name, field="parameter name", error=InvalidWebhook, pattern=_PARAMETER,
+                    rule="a parameter is a Python identifier (ASCII letters, digits and '_')")
         if has_parameters_cell and name not in spec:
             raise ParameterError(f"the mapping names unknown parameter {name!r}; valid parameters: "
                                  f"{_parameter_list(spec)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -384,8 +385,10 @@ def test_unknown_flow_and_state(nbflow_env: dict[str, str], tmp_path: Path) -> N
 
 def test_invalid_flow_name(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     path = make_notebook(tmp_path, "good", ["x = 1"])
-    for name in ("bad name!", "-leading-dash", "x" * 201):
+    for name in ("bad name!", "-leading-dash", "trailing-newline\n"):
         assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, "--name", name), f"invalid flow name {name!r}")
+    assert_bad_input(nbflow(sqlite_env, tmp_path, "register", path, "--name", "x" * 201),  # the limit, not the name
+                     "invalid flow name: it is longer than 200 characters (201)")
     assert_nothing_written()
 
 
@@ -424,3 +427,357 @@ def test_failing_cell_ends_the_run_failed(nbflow_env: dict[str, str], tmp_path: 
     assert stored["error"]["ename"] == "ValueError"
     assert stored["error"]["cell_index"] == 1
     assert counts()["runs"] == 1
+
+
+# -- poison input through every door (issue 12) -------------------------------------------------------
+# Text that is not valid Unicode (a lone surrogate: legal in JSON, and what Python makes of invalid UTF-8
+# bytes on a command line), NUL, absurd lengths, NaN and infinities, absurd nesting: refused with one
+# message by the API, a webhook, the Python client, the CLI and the magics, on both databases, and never
+# stored. Before, one lone surrogate stored by SQLite broke GET /api/runs for every client, for good.
+
+POISON_PARAMETERS = "who = 'x'\nitems = [1]\nopts = {}\nratio = 0.5"
+DEEP = "[" * 70 + "1" + "]" * 70
+
+# (raw JSON of the parameters, a fragment of the one message)
+POISON_JSON = [
+    ('{"who": "\\ud800"}', "parameter 'who': a text value contains a character that is not valid Unicode"),
+    ('{"who": "a\\udc80b"}', "a lone surrogate at position 1"),
+    ('{"who": "a\\u0000b"}', "parameter 'who': a text value contains a NUL character"),
+    ('{"items": ["ok", ["\\udfff"]]}', "parameter 'items': a text value contains a character that is not valid"),
+    ('{"opts": {"\\ud800": 1}}', "parameter 'opts': a key contains a character that is not valid Unicode"),
+    ('{"opts": {"k": "\\u0000"}}', "parameter 'opts': a text value contains a NUL character"),
+    ('{"\\ud800": 1}', "a parameter name contains a character that is not valid Unicode"),
+    ('{"w\\u0000ho": 1}', "a parameter name contains a NUL character"),
+    ('{"' + "p" * 201 + '": 1}', "a parameter name is longer than 200 characters"),
+    ('{"who": "' + "x" * 1_000_001 + '"}', "parameter 'who': a text value is longer than 1,000,000 characters"),
+    ('{"ratio": NaN}', "parameter 'ratio' must be a finite number, got nan"),
+    ('{"ratio": Infinity}', "parameter 'ratio' must be a finite number, got inf"),
+    ('{"ratio": -1e400}', "parameter 'ratio' must be a finite number, got -inf"),
+    ('{"opts": {"x": NaN}}', "parameter 'opts': nan is not a finite number"),
+    ('{"items": ' + DEEP + "}", "parameter 'items' is nested more than 64 levels deep"),
+]
+
+
+def poison_flow(directory: Path) -> Path:
+    return make_notebook(directory, "poison", ["print(who, items, opts, ratio)"], parameters=POISON_PARAMETERS)
+
+
+def all_rows() -> dict[str, int]:
+    """Rows of every table a bad input could have written."""
+    from nbflow.store import open_store
+    from nbflow.store.models import (
+        ApiKey,
+        Flow,
+        FlowVersion,
+        Notification,
+        Run,
+        Schedule,
+        Secret,
+        TagLimit,
+        Webhook,
+    )
+
+    with open_store().read() as session:
+        return {model.__tablename__: session.execute(select(func.count()).select_from(model)).scalar_one()
+                for model in (Run, Flow, FlowVersion, ApiKey, Secret, Webhook, Notification, Schedule, TagLimit)}
+
+
+@pytest.fixture
+def poison_server(nbflow_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real API server on a store with the ``poison`` flow, an admin key and a webhook mapping every
+    parameter; yields (url, key, webhook token)."""
+    from helpers import serve_api
+
+    from nbflow.flows import register
+    from nbflow.keys import create_key
+    from nbflow.store import open_store
+    from nbflow.webhooks import create_webhook
+
+    monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
+    monkeypatch.setenv("NBFLOW_SECRET_KEY", "a-passphrase-for-the-poison-tests-123456")
+    store = open_store()
+    register(store, poison_flow(tmp_path))
+    key = create_key(store, "admin", "admin")
+    token, _doc = create_webhook(store, "poison", {name: name for name in ("who", "items", "opts", "ratio")})
+    server = serve_api(store)
+    try:
+        yield server.url, key, token
+    finally:
+        server.stop()
+
+
+def test_poison_parameters_are_refused_by_the_api_the_webhook_and_the_client(poison_server: Any) -> None:
+    import httpx
+
+    from nbflow.client import ApiError, Client
+
+    url, key, token = poison_server
+    before = all_rows()
+    json_headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        for raw, message in POISON_JSON:
+            triggered = http.post("/api/flows/poison/runs", content=f'{{"parameters": {raw}}}', headers=json_headers)
+            assert triggered.status_code == 422, (raw[:80], triggered.text[:300])
+            error = triggered.json()["error"]
+            assert error["code"] == "invalid_parameter" and message in error["message"], (raw[:80], error)
+
+            if raw.startswith(('{"who"', '{"items"', '{"opts"', '{"ratio"')):  # a field the webhook maps
+                body = '{"who": "x", "items": [1], "opts": {}, "ratio": 0.5, ' + raw[1:]  # the last one wins
+                hooked = httpx.post(f"{url}/api/hooks/{token}", content=body, headers=json_headers, timeout=60)
+                assert hooked.status_code == 422, (raw[:80], hooked.text[:300])  # and no key was needed
+                assert hooked.json()["error"]["code"] == "invalid_parameter", (raw[:80], hooked.text[:300])
+                assert message in hooked.json()["error"]["message"], (raw[:80], hooked.text[:300])
+
+        for key_value in ("\\ud800", "a\\u0000b", "k" * 201):  # the idempotency key is stored too
+            refused = http.post("/api/flows/poison/runs", headers=json_headers,
+                                content=f'{{"parameters": {{}}, "idempotency_key": "{key_value}"}}')
+            assert refused.status_code == 422 and "idempotency_key" in refused.text, refused.text
+
+        listing = http.get("/api/runs")
+        assert listing.status_code == 200 and listing.json()["runs"] == [], listing.text
+
+    client = Client(url, key)
+    for parameters, message in (({"who": "\ud800"}, "not valid Unicode"), ({"who": "a\x00b"}, "NUL character"),
+                                ({"ratio": float("nan")}, "must be a finite number"),
+                                ({"\udcff": 1}, "a parameter name contains a character that is not valid")):
+        with pytest.raises(ApiError) as refused:
+            client.trigger("poison", parameters)
+        assert (refused.value.status, refused.value.code) == (422, "invalid_parameter"), refused.value
+        assert message in refused.value.message, refused.value.message
+    assert list(client.runs()) == []
+    assert all_rows() == before
+
+
+def test_webhook_bodies_that_cannot_work_are_refused(poison_server: Any) -> None:
+    """Poison in the webhook's own definition (its mapping) and a body that is not JSON at all."""
+    import httpx
+
+    url, key, token = poison_server
+    before = all_rows()
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        for mapping in ({"who": "a\x00b"}, {"w\x00ho": "who"}, {"who": "a" * 5000}, {"x" * 201: "x"},
+                        {"not-an-identifier": "who"}, {"é": "who"}, {"who": "trailing.\n"},
+                        {f"p{i}": "who" for i in range(101)}):
+            refused = http.post("/api/flows/poison/webhooks", json={"mapping": mapping})
+            assert refused.status_code == 422, (mapping, refused.text)
+        deep = http.post(f"/api/hooks/{token}", content="[" * 100_000 + "]" * 100_000,
+                         headers={"Content-Type": "application/json"})
+        assert deep.status_code == 400 and deep.json()["error"]["code"] == "bad_request", deep.text
+    assert all_rows() == before
+
+
+def test_names_and_text_are_checked_at_the_edge(poison_server: Any) -> None:
+    """Flow, key, secret, schedule names, tags, labels, kernels, notification URLs: NUL, lone surrogates and
+    absurd lengths get one 422 (PostgreSQL used to answer a generic 'cannot be stored', SQLite stored
+    them), and nothing is written."""
+    import httpx
+
+    url, key, _token = poison_server
+    before = all_rows()
+    flow_before = None
+    json_headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        flow_before = http.get("/api/flows/poison").json()
+        cases = [
+            ("POST", "/api/flows", '{"path": "poison.ipynb", "name": "bad\\u0000name"}', "invalid_flow_name"),
+            ("POST", "/api/flows", '{"path": "poison.ipynb", "name": "\\ud800"}', "invalid_request"),
+            ("POST", "/api/flows", '{"path": "poison.ipynb", "name": "' + "n" * 201 + '"}', "invalid_flow_name"),
+            ("POST", "/api/flows", '{"path": "poison.ipynb", "name": "ok\\n"}', "invalid_flow_name"),
+            ("POST", "/api/keys", '{"name": "k\\u0000", "scope": "read"}', "invalid_name"),
+            ("POST", "/api/keys", '{"name": "' + "k" * 201 + '", "scope": "read"}', "invalid_name"),
+            ("POST", "/api/keys", '{"name": "\\udc80", "scope": "read"}', "invalid_request"),
+            ("PUT", "/api/secrets/a%00b", '{"value": "s3cr3t-value"}', "invalid_request"),
+            ("PUT", "/api/secrets/" + "s" * 201, '{"value": "s3cr3t-value"}', "invalid_request"),
+            ("PUT", "/api/secrets/TOKEN", '{"value": "s3cr3t\\u0000value"}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"tags": ["a\\u0000b"]}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"tags": [" padded"]}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"tags": ["' + "t" * 201 + '"]}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"tags": ' + json.dumps([f"t{i}" for i in range(101)]) + "}",
+             "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"tags": ["\\ud800"]}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"labels": ["gpu\\u0000"]}', "invalid_request"),
+            ("PATCH", "/api/flows/poison", '{"kernel_name": "py\\u0000"}', "invalid_request"),
+            ("POST", "/api/flows/poison/notifications", '{"url": "http://h/\\u0000"}', "invalid_request"),
+            ("POST", "/api/flows/poison/notifications", '{"url": "http://h/' + "u" * 3000 + '"}',
+             "invalid_request"),
+            ("POST", "/api/flows/poison/notifications", '{"url": "http://h/\\ud800"}', "invalid_request"),
+            ("POST", "/api/schedules", '{"flow": "poison", "name": "n\\u0000", "interval": "1h"}',
+             "invalid_request"),
+            ("POST", "/api/schedules", '{"flow": "poison", "interval": "1h", "parameters": {"who": "\\ud800"}}',
+             "invalid_parameter"),
+        ]
+        for method, path, body, code in cases:
+            answer = http.request(method, path, content=body, headers=json_headers)
+            assert answer.status_code == 422, (method, path, body[:80], answer.text[:300])
+            assert answer.json()["error"]["code"] == code, (method, path, body[:80], answer.text[:300])
+            assert "\n" not in answer.json()["error"]["message"]
+        too_long = http.post("/api/flows", json={"path": "poison.ipynb", "name": "n" * 201}).json()["error"]
+        assert too_long["message"] == "invalid flow name: it is longer than 200 characters (201)", too_long
+        assert http.get("/api/flows/poison").json() == flow_before
+    assert all_rows() == before
+
+
+def in_process(*args: Any) -> subprocess.CompletedProcess:
+    """``nbflow ARGS`` through click's runner in this process (the real commands, without the seconds a new
+    Python takes on a busy machine), as a ``CompletedProcess`` for ``assert_bad_input``."""
+    from helpers import run_cli
+
+    result = run_cli(*args)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+POISON_CLI = [
+    (["-p", "who", "\udcff"], "parameter 'who': a text value contains a character that is not valid Unicode"),
+    (["-p", "items", '["\\ud800"]'], "parameter 'items': a text value contains a character that is not valid"),
+    (["-p", "opts", '{"k": "\\u0000"}'], "parameter 'opts': a text value contains a NUL character"),
+    (["-p", "ratio", "nan"], "parameter 'ratio' must be a finite number, got nan"),
+    (["-p", "ratio", "1e400"], "parameter 'ratio' must be a finite number, got inf"),
+    (["-p", "\udcff", "1"], "a parameter name contains a character that is not valid Unicode"),
+    (["-p", "n" * 201, "1"], "a parameter name is longer than 200 characters"),
+]
+
+
+def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_path: Path) -> None:
+    """``\\udcff`` is what Python makes of the byte 0xff on a command line (invalid UTF-8): the CLI gets
+    lone surrogates from any shell. One real process with that byte, the rest through click's runner."""
+    path = poison_flow(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(path), "-p", "who", b"\xff"],
+                          env=nbflow_env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=180)
+    assert_bad_input(proc, POISON_CLI[0][1])
+    for args, message in POISON_CLI:
+        assert_bad_input(in_process("run", path, *args), message)
+    assert_nothing_written()
+
+
+OUT_OF_BOUNDS_SETTINGS = [
+    (["--retry-delay", "inf"], "--retry-delay must be a finite number from 0 to 31622400, got inf"),
+    (["--retry-delay", "1e12"], "--retry-delay must be from 0 to 31622400, got 1000000000000"),
+    (["--retry-backoff", "1e300"], "--retry-backoff must be from 1 to 100, got 1e+300"),
+    (["--retry-backoff", "nan"], "--retry-backoff must be a finite number from 1 to 100, got nan"),
+    (["--retries", "1000000"], "--retries must be from 0 to 100, got 1000000"),
+    (["--timeout", "1e400"], "--timeout must be a finite number from 0 to 31622400, got inf"),
+    (["--cell-timeout", "99999999999"], "--cell-timeout must be from 0 to 31622400, got 99999999999"),
+    (["--concurrency", "10000000000"], "--concurrency must be at most 10,000 runs; got 10000000000"),
+    (["--tag", " padded"], "invalid tag ' padded'"),
+    (["--tag", "t\udcff"], "a tag contains a character that is not valid Unicode"),
+    (["--kernel", "k" * 201], "--kernel is longer than 200 characters"),
+    (["--name", "n\udcff"], "invalid flow name: it contains a character that is not valid Unicode"),
+]
+
+
+def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    """The CLI's own option types let these through; the service's bounds (``FlowOptions.validate``)
+    refuse them, so they can never reach the reaper (a retry delay of inf stopped every runner at start).
+    ``--retry-delay inf`` in a real process: ``test_out_of_bounds_and_bad_names_on_both_databases``."""
+    path = poison_flow(tmp_path)
+    for args, message in OUT_OF_BOUNDS_SETTINGS:
+        assert_bad_input(in_process("register", path, *args), message)
+    assert_nothing_written()
+
+
+def test_out_of_bounds_and_bad_names_on_both_databases(nbflow_env: dict[str, str], tmp_path: Path) -> None:
+    """What PostgreSQL refused with a traceback (an INTEGER out of range, text it cannot encode) and SQLite
+    stored: refused by the same checks before either database sees it."""
+    path = poison_flow(tmp_path)
+    assert_bad_input(nbflow(nbflow_env, tmp_path, "register", path, "--retry-delay", "inf"), "--retry-delay")
+    assert_bad_input(in_process("runs", "--limit", "100000"), "limit must be from 1 to 10001")
+    assert_bad_input(in_process("limits", "set", "gpu", "99999999999"), "must be at most 10,000 runs")
+    assert_bad_input(in_process("limits", "set", "g\udcff", "3"), "invalid tag")
+    assert_bad_input(in_process("keys", "create", "k\udcff", "--scope", "read"),
+                     "invalid key name: it contains a character that is not valid Unicode")
+    assert_bad_input(in_process("run", "no\udcffsuch"), "no flow named")
+    assert_nothing_written()
+    assert all_rows() == {"run": 0, "flow": 0, "flow_version": 0, "api_key": 0, "secret": 0, "webhook": 0,
+                          "notification": 0, "schedule": 0, "tag_limit": 0}
+
+
+def test_poison_through_the_magics(nbflow_env: dict[str, str], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``%flow run`` and ``%%flow`` in IPython's own shell, on the local store: one UsageError line each."""
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbflow.flows import register
+    from nbflow.magics import FlowMagics
+    from nbflow.store import open_store
+
+    monkeypatch.chdir(tmp_path)
+    register(open_store(), poison_flow(tmp_path))
+    shell = InteractiveShell.instance()
+    shell.register_magics(FlowMagics)
+    before = all_rows()
+    lines = [
+        ("run poison who=\ud800", "parameter 'who': a text value contains a character that is not valid Unicode"),
+        ("run poison -p who a\x00b", "parameter 'who': a text value contains a NUL character"),
+        ("run poison -p items '[\"\\udc80\"]'", "parameter 'items': a text value contains a character"),
+        ("run poison ratio=inf", "parameter 'ratio' must be a finite number, got inf"),
+        ("run poison \ud800=1", "a parameter name contains a character that is not valid Unicode"),
+        ("runs --limit 100000", "limit must be from 1 to 10001"),
+    ]
+    cells = [
+        ("bad\x00name", "x = 1", "invalid flow name: it contains a NUL character"),
+        ("n\ud800", "x = 1", "invalid flow name: it contains a character that is not valid Unicode"),
+        ("n" * 201, "x = 1", "invalid flow name: it is longer than 200 characters (201)"),
+        ("ok --retries 1000000", "x = 1", "--retries must be from 0 to 100, got 1000000"),
+        ("ok --timeout 1e300", "x = 1", "--timeout"),
+        ("ok --run -p who \ud800", "who = 'x'", "parameter 'who': a text value contains a character"),
+    ]
+    try:
+        for line, message in lines:
+            with pytest.raises(UsageError) as refused:
+                shell.run_line_magic("flow", line)
+            assert message in str(refused.value) and "\n" not in str(refused.value), (line, str(refused.value))
+        for line, code, message in cells:
+            with pytest.raises(UsageError) as refused:
+                shell.run_cell_magic("flow", line, code)
+            assert message in str(refused.value) and "\n" not in str(refused.value), (line, str(refused.value))
+    finally:
+        InteractiveShell.clear_instance()
+    after = all_rows()
+    # "ok --run -p who \ud800" registered its flow first (as a schedule or a run of a registered flow is
+    # refused after registering, by design), but created no run; everything else wrote nothing
+    assert {k: v for k, v in after.items() if k not in ("flow", "flow_version")} == \
+        {k: v for k, v in before.items() if k not in ("flow", "flow_version")}
+    assert after["run"] == 0
+
+
+def test_a_stored_bad_row_still_lists(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    """Defence in depth: a row written before these checks (only SQLite can hold one: PostgreSQL refuses a
+    lone surrogate in JSON) renders with the text escaped, in every listing, instead of a 500 for everyone."""
+    import httpx
+    from helpers import serve_api
+    from sqlalchemy import text
+
+    from nbflow.flows import register
+    from nbflow.keys import create_key
+    from nbflow.runs import create_run
+    from nbflow.store import open_store
+
+    store = open_store()
+    register(store, poison_flow(tmp_path))
+    run = create_run(store, "poison", {"who": "fine"})
+    with store.write() as session:  # as the old code stored it: JSON with a \ud800 escape
+        session.execute(text("UPDATE run SET parameters = :p, result = :r, error = :e WHERE id = :id"), {
+            "p": '{"who": "a\\ud800b", "\\udc80": 1}', "r": '{"out": ["\\udfff"]}',
+            "e": '{"ename": "ValueError", "evalue": "\\ud800", "cell_index": 1, "cell_id": null, "traceback": []}',
+            "id": run.id.hex})
+    key = create_key(store, "reader", "read")
+    server = serve_api(store)
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http:
+            listing = http.get("/api/runs")
+            assert listing.status_code == 200, listing.text
+            doc = listing.json()["runs"][0]
+            assert doc["parameters"] == {"who": "a\\ud800b", "\\udc80": 1}, doc
+            assert doc["result"] == {"out": ["\\udfff"]} and doc["error"]["evalue"] == "\\ud800", doc
+            one = http.get(f"/api/runs/{run.id}")  # the fast path
+            assert one.status_code == 200 and one.json()["parameters"] == doc["parameters"], one.text
+            assert http.get("/api/flows").status_code == 200
+    finally:
+        server.stop()
+    listed = nbflow(sqlite_env, tmp_path, "runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["runs"][0]["parameters"] == {"who": "a\\ud800b", "\\udc80": 1}
+    shown = nbflow(sqlite_env, tmp_path, "show", str(run.id))
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
+from nbflow.checks import printable
 from nbflow.errors import NbflowError
 
 log = logging.getLogger("nbflow.api")
@@ -74,7 +75,10 @@ class BodyTooLarge(HTTPException):
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details}}
+    """The error document. Made printable (``checks.printable``): a message or a validation error's
+    location may quote what the request sent, and text that is not valid Unicode (a lone surrogate, legal
+    in JSON) would otherwise fail the answer's own encoding and turn a 422 into a 500."""
+    return printable({"error": {"code": code, "message": message, "details": details}})
 
 
 def error_response(status: int, code: str, message: str, details: Any = None,
@@ -92,6 +96,12 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """A body that is not a JSON object at all is malformed (400); a well-formed request with a wrong
     field is invalid (422), and every wrong field is listed with where it is and what is expected."""
     assert isinstance(exc, RequestValidationError)
+    from nbflow.api.schemas import Refused
+
+    for error in exc.errors():  # a field the service's own check refused: that check's answer
+        refused = (error.get("ctx") or {}).get("error")
+        if isinstance(refused, Refused):
+            return _nbflow_error(_request, refused.error)
     errors = [{"loc": list(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]
     malformed = any(e["type"] == "json_invalid" or e["loc"] == ["body"] for e in errors)
@@ -102,13 +112,39 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", f"invalid request: {where}", errors)
 
 
-def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
         message = "no such route; see /api/docs"
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        message = f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"
+    return error_response(exc.status_code, code, message, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the API answers at this path. Starlette's 405 names only the methods of the first
+    route whose path matched, but several routes share a path (GET and PATCH of a flow are two functions),
+    and ``Allow`` must list them all (RFC 9110; schemathesis checks it). Read from the OpenAPI document,
+    which lists every operation, once per app."""
+    from starlette.routing import compile_path
+
+    table = getattr(request.app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, item in request.app.openapi().get("paths", {}).items():
+            methods = {m.upper() for m in item if m.upper() in _METHODS}
+            table.append((compile_path(template)[0], methods | ({"HEAD"} if "GET" in methods else set())))
+        request.app.state.allow_table = table
+    path = request.scope.get("path", "")
+    return sorted({m for regex, methods in table if regex.match(path) for m in methods})
+
+
+_METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE"}
 
 
 def _database_error(_request: Request, exc: Exception) -> JSONResponse:

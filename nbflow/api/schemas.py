@@ -6,11 +6,81 @@ describes every field; unknown response fields are allowed, as newer servers add
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
+from nbflow import checks
+from nbflow.errors import NbflowError
 from nbflow.states import StateType
+
+
+class Refused(ValueError):
+    """A field the service's own check refused, inside request validation: the API answers with that
+    check's error (its code and message, as every other door gives them), not a generic ``invalid_request``
+    (``nbflow.api.errors``)."""
+
+    def __init__(self, error: NbflowError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def checked(check: Callable[[Any], Any]) -> AfterValidator:
+    def validate(value: Any) -> Any:
+        try:
+            check(value)
+        except NbflowError as exc:
+            raise Refused(exc) from None
+        return value
+
+    return AfterValidator(validate)
+
+
+def _not_null(value: Any, info: ValidationInfo) -> Any:
+    if value is None:
+        from nbflow.errors import NotebookError
+
+        raise Refused(NotebookError(f"flow setting {info.field_name} cannot be null"))
+    return value
+
+
+# A setting that may be left out (None: keep the value) but not sent as null: the document says so (the type
+# is not nullable), and the service's message says which setting cannot be cleared.
+NotNull = BeforeValidator(_not_null)
+
+
+def _check_key_name(value: str) -> None:
+    from nbflow.keys import check_name
+
+    check_name(value)
+
+
+def _check_flow_name(value: str) -> None:
+    from nbflow.flows import check_name
+
+    check_name(value)
+
+# The bounds of nbflow.checks, as the OpenAPI document states them: schemathesis (tests/test_api_fuzz.py)
+# checks that the server accepts what these allow and refuses what they do not.
+Seconds = Annotated[float, Field(ge=0, le=checks.MAX_SECONDS, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=checks.MAX_SECONDS, allow_inf_nan=False)]
+# Text without NUL (PostgreSQL refuses it; a lone surrogate is refused by pydantic's ``str`` itself).
+NO_NUL = r"^[^\x00]*$"
+ShortText = Annotated[str, Field(min_length=1, max_length=checks.MAX_NAME_LENGTH, pattern=NO_NUL)]
+# A name's rules are stated in the document and checked by the service's own check, for its message.
+_NAME_SCHEMA = WithJsonSchema({"type": "string", "minLength": 1, "maxLength": checks.MAX_NAME_LENGTH,
+                               "pattern": checks.NAME_PATTERN})
+FlowName = Annotated[str, Field(min_length=1), _NAME_SCHEMA, checked(_check_flow_name)]
+KeyName = Annotated[str, Field(min_length=1), _NAME_SCHEMA, checked(_check_key_name)]
+# A tag: non-empty, no surrounding white space (``flows.check_tags``).
+Tag = Annotated[str, Field(min_length=1, max_length=checks.MAX_NAME_LENGTH,
+                           pattern=r"^[^\s\x00](?:[^\x00]*[^\s\x00])?$")]
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+# Parameter values are checked by the service (``nbflow.parameters``), as from every other door, so the
+# message is the same everywhere; the names' bounds are stated here too.
+Parameters = Annotated[dict[str, Any], WithJsonSchema({
+    "type": "object", "propertyNames": {"maxLength": checks.MAX_NAME_LENGTH, "pattern": NO_NUL}})]
 
 
 class Body(BaseModel):
@@ -18,52 +88,57 @@ class Body(BaseModel):
 
 
 class TriggerRequest(Body):
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Parameter values, by name.")
-    idempotency_key: str | None = Field(
-        default=None, min_length=1, max_length=200,
+    parameters: Parameters = Field(default_factory=dict, description="Parameter values, by name.")
+    idempotency_key: ShortText | None = Field(
+        default=None,
         description="A repeated key returns the run the first request created (200) instead of a new run.")
 
 
 class FlowSettings(Body):
     """The settings ``nbflow register`` takes; each omitted one keeps its current value."""
 
-    retries: int | None = Field(default=None, ge=0, le=1000)
-    retry_delay: float | None = Field(default=None, ge=0)
-    retry_backoff: float | None = Field(default=None, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
-    cell_timeout: float | None = Field(default=None, gt=0)
-    kernel_name: str | None = Field(default=None, min_length=1, max_length=200)
-    tags: list[str] | None = Field(default=None, max_length=100)
-    # le: the column is a 32-bit INTEGER on PostgreSQL, so a larger number would fail in the database
-    concurrency_limit: int | None = Field(default=None, ge=0, le=2**31 - 1, description="0 removes the limit.")
-    collision: Literal["enqueue", "cancel-new"] | None = None
-    labels: list[str] | None = Field(default=None, max_length=100,
-                                     description="Worker labels its runs need; replaces the flow's labels.")
+    retries: Annotated[int, Field(ge=0, le=checks.MAX_RETRIES), NotNull] = Field(default=None)
+    retry_delay: Annotated[Seconds, NotNull] = Field(default=None, description="Seconds before the first retry.")
+    retry_backoff: Annotated[float, Field(ge=1, le=checks.MAX_BACKOFF, allow_inf_nan=False), NotNull] = Field(
+        default=None, description="Multiplier of the delay for each further retry.")
+    timeout: PositiveSeconds | None = Field(default=None, description="Whole-run timeout in seconds.")
+    cell_timeout: PositiveSeconds | None = Field(default=None, description="Per-cell timeout in seconds.")
+    kernel_name: ShortText | None = None
+    tags: Annotated[list[Tag], Field(max_length=checks.MAX_ITEMS), NotNull] = Field(default=None)
+    concurrency_limit: Annotated[int, Field(ge=0, le=checks.MAX_CONCURRENCY)] | None = Field(
+        default=None, description="0 removes the limit.")
+    collision: Annotated[Literal["enqueue", "cancel-new"], NotNull] = Field(default=None)
+    labels: Annotated[list[Label], Field(max_length=checks.MAX_ITEMS), NotNull] = Field(
+        default=None, description="Worker labels its runs need; replaces the flow's labels.")
 
 
 class RegisterRequest(FlowSettings):
-    path: str = Field(min_length=1, max_length=4096, description="Notebook path, inside the notebooks root.")
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    path: str = Field(min_length=1, max_length=checks.MAX_PATH_LENGTH,
+                      description="Notebook path, inside the notebooks root.")
+    name: FlowName | None = Field(default=None, description="Default: from the file name.")
 
 
 class FlowPatch(FlowSettings):
     """Only the fields sent change; ``null`` clears ``timeout``, ``cell_timeout``, ``kernel_name`` and
     ``concurrency_limit``."""
 
-    paused: bool | None = Field(default=None, description="A paused flow's schedules and event triggers do "
-                                                          "not fire; manual and API triggers still run.")
+    paused: Annotated[bool, NotNull] = Field(
+        default=None, description="A paused flow's schedules and event triggers do not fire; manual and API "
+                                  "triggers still run.")
 
 
 class ScheduleRequest(Body):
-    flow: str = Field(min_length=1, max_length=200)
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    cron: str | None = Field(default=None, max_length=200)
-    interval: str | float | None = Field(default=None, description="30s, 5m, 2h, 1d, or seconds.")
-    at: str | None = Field(default=None, max_length=100, description="ISO 8601 date and time, for a one-off run.")
-    timezone: str = Field(default="UTC", max_length=64)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    flow: ShortText
+    name: ShortText | None = None
+    cron: Annotated[str, Field(max_length=checks.MAX_NAME_LENGTH, pattern=NO_NUL)] | None = None
+    interval: Annotated[str, Field(max_length=100, pattern=NO_NUL)] | PositiveSeconds | None = Field(
+        default=None, description="30s, 5m, 2h, 1d, or seconds.")
+    at: Annotated[str, Field(max_length=100, pattern=NO_NUL)] | None = Field(
+        default=None, description="ISO 8601 date and time, for a one-off run.")
+    timezone: Annotated[str, Field(max_length=64, pattern=NO_NUL)] = "UTC"
+    parameters: Parameters = Field(default_factory=dict)
     catch_up: Literal["skip", "latest", "all"] = "skip"
-    max_lateness: float | None = Field(default=None, gt=0)
+    max_lateness: PositiveSeconds | None = None
 
 
 class SchedulePatch(Body):
@@ -71,23 +146,43 @@ class SchedulePatch(Body):
 
 
 class SecretRequest(Body):
-    value: str = Field(max_length=65536, description="Write-only: never returned by any route.")
+    value: str = Field(min_length=4, max_length=65536, pattern=NO_NUL,
+                       description="Write-only: never returned by any route. At least 4 characters.")
+
+
+# A webhook maps a parameter (a Python identifier) to a dotted path of the body's fields.
+MAPPING_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+FIELD_PATH = r"^[^.\s\x00]+(\.[^.\s\x00]+)*$"
+MappingName = Annotated[str, Field(max_length=checks.MAX_NAME_LENGTH, pattern=MAPPING_NAME)]
+FieldPath = Annotated[str, Field(max_length=checks.MAX_PATH_LENGTH, pattern=FIELD_PATH)]
+Mapping = Annotated[dict[MappingName, FieldPath], Field(max_length=checks.MAX_ITEMS), WithJsonSchema({
+    "type": "object", "maxProperties": checks.MAX_ITEMS,
+    "propertyNames": {"maxLength": checks.MAX_NAME_LENGTH, "pattern": MAPPING_NAME},
+    "additionalProperties": {"type": "string", "maxLength": checks.MAX_PATH_LENGTH, "pattern": FIELD_PATH}})]
 
 
 class WebhookRequest(Body):
-    mapping: dict[str, str] = Field(
+    mapping: Mapping = Field(
         default_factory=dict, description="Parameter name -> field of the JSON body (dotted path) to pass as it.")
 
 
+# What ``nbflow.notify`` accepts, stated loosely enough to be exact for what clients send: an http(s) URL
+# with a host name (letters, digits, '.', '-', an optional port), or secret:NAME.
+PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+URL_PATTERN = (r"^(?:https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::" + PORT + r")?(?:[/?#][^\s\x00]*)?"
+               r"|secret:[A-Za-z_][A-Za-z0-9_.-]{0,199})$")
+
+
 class NotificationRequest(Body):
-    url: str = Field(min_length=1, max_length=2048, description="An http(s) URL, or secret:NAME.")
+    url: str = Field(min_length=1, max_length=checks.MAX_URL_LENGTH, pattern=URL_PATTERN,
+                     description="An http(s) URL, or secret:NAME (a stored secret holding the URL).")
     on: list[Literal["FAILED", "CRASHED", "CANCELLED", "COMPLETED"]] = Field(
         default_factory=lambda: ["FAILED"], min_length=1, description="End states that send it.")
 
 
 class KeyRequest(Body):
-    name: str = Field(min_length=1, max_length=200, description="Letters, digits, '.', '_' or '-', starting with a "
-                      "letter or digit. Names stay taken after a key is revoked.")
+    name: KeyName = Field(description="Letters, digits, '.', '_' or '-', starting with a letter or digit. Names "
+                       "stay taken after a key is revoked.")
     scope: Literal["read", "trigger", "admin"] = Field(
         description="What the key may do; each scope includes the ones before it.")
 

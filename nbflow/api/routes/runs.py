@@ -3,12 +3,15 @@ notebook), cancel and retry."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BeforeValidator
 
+from nbflow import checks
 from nbflow.api.auth import READ, TRIGGER
 from nbflow.api.errors import documented
 from nbflow.api.group_commit import encode
@@ -40,13 +43,27 @@ from nbflow.states import StateType
 
 router = APIRouter(tags=["runs"])
 
-MAX_PAGE = 500
-MAX_LOG_LINES = 5000
+MAX_PAGE = checks.MAX_PAGE
+MAX_LOG_LINES = checks.MAX_LOG_LINES
+
+# Filters, stated in the OpenAPI document as the service reads them: a flow is a name, a state one of the
+# state types in either case, a time an ISO 8601 time with its offset (a naive one is ambiguous).
+FlowFilter = Annotated[str | None, Query(max_length=checks.MAX_NAME_LENGTH, description="Only this flow's runs")]
+StateFilter = Annotated[str | None, Query(
+    description="Only runs in this state type (upper or lower case)",
+    json_schema_extra={"enum": [*(t.value for t in StateType), *(t.value.lower() for t in StateType)]})]
+def _iso_text(value: Any) -> Any:
+    """pydantic also reads a number as a Unix time ("0.5"): the document says ISO 8601, so only that."""
+    if isinstance(value, str) and not re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ValueError("expected an ISO 8601 time such as 2026-11-24T18:00:00Z")
+    return value
 
 
-class NotebookNotFound(NbflowError):
-    code = "notebook_not_found"
-    http_status = 404
+Time = Annotated[datetime | None, BeforeValidator(_iso_text),
+                 Query(description="ISO 8601 with its offset, e.g. 2026-11-24T18:00:00Z")]
+# ``after`` of a log: a line's id (ids only grow from 1; 18 digits stay within the 64-bit column on both
+# databases) or a time. Parsed by ``_parse_after``, which answers 400 as for the other filters.
+AFTER_SCHEMA = {"anyOf": [{"type": "string", "pattern": r"^[0-9]{0,18}$"}, {"type": "string", "format": "date-time"}]}
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -55,21 +72,27 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
     return value
 
 
+class NotebookNotFound(NbflowError):
+    code = "notebook_not_found"
+    http_status = 404
+
+
 @router.get("/runs", dependencies=[READ], response_model=RunPage, summary="Runs, newest first, a page at a time",
             responses=documented(400, 404))
 def runs(
     request: Request,
-    flow: str | None = None,
-    state: str | None = None,
-    created_after: Annotated[datetime | None, Query(description="ISO 8601 with offset; inclusive")] = None,
-    created_before: Annotated[datetime | None, Query(description="ISO 8601 with offset; exclusive")] = None,
+    flow: FlowFilter = None,
+    state: StateFilter = None,
+    created_after: Time = None,
+    created_before: Time = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_-]*$",
+                                        description="next_cursor of the previous page; empty: the first")] = None,
 ) -> dict[str, Any]:
     """Pages follow each other by cursor, not offset: runs created while a client pages never make it
     see a run twice or miss one. ``next_cursor`` is null on the last page."""
     with store_of(request).read() as session:
-        found = list_runs(session, flow=flow, state=state, limit=limit + 1, cursor=cursor,
+        found = list_runs(session, flow=flow, state=state, limit=limit + 1, cursor=cursor or None,
                           created_after=_aware(created_after, "created_after"),
                           created_before=_aware(created_before, "created_before"))
         page = found[:limit]
@@ -81,9 +104,8 @@ def runs(
             summary="How many runs match: exact, without scanning the history")
 def count(
     request: Request,
-    flow: Annotated[str | None, Query(description="Only this flow's runs")] = None,
-    state: Annotated[str | None, Query(description="Only runs in this state type (any case): "
-                                       + ", ".join(StateType))] = None,
+    flow: FlowFilter = None,
+    state: StateFilter = None,
 ) -> dict[str, Any]:
     """Declared before ``/runs/{run_id}``, which would otherwise take ``count`` for a run id. The count is
     ``nbflow.counts.count_runs``, as the notebook widgets count."""
@@ -112,7 +134,9 @@ def cells(run_id: str, request: Request) -> dict[str, Any]:
             response_model=RunLogs, responses=documented(400, 404))
 def run_logs(
     run_id: str, request: Request,
-    after: Annotated[str | None, Query(description="a line's id, or an ISO 8601 time: only later lines")] = None,
+    after: Annotated[str | None, Query(
+        max_length=100, description="a line's id, or an ISO 8601 time with its offset: only later lines",
+        json_schema_extra=AFTER_SCHEMA)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 1000,
 ) -> dict[str, Any]:
     """To follow a run, call again with ``after`` = the ``next_after`` of the previous answer."""
@@ -127,13 +151,14 @@ def run_logs(
 def _parse_after(after: str | None) -> int | datetime | None:
     if after is None or after == "":
         return None
-    if after.isdigit():
+    if after.isascii() and after.isdigit():  # bounded by ``runs.logs``: past a 64-bit id is a 400, not a 500
         return int(after)
     try:
-        when = datetime.fromisoformat(after.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(after.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise InvalidQuery(f"after={after!r} is neither a log line id nor an ISO 8601 time") from None
     return _aware(when, "after")
+
 
 
 @router.get("/runs/{run_id}/result", dependencies=[READ], summary="The values the notebook recorded",

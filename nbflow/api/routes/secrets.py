@@ -3,17 +3,21 @@ validation errors never echo the submitted body (``nbflow.api.errors``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
+from nbflow import checks
 from nbflow.api.auth import ADMIN
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import SecretList, SecretRequest
-from nbflow.secrets import delete_secret, list_secrets, set_secret
+from nbflow.secrets import SECRET_NAME_PATTERN, delete_secret, list_secrets, set_secret
 
 router = APIRouter(tags=["secrets"], dependencies=[ADMIN])
+
+# A secret's name, as ``nbflow.secrets`` takes it: stated here so that a bad name is a 422 before anything else.
+SecretName = Annotated[str, Path(max_length=checks.MAX_NAME_LENGTH, pattern=SECRET_NAME_PATTERN)]
 
 
 @router.get("/secrets", response_model=SecretList, summary="Secret names and times (never values)")
@@ -23,12 +27,12 @@ def secrets(request: Request) -> dict[str, Any]:
 
 @router.put("/secrets/{name}", status_code=204, summary="Create or replace a secret (write-only)",
             responses=documented(400, 413))
-def put_secret(name: str, body: SecretRequest, request: Request) -> Response:
+def put_secret(name: SecretName, body: SecretRequest, request: Request) -> Response:
     set_secret(store_of(request), name, body.value)
     return Response(status_code=204)
 
 
 @router.delete("/secrets/{name}", status_code=204, summary="Delete a secret", responses=documented(404))
-def remove_secret(name: str, request: Request) -> Response:
+def remove_secret(name: SecretName, request: Request) -> Response:
     delete_secret(store_of(request), name)
     return Response(status_code=204)
