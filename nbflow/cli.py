@@ -73,7 +73,7 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
     if kind in ("sqlalchemy", "sqlite3", "psycopg"):  # the database failed us after it opened
         from nbflow.store.database import database_error
 
-        return str(database_error(_database_url(), exc)), EXIT_BAD_INPUT
+        return str(database_error(_database_url(), exc, doing="database")), EXIT_BAD_INPUT
     if isinstance(exc, OSError) and exc.strerror:  # the disk or the network: full, read-only, gone
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}", EXIT_BAD_INPUT
@@ -150,10 +150,48 @@ def _seconds(minimum: float = 0.0, maximum: float = checks.MAX_SECONDS, *, above
     return _Float(minimum, maximum, min_open=above)
 
 
+# The commands that only read: they work on a read-only NBFLOW_HOME or a full disk. Every other command
+# writes, and is refused up front there (``_check_room``), before it writes anything.
+READ_COMMANDS = frozenset({"flows", "runs", "show", "workers", "schedule list", "limits list", "keys list",
+                           "secrets list", "hooks list", "notify list"})
+# Free space a writing command needs on the database's (SQLite) and NBFLOW_HOME's disks. A command writes
+# in several transactions (a run: created, started, its cells, its end; a flow: then its schedule), so
+# one that starts on an almost full disk could leave half its work: a run RUNNING that nothing can end.
+MIN_FREE_BYTES = 1 << 20
+
+
 def _store() -> Any:
     from nbflow.store import open_store
 
-    return open_store()
+    store = open_store()
+    ctx = click.get_current_context(silent=True)
+    command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+    if command and command not in READ_COMMANDS:
+        _check_room(store, command)
+    return store
+
+
+def _check_room(store: Any, command: str) -> None:
+    """Refuse a writing command on a read-only database, or with less than ``MIN_FREE_BYTES`` free."""
+    from pathlib import Path
+
+    from nbflow.errors import DatabaseError
+    from nbflow.settings import get_settings
+    from nbflow.store.database import _redact
+
+    if store.read_only:
+        raise DatabaseError(f"database {_redact(store.url)!r} is read-only here (its file or folder cannot be "
+                            f"written): `nbflow {command}` writes; the commands that only read work")
+    home = get_settings().home
+    folders = [home] if home.is_dir() else []
+    if store.dialect == "sqlite" and store.engine.url.database not in (None, "", ":memory:"):
+        folders.append(Path(store.engine.url.database).absolute().parent)
+    for folder in folders:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise DatabaseError(f"only {free // 1024} KB free on the disk of {folder}: `nbflow {command}` needs "
+                                f"at least {MIN_FREE_BYTES >> 20} MB free to write its state whole; free some space")
 
 
 def _emit_json(doc: Any) -> None:
@@ -224,6 +262,8 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
         launcher.settle(store, run_.id, "cancel", "cancelled by the user (interrupt)")
         with store.read() as session:
             ended = session.get(type(run_), run_.id)
+    except Exception as exc:  # the database or the disk failed us mid-run: end the run if it still can be
+        _end_after_failure(store, run_.id, exc)
     with store.read() as session:
         doc = run_document(session, ended)
     if as_json:
@@ -231,6 +271,21 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
     else:
         _print_outcome(doc)
     sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+def _end_after_failure(store: Any, run_id: Any, exc: Exception) -> None:
+    """One line for a ``run`` whose supervision failed, saying what became of the run."""
+    from nbflow import launcher
+
+    message, status = _error_line(exc)
+    try:
+        launcher.settle(store, run_id, "crash", f"`nbflow run` could not go on: {message}")
+        outcome = "it ended CRASHED"
+    except Exception:
+        outcome = ("it could not be ended either: a runner (`nbflow worker` or `serve`) ends it CRASHED once "
+                   "its lease has expired")
+    click.echo(f"nbflow: error: {_one_line(f'run {run_id}: {message}; {outcome}')}", err=True)
+    sys.exit(status)
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:

@@ -389,7 +389,8 @@ def _open_read_only(engine: Engine, path: Path) -> None:
 
 # What to do about the SQLite failures a user can meet, by the start of the driver's message.
 _HINTS = {
-    "database or disk is full": "the disk is full: free some space; nothing was written",
+    "database or disk is full": "the disk is full: free some space",
+    "disk I/O error": "is the disk full? SQLite needs a little room even to read",
     "attempt to write a readonly database": "it is read-only here (its file or folder cannot be written): "
                                             "commands that only read work, this one writes",
     "file is not a database": "the file is damaged or not a database: restore it from a backup, or point "
