@@ -144,6 +144,10 @@ class _Float(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:  # "0<=x<=31622400" in --help and errors, not "0.0<=x<=31622400.0"
+        low, high = (f"{bound:.15g}" for bound in (self.min, self.max))
+        return f"{low}{'<' if self.min_open else '<='}x<={high}"
+
 
 def _seconds(minimum: float = 0.0, maximum: float = checks.MAX_SECONDS, *, above: bool = False) -> _Float:
     """A duration in seconds, from ``minimum`` (excluded when ``above``) to a year (nbflow.checks)."""
