@@ -595,8 +595,9 @@ def workers_cmd(as_json: bool) -> None:
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="Only workers offering LABEL (`worker --labels`) run the flow (repeatable; replaces the labels).")
-@click.option("--concurrency", "concurrency_limit", type=click.IntRange(0, checks.MAX_LIMIT), metavar="N",
-              help="At most N runs of the flow at once, across all workers; 0 removes the limit.")
+@click.option("--concurrency", "concurrency_limit", type=int, metavar="N",
+              help=f"At most N runs of the flow at once, across all workers (N <= {checks.MAX_LIMIT}); 0 removes "
+                   "the limit.")
 @click.option("--collision", metavar="[enqueue|cancel-new]",
               help="A run that finds the flow at its --concurrency limit waits (enqueue, the default) or "
                    "ends CANCELLED (cancel-new).")
@@ -629,6 +630,8 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
 
     if cron is not None:  # a bad cron string or time zone registers nothing
         make_trigger("cron", {"expr": cron}, timezone)
+    if concurrency_limit is not None and concurrency_limit > checks.MAX_LIMIT:  # below 1: nbflow.flows says
+        _fail(f"--concurrency must be at most {checks.MAX_LIMIT} runs; got {concurrency_limit}")
     if after_on is not None and not after:
         _fail("--after-on needs --after FLOW")
     if file_param is not None and not on_file:
