@@ -10,7 +10,6 @@ bad number read later instead would stop a long-lived loop (a lease of ``1e300``
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +102,10 @@ def _number(name: str, default: float | None, *, minimum: float, maximum: float,
     raw = _raw(name)
     if raw is None:
         return default
-    try:
-        value: Any = float(raw.strip())
+    try:  # a whole number is written as one ("4", not "4.0" or "1e3"), as every reader of these parses it
+        value: Any = int(raw.strip()) if integer else float(raw.strip())
     except ValueError:
         value = raw[:40]  # not a number: checks.number says so, with the bounds
-    if integer and isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**63:
-        value = int(value)  # "4" and "4.0" alike; a huge one is refused by the bounds below
     return checks.number(value, field=name, error=InvalidSetting, minimum=minimum, maximum=maximum,
                          integer=integer)
 

@@ -290,6 +290,7 @@ BAD_SETTINGS = [
     ("NBFLOW_DEBUG", "verbose", "must be 1 or 0"),
     ("NBFLOW_API_THREADS", "0", "from 1 to 64"),
     ("NBFLOW_API_THREADS", "many", "whole number"),
+    ("NBFLOW_API_THREADS", "4.0", "whole number"),
     ("NBFLOW_API_URL", "localhost:8765", "must be an http(s) URL"),
     ("NBFLOW_API_URL", "http://127.0.0.1:99999", "not a usable URL"),
     ("NBFLOW_API_KEY", "abc\ndef", "control character"),
@@ -318,7 +319,7 @@ def test_every_bad_setting_is_one_line_naming_it(sqlite_env, tmp_path, monkeypat
 def test_good_settings_still_read_as_before(sqlite_env, tmp_path, monkeypatch):
     from nbflow.settings import get_settings
 
-    for name, value in (("NBFLOW_LEASE_SECONDS", " 2.5 "), ("NBFLOW_LOG_LIMIT_BYTES", "1e3"),
+    for name, value in (("NBFLOW_LEASE_SECONDS", " 2.5 "), ("NBFLOW_LOG_LIMIT_BYTES", " 1000 "),
                         ("NBFLOW_KERNEL_ZYGOTE", "OFF"), ("NBFLOW_RETENTION_DAYS", "90"), ("NBFLOW_DEBUG", "")):
         monkeypatch.setenv(name, value)
     settings = get_settings()
