@@ -158,10 +158,14 @@ def _seconds(minimum: float = 0.0, maximum: float = checks.MAX_SECONDS, *, above
 # writes, and is refused up front there (``_check_room``), before it writes anything.
 READ_COMMANDS = frozenset({"flows", "runs", "show", "workers", "schedule list", "limits list", "keys list",
                            "secrets list", "hooks list", "notify list"})
-# Free space a writing command needs on the database's (SQLite) and NBFLOW_HOME's disks. A command writes
-# in several transactions (a run: created, started, its cells, its end; a flow: then its schedule), so
-# one that starts on an almost full disk could leave half its work: a run RUNNING that nothing can end.
+# Free space a writing command needs on the SQLite database's disk (and, for the commands that write output
+# notebooks, on NBFLOW_HOME's). A command writes in several transactions (a run: created, started, its
+# cells, its end; a flow: then its schedule), so one that starts on an almost full disk could leave half
+# its work: a run RUNNING that nothing can end. Cancelling and pruning are exempt: they are how room and
+# slots are won back, and each of their transactions is whole or nothing.
 MIN_FREE_BYTES = 1 << 20
+NEEDS_NO_ROOM = frozenset({"cancel", "db prune"})
+WRITES_NOTEBOOKS = frozenset({"run", "worker", "serve"})
 
 
 def _store() -> Any:
@@ -186,8 +190,10 @@ def _check_room(store: Any, command: str) -> None:
     if store.read_only:
         raise DatabaseError(f"database {_redact(store.url)!r} is read-only here (its file or folder cannot be "
                             f"written): `nbflow {command}` writes; the commands that only read work")
+    if command in NEEDS_NO_ROOM:
+        return
     home = get_settings().home
-    folders = [home] if home.is_dir() else []
+    folders = [home] if command in WRITES_NOTEBOOKS and home.is_dir() else []
     if store.dialect == "sqlite" and store.engine.url.database not in (None, "", ":memory:"):
         folders.append(Path(store.engine.url.database).absolute().parent)
     for folder in folders:

@@ -241,6 +241,8 @@ def test_a_full_disk_refuses_writes_whole_and_reads_go_on(sqlite_env, tmp_path, 
     for args in (["register", other, "--schedule", "0 * * * *"], ["run", "hello"], ["run", other],
                  ["trigger", "hello"], ["schedule", "add", "hello", "--interval", "1h"]):
         one_error_line(nbflow(env, tmp_path, *args), "KB free on the disk of", "free some space")
+    pruned = nbflow(env, tmp_path, "db", "prune", "--older-than", "1d")  # how room is won back: allowed
+    assert pruned.returncode == 0, pruned.stderr
     flows = nbflow(env, tmp_path, "flows", "--json")  # reading needs no room
     assert flows.returncode == 0 and [f["name"] for f in json.loads(flows.stdout)["flows"]] == ["hello"]
     # quite full: even reading cannot open SQLite's -shm file; still one line
