@@ -357,7 +357,8 @@ def _prepare_sqlite_file(url: str, path: Path, home: Path | None) -> bool:
     file must be opened read-only (it exists, but it or its folder cannot be written)."""
     folder = path.parent
     if not folder.is_dir():
-        if home is None or not (folder == home or home in folder.parents):
+        inside = home is not None and (folder.resolve() == home.resolve() or home.resolve() in folder.resolve().parents)
+        if not inside:
             raise DatabaseError(
                 f"cannot open database {_redact(url)!r}: its folder {folder} does not exist (nbflow creates "
                 "NBFLOW_HOME, not the folder of another NBFLOW_DATABASE_URL: create it, or fix the URL)")
