@@ -39,7 +39,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 MAX_SLOTS = 256
 MAX_WARM_KERNELS = 64
 MAX_POLL_SECONDS = 3600.0  # --poll and --tick: a fallback or a look-up period, an hour at most
-MAX_AGE_DAYS = 36_500  # `db prune --older-than`: the cutoff (now - age) must stay a date
 
 
 def _fail(message: str) -> None:
@@ -1038,13 +1037,14 @@ def prune(older_than: str, keep_failed: bool, dry_run: bool, as_json: bool) -> N
     from nbflow.errors import InvalidRetention
     from nbflow.retention import parse_age
     from nbflow.retention import prune as prune_runs
+    from nbflow.settings import MAX_RETENTION_DAYS
 
     try:
         age = parse_age(older_than) if len(older_than) <= 40 else None
     except OverflowError:  # more days than a timedelta holds
         age = None
-    if age is None or age.days > MAX_AGE_DAYS:  # the cutoff, now - age, must stay a date
-        raise InvalidRetention(f"invalid age {older_than[:40]!r}: at most {MAX_AGE_DAYS} days")
+    if age is None or age.days > MAX_RETENTION_DAYS:  # the cutoff, now - age, must stay a date
+        raise InvalidRetention(f"invalid age {older_than[:40]!r}: at most {MAX_RETENTION_DAYS} days")
     summary = prune_runs(_store(), age, keep_failed=keep_failed, dry_run=dry_run)
     if as_json:
         _emit_json(summary.document())
