@@ -2,13 +2,20 @@
 
 Scripts and agents are first-class users: every listing command takes ``--json`` and then prints one
 JSON document on stdout and nothing else. Exit codes: 0 success (a run COMPLETED), 1 a run ended in any
-other state, 2 bad input (one line ``nbflow: error: ...`` on stderr; nothing was written).
+other state (or nbflow hit an internal error), 2 bad input or a bad environment (one line
+``nbflow: error: ...`` on stderr; nothing was written), 130 interrupted (Ctrl-C).
+
+The contract holds whatever goes wrong: the root group (``_Cli.main``) turns every exception that
+reaches it into that one line: click's usage errors, nbflow's own errors, an unusable database (corrupt
+file, read-only, full disk, server gone), a bad ``NBFLOW_*`` value, and, for a bug, one
+``internal error`` line (exit 1; ``NBFLOW_DEBUG=1`` prints the traceback too).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import socket
 import sys
@@ -19,21 +26,33 @@ from typing import Any
 
 import click
 
-from nbflow import __version__
+from nbflow import __version__, checks
 from nbflow.errors import NbflowError
 from nbflow.startup import freeze_startup_objects
 
 EXIT_RUN_NOT_COMPLETED = 1
+EXIT_INTERNAL_ERROR = 1  # a bug, not the input: like a run that did not complete, it is not a success
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+# Bounds of the CLI's numbers that nbflow.checks has no constant for (stated in each option's --help).
+MAX_SLOTS = 256
+MAX_WARM_KERNELS = 64
+MAX_POLL_SECONDS = 3600.0  # --poll and --tick: a fallback or a look-up period, an hour at most
 
 
 def _fail(message: str) -> None:
-    click.echo(f"nbflow: error: {message}", err=True)
+    click.echo(f"nbflow: error: {_one_line(message)}", err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn nbflow's own errors into one clear line and exit code 2, never a traceback."""
+    """Turn nbflow's own errors into one clear line and exit code 2, never a traceback (the root group
+    does the same for everything else, see ``_Cli.main``)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -45,10 +64,143 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line (without ``nbflow: error:``) and the exit code for an exception that reached the top."""
+    if isinstance(exc, NbflowError):
+        return str(exc), EXIT_BAD_INPUT
+    kind = type(exc).__module__.partition(".")[0]
+    if kind in ("sqlalchemy", "sqlite3", "psycopg"):  # the database failed us after it opened
+        from nbflow.store.database import database_error
+
+        return str(database_error(_database_url(), exc, doing="database")), EXIT_BAD_INPUT
+    if isinstance(exc, OSError) and exc.strerror:  # the disk or the network: full, read-only, gone
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}", EXIT_BAD_INPUT
+    message = str(exc)
+    return (f"internal error: {type(exc).__name__}" + (f": {message}" if message else "")
+            + " (set NBFLOW_DEBUG=1 for the traceback)", EXIT_INTERNAL_ERROR)
+
+
+def _database_url() -> str:
+    try:
+        from nbflow.settings import get_settings
+
+        return get_settings().database_url
+    except NbflowError:
+        return "?"
+
+
+def _debug() -> bool:
+    """NBFLOW_DEBUG, read leniently: the error path must not fail on it (settings refuse a bad value)."""
+    return os.environ.get("NBFLOW_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _Cli(click.Group):
+    """The root group, whose ``main`` keeps the CLI's contract for every way a command can go wrong."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `nbflow` (or a group) alone asks for its help
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as exc:  # usage errors: one line instead of click's usage block
+            ctx = getattr(exc, "ctx", None)
+            message = exc.format_message().rstrip(".")
+            if message[1:2].islower():  # "Missing argument ..." -> "missing argument ...", as nbflow's own
+                message = message[0].lower() + message[1:]
+            _fail(message + (f" (see '{ctx.command_path} --help')" if ctx is not None else ""))
+        except click.exceptions.Abort as exc:  # click turns Ctrl-C and an end of input into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                sys.exit(EXIT_INTERRUPTED)
+            _fail("aborted: no input" if isinstance(exc.__cause__, EOFError) else "aborted")
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            message, status = _error_line(exc)
+            if _debug():
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"nbflow: error: {_one_line(message)}", err=True)
+            sys.exit(status)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Float(click.FloatRange):
+    """A number within finite bounds. click's FloatRange lets NaN through (every comparison with it is
+    false) and, without a maximum, infinity: either, stored, stops the loops that compute with it."""
+
+    def __init__(self, min: float, max: float, *, min_open: bool = False) -> None:
+        super().__init__(min=min, max=max, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:  # "0<=x<=31622400" in --help and errors, not "0.0<=x<=31622400.0"
+        low, high = (f"{bound:.15g}" for bound in (self.min, self.max))
+        return f"{low}{'<' if self.min_open else '<='}x<={high}"
+
+
+def _seconds(minimum: float = 0.0, maximum: float = checks.MAX_SECONDS, *, above: bool = False) -> _Float:
+    """A duration in seconds, from ``minimum`` (excluded when ``above``) to a year (nbflow.checks)."""
+    return _Float(minimum, maximum, min_open=above)
+
+
+# The commands that only read: they work on a read-only NBFLOW_HOME or a full disk. Every other command
+# writes, and is refused up front there (``_check_room``), before it writes anything.
+READ_COMMANDS = frozenset({"flows", "runs", "show", "workers", "schedule list", "limits list", "keys list",
+                           "secrets list", "hooks list", "notify list"})
+# Free space a writing command needs on the SQLite database's disk (and, for the commands that write output
+# notebooks, on NBFLOW_HOME's). A command writes in several transactions (a run: created, started, its
+# cells, its end; a flow: then its schedule), so one that starts on an almost full disk could leave half
+# its work: a run RUNNING that nothing can end. Cancelling and pruning are exempt: they are how room and
+# slots are won back, and each of their transactions is whole or nothing.
+MIN_FREE_BYTES = 1 << 20
+NEEDS_NO_ROOM = frozenset({"cancel", "db prune"})
+WRITES_NOTEBOOKS = frozenset({"run", "worker", "serve"})
+
+
 def _store() -> Any:
     from nbflow.store import open_store
 
-    return open_store()
+    store = open_store()
+    ctx = click.get_current_context(silent=True)
+    command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+    if command and command not in READ_COMMANDS:
+        _check_room(store, command)
+    return store
+
+
+def _check_room(store: Any, command: str) -> None:
+    """Refuse a writing command on a read-only database, or with less than ``MIN_FREE_BYTES`` free."""
+    from pathlib import Path
+
+    from nbflow.errors import DatabaseError
+    from nbflow.settings import get_settings
+    from nbflow.store.database import _redact
+
+    if store.read_only:
+        raise DatabaseError(f"database {_redact(store.url)!r} is read-only here (its file or folder cannot be "
+                            f"written): `nbflow {command}` writes; the commands that only read work")
+    if command in NEEDS_NO_ROOM:
+        return
+    home = get_settings().home
+    folders = [home] if command in WRITES_NOTEBOOKS and home.is_dir() else []
+    if store.dialect == "sqlite" and store.engine.url.database not in (None, "", ":memory:"):
+        folders.append(Path(store.engine.url.database).absolute().parent)
+    for folder in folders:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise DatabaseError(f"only {free // 1024} KB free on the disk of {folder}: `nbflow {command}` needs "
+                                f"at least {MIN_FREE_BYTES >> 20} MB free to write its state whole; free some space")
 
 
 def _emit_json(doc: Any) -> None:
@@ -72,7 +224,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="nbflow")
 def cli() -> None:
     """nbflow: run Jupyter notebooks as parameterized, versioned workflows.
@@ -119,6 +271,8 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
         launcher.settle(store, run_.id, "cancel", "cancelled by the user (interrupt)")
         with store.read() as session:
             ended = session.get(type(run_), run_.id)
+    except Exception as exc:  # the database or the disk failed us mid-run: end the run if it still can be
+        _end_after_failure(store, run_.id, exc)
     with store.read() as session:
         doc = run_document(session, ended)
     if as_json:
@@ -126,6 +280,21 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
     else:
         _print_outcome(doc)
     sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+def _end_after_failure(store: Any, run_id: Any, exc: Exception) -> None:
+    """One line for a ``run`` whose supervision failed, saying what became of the run."""
+    from nbflow import launcher
+
+    message, status = _error_line(exc)
+    try:
+        launcher.settle(store, run_id, "crash", f"`nbflow run` could not go on: {message}")
+        outcome = "it ended CRASHED"
+    except Exception:
+        outcome = ("it could not be ended either: a runner (`nbflow worker` or `serve`) ends it CRASHED once "
+                   "its lease has expired")
+    click.echo(f"nbflow: error: {_one_line(f'run {run_id}: {message}; {outcome}')}", err=True)
+    sys.exit(status)
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:
@@ -250,12 +419,13 @@ def retry(run_id: str, as_json: bool) -> None:
 def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``worker`` and ``serve`` share."""
     options = [
-        click.option("--slots", type=click.IntRange(min=1), default=2, show_default=True, help="Runs at once."),
-        click.option("--poll", "poll_interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+        click.option("--slots", type=click.IntRange(1, MAX_SLOTS), default=2, show_default=True, help="Runs at once."),
+        click.option("--poll", "poll_interval", type=_seconds(0.05, MAX_POLL_SECONDS), default=1.0, show_default=True,
                      metavar="SECONDS", help="Fallback: how often to look for queued runs when nothing wakes us."),
-        click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+        click.option("--grace", type=_seconds(), default=30.0, show_default=True, metavar="SECONDS",
                      help="On SIGTERM/Ctrl-C, how long runs in flight may go on before they are cancelled."),
-        click.option("--warm-kernels", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+        click.option("--warm-kernels", type=click.IntRange(0, MAX_WARM_KERNELS), default=1, show_default=True,
+                     metavar="N",
                      help="Kernels kept started and connected per kernel name, each for one run (0: off)."),
         click.option("--labels", default="", metavar="LABEL,...",
                      help="Labels this runner offers (e.g. gpu,big-mem): it runs flows needing only these labels "
@@ -327,7 +497,7 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
 
 @cli.command()
 @_runner_options
-@click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
+@click.option("--tick", type=_seconds(0.05, MAX_POLL_SECONDS), default=1.0, show_default=True, metavar="SECONDS",
               help="How often the scheduler looks for due schedules and events.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the REST API listens on. Anything but loopback needs an API key (`nbflow keys create`).")
@@ -416,21 +586,23 @@ def workers_cmd(as_json: bool) -> None:
 @cli.command()
 @click.argument("notebook")
 @click.option("--name", help="Flow name (default: the notebook's file name without .ipynb).")
-@click.option("--retries", type=click.IntRange(min=0), help="Retries after a failed attempt (default 0).")
-@click.option("--retry-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+@click.option("--retries", type=click.IntRange(0, checks.MAX_RETRIES),
+              help="Retries after a failed attempt (default 0).")
+@click.option("--retry-delay", type=_seconds(), metavar="SECONDS",
               help="Delay before the first retry; doubles each time (see --retry-backoff).")
-@click.option("--retry-backoff", type=click.FloatRange(min=1), metavar="FACTOR",
+@click.option("--retry-backoff", type=_Float(1, checks.MAX_BACKOFF), metavar="FACTOR",
               help="Multiplier of the delay between successive retries (default 2).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--timeout", type=_seconds(above=True), metavar="SECONDS",
               help="Whole-run timeout: the run ends FAILED (TimedOut).")
-@click.option("--cell-timeout", type=click.IntRange(min=1), metavar="SECONDS",
+@click.option("--cell-timeout", type=click.IntRange(1, int(checks.MAX_SECONDS)), metavar="SECONDS",
               help="Per-cell timeout in whole seconds: a cell running longer fails the run (TimedOut).")
 @click.option("--kernel", help="Kernel to run the flow with (default: the notebook's kernelspec).")
 @click.option("--tag", "tags", multiple=True, help="Tag the flow (repeatable; replaces the tags).")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="Only workers offering LABEL (`worker --labels`) run the flow (repeatable; replaces the labels).")
 @click.option("--concurrency", "concurrency_limit", type=int, metavar="N",
-              help="At most N runs of the flow at once, across all workers; 0 removes the limit.")
+              help=f"At most N runs of the flow at once, across all workers (N <= {checks.MAX_LIMIT}); 0 removes "
+                   "the limit.")
 @click.option("--collision", metavar="[enqueue|cancel-new]",
               help="A run that finds the flow at its --concurrency limit waits (enqueue, the default) or "
                    "ends CANCELLED (cancel-new).")
@@ -463,6 +635,8 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
 
     if cron is not None:  # a bad cron string or time zone registers nothing
         make_trigger("cron", {"expr": cron}, timezone)
+    if concurrency_limit is not None and concurrency_limit > checks.MAX_LIMIT:  # below 1: nbflow.flows says
+        _fail(f"--concurrency must be at most {checks.MAX_LIMIT} runs; got {concurrency_limit}")
     if after_on is not None and not after:
         _fail("--after-on needs --after FLOW")
     if file_param is not None and not on_file:
@@ -536,7 +710,7 @@ def flows(as_json: bool) -> None:
 @cli.command()
 @click.option("--flow", "flow_name", help="Only runs of this flow.")
 @click.option("--state", help="Only runs in this state (e.g. FAILED).")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, checks.MAX_LIMIT), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print {\"runs\": [...]} as JSON.")
 @handle_errors
 def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) -> None:
@@ -562,7 +736,7 @@ def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) ->
 @cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
-@click.option("--logs", "log_lines", type=click.IntRange(min=0), default=20, show_default=True,
+@click.option("--logs", "log_lines", type=click.IntRange(0, checks.MAX_LIMIT), default=20, show_default=True,
               help="How many of the last log lines to show.")
 @handle_errors
 def show(run_id: str, as_json: bool, log_lines: int) -> None:
@@ -645,7 +819,7 @@ def _schedule_line(d: dict[str, Any]) -> str:
 @click.option("--catch-up", type=click.Choice(["skip", "latest", "all"]),
               help="Slots missed while no scheduler ran: skip them (the default), fire the latest, or fire "
                    "all. Adding a schedule again without it keeps its policy.")
-@click.option("--max-lateness", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--max-lateness", type=_seconds(above=True), metavar="SECONDS",
               help="Never fire a slot older than this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the schedule as one JSON document.")
 @handle_errors
@@ -714,9 +888,9 @@ schedule.command("remove", help="Delete a schedule (its past runs stay).")(_sche
 
 
 @cli.command("scheduler")
-@click.option("--tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
+@click.option("--tick", type=_seconds(0.05, MAX_POLL_SECONDS), default=1.0, show_default=True, metavar="SECONDS",
               help="How often to look for due schedules and events.")
-@click.option("--exit-after", type=click.FloatRange(min=0), metavar="SECONDS", help="Stop after this long.")
+@click.option("--exit-after", type=_seconds(), metavar="SECONDS", help="Stop after this long.")
 @handle_errors
 def scheduler_cmd(tick: float, exit_after: float | None) -> None:
     """Fire due schedules, and events (pipelines, file arrivals), into queued runs, in the foreground,
@@ -785,6 +959,8 @@ def limits_set(args: tuple[str, ...], is_global: bool, as_json: bool) -> None:
         value = int(raw)
     except ValueError:
         raise InvalidLimit(f"the limit must be a whole number of runs, at least 1; got {raw!r}") from None
+    if value > checks.MAX_LIMIT:  # a bigger one means "no limit" (remove it), and may not fit the column
+        raise InvalidLimit(f"the limit must be a whole number of runs from 1 to {checks.MAX_LIMIT}; got {raw}")
     store = _store()
     with store.write() as session:
         concurrency.set_tag_limit(session, tag, value)
@@ -843,7 +1019,8 @@ def upgrade() -> None:
     from nbflow.settings import get_settings
     from nbflow.store import Store
 
-    store = Store(get_settings().database_url)
+    settings = get_settings()
+    store = Store(settings.database_url, home=settings.home)
     store.ensure_schema()
     click.echo(f"database at revision {store.current_revision()}")
 
@@ -861,10 +1038,17 @@ def prune(older_than: str, keep_failed: bool, dry_run: bool, as_json: bool) -> N
     Queued and running runs are never touched. Works in small batches, so it can run while nbflow
     serves. Automatic retention: set NBFLOW_RETENTION_DAYS for `nbflow serve` (see docs/deployment.md).
     """
+    from nbflow.errors import InvalidRetention
     from nbflow.retention import parse_age
     from nbflow.retention import prune as prune_runs
+    from nbflow.settings import MAX_RETENTION_DAYS
 
-    age = parse_age(older_than)
+    try:
+        age = parse_age(older_than) if len(older_than) <= 40 else None
+    except OverflowError:  # more days than a timedelta holds
+        age = None
+    if age is None or age.days > MAX_RETENTION_DAYS:  # the cutoff, now - age, must stay a date
+        raise InvalidRetention(f"invalid age {older_than[:40]!r}: at most {MAX_RETENTION_DAYS} days")
     summary = prune_runs(_store(), age, keep_failed=keep_failed, dry_run=dry_run)
     if as_json:
         _emit_json(summary.document())
@@ -1049,13 +1233,13 @@ def hooks_list(flow_name: str | None, as_json: bool) -> None:
 
 
 @hooks.command("revoke")
-@click.argument("webhook_id")
+@click.argument("webhook_id", type=click.IntRange(1, checks.MAX_OFFSET))
 @handle_errors
-def hooks_revoke(webhook_id: str) -> None:
+def hooks_revoke(webhook_id: int) -> None:
     """Revoke webhook ID: its URL answers 404 at once."""
     from nbflow.webhooks import revoke_webhook
 
-    revoke_webhook(_store(), webhook_id)  # type: ignore[arg-type]
+    revoke_webhook(_store(), webhook_id)
     click.echo(f"webhook {webhook_id} revoked")
 
 
@@ -1105,13 +1289,13 @@ def notify_list(flow_name: str | None, as_json: bool) -> None:
 
 
 @notify.command("remove")
-@click.argument("notification_id")
+@click.argument("notification_id", type=click.IntRange(1, checks.MAX_OFFSET))
 @handle_errors
-def notify_remove(notification_id: str) -> None:
+def notify_remove(notification_id: int) -> None:
     """Delete notification ID (and its pending deliveries)."""
     from nbflow.notify import remove_notification
 
-    remove_notification(_store(), notification_id)  # type: ignore[arg-type]
+    remove_notification(_store(), notification_id)
     click.echo(f"notification {notification_id} removed")
 
 

@@ -68,6 +68,14 @@ class DatabaseError(NbflowError):
     http_status = 503
 
 
+class InvalidSetting(NbflowError):
+    """An ``NBFLOW_*`` environment variable with a value that cannot work (nbflow.settings); the message
+    names the variable. A set-up problem of the server, not of a request, hence 503."""
+
+    code = "invalid_setting"
+    http_status = 503
+
+
 class ScheduleError(NbflowError):
     """A schedule that cannot work: bad cron expression, unknown time zone, bad interval or date."""
 

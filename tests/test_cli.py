@@ -98,3 +98,14 @@ def test_retry_queues_a_new_run_with_the_same_parameters(sqlite_env, tmp_path):
     assert old["state"] == "FAILED" and old["parent_run_id"] is None
     refused = nbflow(sqlite_env, tmp_path, "retry", again["id"])
     assert refused.returncode != 0 and "has not ended (PENDING)" in refused.stderr
+
+
+def test_nbflow_alone_prints_its_help_and_version_exits_0(sqlite_env, tmp_path):
+    """Asking for help is not an error: stdout, exit 0 (click alone would print it on stderr, exit 2)."""
+    alone = nbflow(sqlite_env, tmp_path)
+    assert alone.returncode == 0 and alone.stderr == "" and "Usage: nbflow" in alone.stdout
+    group = nbflow(sqlite_env, tmp_path, "schedule")
+    assert group.returncode == 0 and "Usage: nbflow schedule" in group.stdout
+    version = nbflow(sqlite_env, tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("nbflow, version ")
+    assert not (tmp_path / "home").exists()

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from nbflow.errors import DatabaseError
@@ -83,10 +83,17 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 class Store:
-    """The process's handle on the database: an engine plus read and write sessions."""
+    """The process's handle on the database: an engine plus read and write sessions.
 
-    def __init__(self, url: str) -> None:
+    ``home`` (``NBFLOW_HOME``) is the one folder nbflow may create for a SQLite file: the folder of an
+    explicit ``NBFLOW_DATABASE_URL`` elsewhere must exist (a typo must not create ``/srv/nbflw/``).
+    A SQLite file whose folder (or itself) cannot be written opens read-only (``read_only``): the
+    commands that only read work, a write fails with "attempt to write a readonly database".
+    """
+
+    def __init__(self, url: str, *, home: Path | None = None) -> None:
         self.url = url
+        self.read_only = False
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -94,8 +101,8 @@ class Store:
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {}
         if self.dialect == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if parsed.database and parsed.database != ":memory:" and not parsed.query.get("uri"):
+                self.read_only = _prepare_sqlite_file(url, Path(parsed.database).absolute(), home)
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
         elif self.dialect == "postgresql" and parsed.get_driver_name() in ("psycopg2", "postgresql"):
             # psycopg 3 is the driver we ship; a bare postgresql:// URL means it.
@@ -108,6 +115,8 @@ class Store:
             raise DatabaseError(f"cannot open database {_redact(url)!r}: {exc}") from None
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
+            if self.read_only:
+                _open_read_only(self.engine, Path(parsed.database).absolute())  # type: ignore[arg-type]
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(
             self.engine.execution_options(nbflow_write=True), expire_on_commit=False
@@ -328,15 +337,28 @@ class Store:
                     conn.commit()
 
     def ensure_schema(self) -> None:
-        """Migrate on first use; a current schema costs one small query (and, on SQLite, a file lock)."""
+        """Migrate on first use; a current schema costs one small query (and, on SQLite, a file lock).
+
+        Whatever stops it (a corrupt or truncated file, a full disk, a server that is gone, a read-only
+        database at an older revision) is one ``DatabaseError``."""
         try:
+            if self.read_only:  # no lock file to take, and nothing could be migrated
+                revision = _schema_revision(self.engine)
+                if revision != SCHEMA_REVISION:
+                    raise DatabaseError(
+                        f"cannot open database {_redact(self.url)!r}: it is read-only here and at schema "
+                        f"revision {revision or 'none'}, not {SCHEMA_REVISION}; run `nbflow db upgrade` "
+                        "where it can be written")
+                return
             with self._file_lock():
-                if self.current_revision() != SCHEMA_REVISION:
+                if _schema_revision(self.engine) != SCHEMA_REVISION:
                     with self._migration_lock() as conn:
                         self._apply_migrations(conn)
-        except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise DatabaseError(f"cannot open database {_redact(self.url)!r}: {reason}") from None
+        except SQLAlchemyError as exc:
+            raise database_error(self.url, exc) from None
+        except OSError as exc:  # the migration lock file: a full disk, a folder that turned read-only
+            raise DatabaseError(
+                f"cannot open database {_redact(self.url)!r}: {exc.strerror}: {exc.filename}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -357,20 +379,92 @@ def wake_runners(session: Session) -> None:
         session.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
 
 
+def _schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision, None if it has none yet. Unlike ``current_revision``, any other
+    failure raises: a damaged file must be reported, never "migrated" as if it were empty."""
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError as exc:
+            reason = str(exc.orig)
+            if "no such table" in reason or "does not exist" in reason:
+                return None
+            raise
+
+
+def _prepare_sqlite_file(url: str, path: Path, home: Path | None) -> bool:
+    """Make sure the folder of a SQLite file exists (creating it only inside ``home``); True when the
+    file must be opened read-only (it exists, but it or its folder cannot be written)."""
+    folder = path.parent
+    if not folder.is_dir():
+        inside = home is not None and (folder.resolve() == home.resolve() or home.resolve() in folder.resolve().parents)
+        if not inside:
+            raise DatabaseError(
+                f"cannot open database {_redact(url)!r}: its folder {folder} does not exist (nbflow creates "
+                "NBFLOW_HOME, not the folder of another NBFLOW_DATABASE_URL: create it, or fix the URL)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(f"cannot create NBFLOW_HOME {folder}: {exc.strerror}") from None
+    if os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK)):
+        return False
+    if not path.exists():
+        raise DatabaseError(f"cannot create database {_redact(url)!r}: its folder {folder} is read-only")
+    return True
+
+
+def _open_read_only(engine: Engine, path: Path) -> None:
+    """Connect to ``path`` read-only. A WAL database is read with its ``-wal`` and ``-shm`` files when
+    they are there (a writer elsewhere left changes in them: ``mode=ro`` reads them); without them,
+    SQLite could not create its shared-memory file in a read-only folder, so the file is opened
+    ``immutable``: all of it is in the file, nothing to lock."""
+    from urllib.parse import quote
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        wal = Path(f"{path}-wal")
+        mode = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "immutable=1"
+        cargs[:] = [f"file:{quote(str(path))}?{mode}"]
+        cparams["uri"] = True
+
+
+# What to do about the SQLite failures a user can meet, by the start of the driver's message.
+_HINTS = {
+    "database or disk is full": "the disk is full: free some space",
+    "disk I/O error": "is the disk full? SQLite needs a little room even to read",
+    "attempt to write a readonly database": "it is read-only here (its file or folder cannot be written): "
+                                            "commands that only read work, this one writes",
+    "file is not a database": "the file is damaged or not a database: restore it from a backup, or point "
+                              "NBFLOW_HOME or NBFLOW_DATABASE_URL elsewhere",
+    "database disk image is malformed": "the file is damaged (truncated?): restore it from a backup",
+    "unable to open database file": "check that the file and its folder exist and can be read",
+}
+
+
+def database_error(url: str, exc: BaseException, doing: str = "cannot open database") -> DatabaseError:
+    """One ``DatabaseError`` line for a driver failure: the first line of the driver's message (never the
+    SQL or its parameters, which may hold secrets), the URL with its password hidden, and what to do."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    reason = lines[0].strip() if lines else type(orig).__name__
+    hint = next((h for key, h in _HINTS.items() if reason.startswith(key)), None)
+    return DatabaseError(f"{doing} {_redact(url)!r}: {reason}" + (f" ({hint})" if hint else ""))
+
+
 _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
 
 
 def open_store(url: str | None = None) -> Store:
     """The shared, migrated ``Store`` for ``url`` (default: the settings' database)."""
-    if url is None:
-        from nbflow.settings import get_settings
+    from nbflow.settings import get_settings
 
-        url = get_settings().database_url
+    settings = get_settings()  # checked, even for an explicit url: a bad NBFLOW_* value stops us here
+    url = url or settings.database_url
     with _stores_lock:
         store = _stores.get(url)
         if store is None:
-            store = Store(url)
+            store = Store(url, home=settings.home)
             store.ensure_schema()
             _stores[url] = store
         return store
