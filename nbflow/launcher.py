@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
-from nbflow import processes, states
+from nbflow import containment, processes, states
 from nbflow.settings import get_settings
 from nbflow.store import Store
-from nbflow.store.models import CellRun, Flow, Run, utcnow
+from nbflow.store.models import CellRun, Flow, Log, Run, utcnow
 
 GRACE_SECONDS = processes.GRACE_SECONDS
 WAIT_SLICE_SECONDS = 0.1
@@ -43,7 +43,7 @@ def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
 
 
 def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
-            cell: tuple[int | None, str | None] = (None, None)) -> None:
+            cell: tuple[int | None, str | None] = (None, None), *, name: str | None = None) -> None:
     """Write the end the process could not write itself, if the run is still live.
 
     ``cell`` is the cell that was running when the process was stopped (read before stopping it): it
@@ -62,14 +62,14 @@ def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
                 states.transition(session, run, states.S.CANCELLING, message=detail)
             states.transition(session, run, states.S.CANCELLED, message=detail)
         else:
-            ename = "TimedOut" if why == "timeout" else "Crashed"
+            ename = name or ("TimedOut" if why == "timeout" else "Crashed")
             error = {"ename": ename, "evalue": detail, "traceback": [], "cell_index": cell_index,
                      "cell_id": cell_id}
             if state is states.S.PENDING:
                 states.fail(session, run, error=error, message=detail)
             else:
-                states.fail(session, run, error=error, crashed=why == "crash",
-                            name="TimedOut" if why == "timeout" else None, message=detail)
+                states.fail(session, run, error=error, crashed=why == "crash" and name is None,
+                            name=name or ("TimedOut" if why == "timeout" else None), message=detail)
         live = (CellRun.run_id == run_id) & (CellRun.attempt == attempt) & CellRun.state.in_(["PENDING", "RUNNING"])
         now = utcnow()
         if cell_index is not None:
@@ -126,13 +126,22 @@ class LocalAttempt:
         try:
             return self.rp.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return None
+            pass
+        if self.rp.out_of_memory():  # its kernel is over the flow's memory limit (paused there): end the run
+            self.out_of_memory = True
+            self.rp.group.kill()
+            return self.rp.proc.wait()
+        return None
+
+    out_of_memory = False
 
     def terminate(self) -> None:
-        processes.terminate_tree(self.rp.pid)
+        self.rp.terminate()
         self.rp.proc.wait()
 
     def exit_detail(self, code: int) -> str:
+        if self.out_of_memory or self.rp.out_of_memory():
+            return containment.oom_message(self.rp.group.limit)
         tail = _tail(self.rp.err_path)
         return f"the run process exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
 
@@ -191,18 +200,24 @@ class WarmSource(Protocol):
 def start_local(store: Store, run: Run, *, progress: bool = False, pool: WarmSource | None = None) -> LocalAttempt:
     """Start one attempt of a PENDING run in its own process here: a warm one from ``pool`` if it has one
     for the run's kernel, else a forked one (a runner) or a fresh ``python -m nbflow.runprocess``."""
+    with store.read() as session:
+        flow = session.get(Flow, run.flow_id)
+        source_path, memory_limit = flow.source_path, flow.memory_limit
     rp = pool.take(run.kernel_name) if pool is not None else None
-    if rp is not None and not rp.hand(run.id):
+    if rp is not None and not rp.hand(run.id, memory_limit):
         rp.discard()
         rp = None
     if rp is None:
-        with store.read() as session:
-            source_path = session.get(Flow, run.flow_id).source_path
         cwd = working_directory(source_path, run.output_path)
         if pool is not None:  # a runner: forked, with everything imported
-            rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id)
+            rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id, memory_limit=memory_limit)
         else:  # the foreground `nbflow run`
-            rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress)
+            rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress, memory_limit=memory_limit)
+    if not rp.memory_enforced:  # said in the run's log, never silently ignored
+        with store.write() as session:
+            session.add(Log(run_id=run.id, attempt=run.attempt, at=utcnow(), stream="system", cell_index=None,
+                            text=f"the flow's memory limit of {containment.format_bytes(memory_limit or 0)} is not "
+                                 f"enforced on this worker ({containment.mechanism().describe()})"))
     return LocalAttempt(rp)
 
 
@@ -226,7 +241,9 @@ def supervise(store: Store, run: Run, attempt: Attempt, stop: threading.Event | 
             settle(store, run.id, "cancel", "the worker shut down before the run finished", outcome)
             return
         if outcome != 0:
-            settle(store, run.id, "crash", attempt.exit_detail(outcome), _running_cell(store, run))
+            oom = getattr(attempt, "out_of_memory", False)  # a FAILED run, not a crash: over its memory limit
+            settle(store, run.id, "crash", attempt.exit_detail(outcome), _running_cell(store, run),
+                   name="OutOfMemory" if oom else None)
     finally:
         attempt.cleanup()
 

@@ -30,7 +30,7 @@ from nbflow.errors import DatabaseError
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration. tests/test_store.py checks it against Alembic's head, so it cannot drift;
 # keeping it here lets every process skip loading the migration scripts when the schema is current.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 

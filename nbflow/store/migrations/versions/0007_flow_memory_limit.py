@@ -1,0 +1,28 @@
+"""flow.memory_limit: a flow's memory limit in bytes (nbflow.containment), null for none
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-01 16:00:00.000000
+
+Set on the run's kernel group by the worker that runs it, where cgroups allow it; a worker that cannot
+enforce it says so in the run's log. On ``flow`` only, read when an attempt starts: adding it to ``run``
+would need SQLite's table rebuild of ``run`` (and its counting triggers, see 0006) for a setting that is
+the flow's.
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("flow", sa.Column("memory_limit", sa.BigInteger(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("flow", schema=None) as batch_op:
+        batch_op.drop_column("memory_limit")
