@@ -434,6 +434,9 @@ def workers_cmd(as_json: bool) -> None:
 @click.option("--collision", metavar="[enqueue|cancel-new]",
               help="A run that finds the flow at its --concurrency limit waits (enqueue, the default) or "
                    "ends CANCELLED (cancel-new).")
+@click.option("--memory-limit", metavar="SIZE",
+              help="Memory the run's kernel may use, e.g. 512M or 2G; over it the run ends FAILED (OutOfMemory). "
+                   "Enforced by workers with cgroups (docs/operations.md); 0 removes the limit.")
 @click.option("--schedule", "cron", metavar="CRON",
               help="Also schedule it: a 5-field cron expression (the schedule named 'default').")
 @click.option("--tz", "timezone", default="UTC", show_default=True, help="IANA time zone of --schedule.")
@@ -452,7 +455,7 @@ def workers_cmd(as_json: bool) -> None:
 def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
              retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
              kernel: str | None, tags: tuple[str, ...], labels: tuple[str, ...], concurrency_limit: int | None,
-             collision: str | None,
+             collision: str | None, memory_limit: str | None,
              cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
              on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
@@ -474,7 +477,7 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
                           tags=tags or None, concurrency_limit=concurrency_limit, collision=collision,
-                          labels=labels or None)
+                          labels=labels or None, memory_limit=memory_limit)
     flow, version = do_register(store, notebook, name=name, options=options)
     sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
     if after:
@@ -524,13 +527,17 @@ def flows(as_json: bool) -> None:
     if not docs:
         click.echo("no flows yet: `nbflow register NOTEBOOK` or `nbflow run NOTEBOOK`")
         return
+    from nbflow.containment import format_bytes
+
+    memory = any(d["memory_limit"] for d in docs)  # the column only when some flow has a limit
     rows = []
     for d in docs:
         params = ", ".join(f"{k}:{v['type']}={json.dumps(v['default'])}" for k, v in d["parameters"].items())
         last = d["last_run"]
-        rows.append([d["name"], f"v{d['version']}", params or "-",
-                     f"{last['state']} {_ago(last['created_at'])}" if last else "-"])
-    click.echo(_table(["NAME", "VERSION", "PARAMETERS", "LAST RUN"], rows))
+        rows.append([d["name"], f"v{d['version']}",
+                     *([format_bytes(d["memory_limit"]) if d["memory_limit"] else "-"] if memory else []),
+                     params or "-", f"{last['state']} {_ago(last['created_at'])}" if last else "-"])
+    click.echo(_table(["NAME", "VERSION", *(["MEMORY"] if memory else []), "PARAMETERS", "LAST RUN"], rows))
 
 
 @cli.command()

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -302,6 +303,32 @@ def _rmdir(folder: str) -> None:
                 log.warning("cgroup %s not removed: %s", folder, exc)
                 return
             time.sleep(0.01)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
+
+
+def parse_memory(value: int | str) -> int:
+    """A memory limit in bytes from ``536870912``, ``"512M"``, ``"512MiB"``, ``"2G"``, ``"1.5g"`` (K, M, G, T
+    are powers of 1024, as for ``docker --memory``); ``0`` (or ``"none"``) means no limit. Anything else,
+    or a limit below 16 MiB (a kernel cannot even start) or above 1 PiB, raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in {"0", "none", "off"}:
+        return 0
+    if isinstance(value, int):
+        limit = value
+    else:
+        match = _SIZE.fullmatch(str(value)) if isinstance(value, str) and len(value) < 40 else None
+        if match is None:
+            raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+        limit = int(number * 1024 ** "bkmgt".index(unit or "b"))
+    if limit == 0:
+        return 0
+    if not MIN_MEMORY_LIMIT <= limit <= MAX_MEMORY_LIMIT:
+        raise ValueError(f"a memory limit must be from 16M to 1024T (or 0 for none), got {value!r}")
+    return limit
 
 
 def format_bytes(n: int) -> str:

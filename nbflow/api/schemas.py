@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from nbflow.containment import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from nbflow.states import StateType
 
 
@@ -39,6 +40,9 @@ class FlowSettings(Body):
     collision: Literal["enqueue", "cancel-new"] | None = None
     labels: list[str] | None = Field(default=None, max_length=100,
                                      description="Worker labels its runs need; replaces the flow's labels.")
+    memory_limit: int | None = Field(default=None, ge=MIN_MEMORY_LIMIT, le=MAX_MEMORY_LIMIT,
+                                     description="Bytes the run's kernel may use, where the worker has cgroups "
+                                                 "(docs/operations.md); null in a PATCH removes the limit.")
 
 
 class RegisterRequest(FlowSettings):
@@ -47,8 +51,8 @@ class RegisterRequest(FlowSettings):
 
 
 class FlowPatch(FlowSettings):
-    """Only the fields sent change; ``null`` clears ``timeout``, ``cell_timeout``, ``kernel_name`` and
-    ``concurrency_limit``."""
+    """Only the fields sent change; ``null`` clears ``timeout``, ``cell_timeout``, ``kernel_name``,
+    ``concurrency_limit`` and ``memory_limit``."""
 
     paused: bool | None = Field(default=None, description="A paused flow's schedules and event triggers do "
                                                           "not fire; manual and API triggers still run.")
@@ -254,6 +258,7 @@ class FlowDocument(Document):
     collision: str = Field(description="At the limit, a new run waits (enqueue) or is cancelled (cancel-new).")
     paused: bool = Field(description="A paused flow's schedules and event triggers do not fire.")
     labels: list[str] = Field(description="Worker labels its runs need; [] for any worker.")
+    memory_limit: int | None = Field(default=None, description="Bytes the run's kernel may use; null: no limit.")
     parameters: dict[str, ParameterSpec] = Field(description="Parameters of the latest version, by name.")
     after: list[Upstream] = Field(description="Flows this one runs after.")
     file_triggers: list[FileTriggerDocument]
