@@ -296,6 +296,14 @@ def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
         runner.shutdown(0)
 
 
+def _say_containment(executor: Any) -> None:
+    """Once, at start-up: what contains this runner's runs (nbflow.containment; docs/operations.md)."""
+    if executor is None:
+        from nbflow.containment import mechanism
+
+        click.echo(f"nbflow: {mechanism().describe()}", err=True)
+
+
 @cli.command()
 @_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
@@ -318,6 +326,7 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s)"
                + (f", labels {','.join(offered)}" if offered else "")
                + (f", executor dask at {dask_scheduler}" if executor_ is not None else ""), err=True)
+    _say_containment(executor_)
     freeze_startup_objects()
     try:
         _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
@@ -362,6 +371,7 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, lab
     api = None if no_api else _api_server(store, sched, runner, host, port, api_workers)
     click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s), tick {tick:g}s, "
                f"database {store.dialect}" + (f", executor dask at {dask_scheduler}" if executor_ else ""), err=True)
+    _say_containment(executor_)
     if api is not None:
         api.start()
     sched.start(after=(lambda: api.server.started) if api is not None else None)  # its first pass: once the API answers
