@@ -298,3 +298,24 @@ def test_memory_limit_through_cli_api_and_listing(sqlite_env, tmp_path):
     assert "MEMORY" in listing.stdout and "512 MiB" in listing.stdout
     cleared = run_cli("register", nb, "--memory-limit", "0", "--json")
     assert json.loads(cleared.stdout)["memory_limit"] is None
+
+
+def test_memory_limit_through_the_api(sqlite_env, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from nbflow.api.app import create_app
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(folder))
+    make_notebook(folder, "m", ["x = 1"])
+    with TestClient(create_app(open_store()), client=("127.0.0.1", 40000)) as api:
+        created = api.post("/api/flows", json={"path": "m.ipynb", "memory_limit": 256 * 2**20})
+        assert created.status_code == 201 and created.json()["memory_limit"] == 256 * 2**20, created.text
+        for bad in (2**20, -1, 2**60, "512M", 1.5):  # bytes only, 16 MiB to 1 PiB, as the schema says
+            assert api.patch("/api/flows/m", json={"memory_limit": bad}).status_code == 422, bad
+        assert api.get("/api/flows/m").json()["memory_limit"] == 256 * 2**20
+        assert api.patch("/api/flows/m", json={"memory_limit": None}).json()["memory_limit"] is None
+        schema = api.get("/api/openapi.json").json()["components"]["schemas"]["FlowPatch"]["properties"]["memory_limit"]
+        assert {"minimum": 16 * 2**20, "maximum": 2**50} in [
+            {k: v for k, v in option.items() if k in ("minimum", "maximum")} for option in schema["anyOf"]]
