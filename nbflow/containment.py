@@ -162,11 +162,12 @@ def _probe() -> Mechanism:
             candidate = _make_parent(v2)
             if os.path.exists(os.path.join(candidate, "cgroup.kill")):
                 kill, parent = "cgroup2", candidate
-                with contextlib.suppress(OSError):  # the memory controller, if it can be enabled for our groups
-                    if "memory" not in Path(v2, "cgroup.subtree_control").read_text().split():
-                        Path(v2, "cgroup.subtree_control").write_text("+memory")
-                    Path(candidate, "cgroup.subtree_control").write_text("+memory")
-                    memory, memory_parent = "cgroup2", candidate
+                # The memory controller, if our own group already hands it to its children: its settings
+                # are not ours to change (and one that holds processes could not, unless it is the root).
+                with contextlib.suppress(OSError):
+                    if "memory" in Path(v2, "cgroup.subtree_control").read_text().split():
+                        Path(candidate, "cgroup.subtree_control").write_text("+memory")
+                        memory, memory_parent = "cgroup2", candidate
             else:
                 reasons.append("cgroup v2 has no cgroup.kill (Linux < 5.14)")
                 _remove_tree(candidate)
