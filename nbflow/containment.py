@@ -494,3 +494,22 @@ def join_kernel(pid: int) -> None:
     for procs in kernel_groups():
         with contextlib.suppress(OSError):
             _write(procs, str(pid))
+
+
+def kill_kernel_groups() -> None:
+    """From the run process, as its kernel is killed: SIGKILL everything in the kernel's own groups (the
+    notebook's processes, daemons included), even if the supervisor is gone (a worker killed with SIGKILL:
+    the run process stops when its supervisor dies). Only groups without the run process in them: the v2
+    kernel group, the v1 memory group; the supervisor's removal of the run's group is the second line."""
+    folders = [os.path.dirname(p) for p in kernel_groups()]
+    own = os.environ.get(ENV_GROUP)
+    for folder in folders:
+        if folder == own or os.path.exists(os.path.join(folder, "freezer.state")):
+            continue  # the run process is in it (v1 freezer): the supervisor's to kill
+        if os.path.exists(os.path.join(folder, "cgroup.kill")):
+            with contextlib.suppress(OSError):
+                _write(os.path.join(folder, "cgroup.kill"), "1")
+            return
+        for pid in _pids(folder):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)

@@ -179,6 +179,7 @@ class Kernel:
                 self.kc.stop_channels()
             self.kc = None
         km, self.km = self.km, None
+        containment.kill_kernel_groups()  # what the notebook started, new sessions and daemons included
         if km is None or not km.has_kernel:
             return
         pid = km.provisioner.pid if km.provisioner is not None else None

@@ -142,6 +142,35 @@ def test_cancel_of_a_foreground_run_ends_new_sessions_and_daemons(sqlite_env, tm
             fg.communicate()
 
 
+def test_a_killed_supervisor_still_ends_new_sessions_and_daemons(sqlite_env, tmp_path, leftovers):
+    """``nbflow run`` killed with SIGKILL (as a worker could be): its run process stops when it sees its
+    supervisor die, and killing its kernel kills the kernel's whole group (nbflow.kernels, containment)."""
+    nb, pidfile = escape_notebook(tmp_path, "orphan")
+    fg = start(sqlite_env, tmp_path, "run", str(nb), "--json")
+    try:
+        pids = read_pids(pidfile)
+        leftovers.extend([pids["popen"], pids["daemon"], pids["kernel"]])
+        fg.kill()
+        fg.communicate(timeout=30)
+        if CGROUPS:
+            assert_all_gone(pids, time.monotonic())
+            # its groups are left behind, empty; the next runner probing in the same cgroup removes them
+            mech = containment.mechanism()
+            stale = [os.path.join(os.path.dirname(p), f"nbflow-{fg.pid}") for p in (mech.parent, mech.memory_parent)
+                     if p]
+            assert any(os.path.isdir(p) for p in stale)
+            for parent in (mech.parent, mech.memory_parent):
+                if parent:
+                    containment._make_parent(os.path.dirname(parent))
+            assert not any(os.path.exists(p) for p in stale)
+        else:
+            until(lambda: gone(pids["kernel"]), 30, "the kernel to be gone")
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+            fg.communicate()
+
+
 def test_a_timeout_ends_new_sessions_and_daemons(sqlite_env, tmp_path, leftovers):
     nb, pidfile = escape_notebook(tmp_path, "slow")
     register(open_store(), nb, name="slow", options=FlowOptions(timeout=15))
