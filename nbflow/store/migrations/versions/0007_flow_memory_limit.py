@@ -24,5 +24,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("flow", schema=None) as batch_op:
-        batch_op.drop_column("memory_limit")
+    # Not batch_alter_table: on SQLite it rebuilds ``flow``, and dropping the old table (foreign keys on)
+    # would cascade to every run. ALTER TABLE ... DROP COLUMN: PostgreSQL, and SQLite 3.35+.
+    op.execute("ALTER TABLE flow DROP COLUMN memory_limit")
