@@ -140,6 +140,9 @@ class RunProcess:
         if self.channel is None or not self.alive():
             return False
         self.limit_memory(memory_limit)
+        if not self.memory_enforced and self.group.memory_folder is not None:
+            self.channel.close()  # its kernel already uses more than the limit (v1 refuses it): a cold start
+            return False
         try:
             self.channel.send(str(run_id))
             return True

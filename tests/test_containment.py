@@ -191,7 +191,7 @@ def test_a_timeout_ends_new_sessions_and_daemons(sqlite_env, tmp_path, leftovers
             fg.communicate()
 
 
-def test_a_worker_with_zygote_kernels_contains_cancel_crash_and_shutdown(nbflow_env, tmp_path, leftovers):
+def test_a_worker_with_zygote_kernels_contains_cancel_crash_and_shutdown(sqlite_env, tmp_path, leftovers):
     """Under a worker the kernel is forked by the runner's zygote (not a descendant of the run process):
     cancel, a run process killed with SIGKILL, and the worker's shutdown each end all of the run."""
     store = open_store()
@@ -199,7 +199,7 @@ def test_a_worker_with_zygote_kernels_contains_cancel_crash_and_shutdown(nbflow_
     for name in ("cancelled", "crashed", "shutdown"):
         notebooks[name] = escape_notebook(tmp_path, name)
         register(store, notebooks[name][0], name=name)
-    env = dict(nbflow_env, NBFLOW_KERNEL_ZYGOTE="1")
+    env = dict(sqlite_env, NBFLOW_KERNEL_ZYGOTE="1")
     worker = start(env, tmp_path, "worker", "--poll", "0.1", "--slots", "2", "--grace", "1")
     try:
         # cancel
@@ -244,16 +244,16 @@ def test_a_worker_with_zygote_kernels_contains_cancel_crash_and_shutdown(nbflow_
 HOG = "x = bytearray(512 * 2**20)\nfor i in range(0, len(x), 4096):\n    x[i] = 1\nprint('allocated')"
 
 
-def test_a_run_over_its_memory_limit_ends_out_of_memory_and_the_other_run_completes(nbflow_env, tmp_path):
+def test_a_run_over_its_memory_limit_ends_out_of_memory_and_the_other_run_completes(sqlite_env, tmp_path):
     store = open_store()
     hog = make_notebook(tmp_path, "hog", ["import time\ntime.sleep(0.5)", HOG, "y = 2"])
     register(store, hog, name="hog", options=FlowOptions(memory_limit="64M"))
     other = make_notebook(tmp_path, "other", ["import time\ntime.sleep(2)", "z = bytearray(100 * 2**20)"])
     register(store, other, name="other")
-    worker = start(nbflow_env, tmp_path, "worker", "--poll", "0.1", "--slots", "2")
+    worker = start(sqlite_env, tmp_path, "worker", "--poll", "0.1", "--slots", "2")
     try:
-        hog_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", "hog", "--json").stdout)["id"]
-        other_id = json.loads(nbflow(nbflow_env, tmp_path, "trigger", "other", "--json").stdout)["id"]
+        hog_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", "hog", "--json").stdout)["id"]
+        other_id = json.loads(nbflow(sqlite_env, tmp_path, "trigger", "other", "--json").stdout)["id"]
         hog_run = wait_state(store, hog_id, "FAILED", "COMPLETED", "CRASHED", timeout=120)
         if containment.mechanism().memory is None:  # no memory controller here: not enforced, and said
             assert hog_run.state == "COMPLETED"
