@@ -29,7 +29,8 @@ the run executes without a limit and its log says so.
 
 Groups are created under the group of the process that supervises (never above it: a limit set on the
 machine or the container around nbflow keeps applying). ``NBFLOW_CONTAINMENT=process`` forces the
-process-tree mechanism (tests, or a machine where cgroups misbehave).
+process-tree mechanism (tests, or a machine where cgroups misbehave), ``NBFLOW_CONTAINMENT=freezer`` the
+cgroup v1 freezer where v2 would do.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ log = logging.getLogger("nbflow.containment")
 
 ENV_GROUP = "NBFLOW_CGROUP"  # the group (a folder) the run process joins
 ENV_KERNEL = "NBFLOW_CGROUP_KERNEL"  # the kernel's groups (os.pathsep-separated)
-ENV_MODE = "NBFLOW_CONTAINMENT"  # auto (default) or process
+ENV_MODE = "NBFLOW_CONTAINMENT"  # auto (default), freezer (cgroup v1 even where v2 works) or process
 KILL_TIMEOUT = 10.0
 MIN_MEMORY_LIMIT = 16 * 2**20
 MAX_MEMORY_LIMIT = 2**50  # 1 PiB: bigger is a typo, and stays far from the kernel's "no limit"
@@ -149,14 +150,15 @@ def _alive(pid: int) -> bool:
 
 
 def _probe() -> Mechanism:
-    if os.environ.get(ENV_MODE, "auto").strip().lower() in {"process", "off", "none", "0"}:
+    mode = os.environ.get(ENV_MODE, "auto").strip().lower()
+    if mode in {"process", "off", "none", "0"}:
         return Mechanism("process", None, None, None, f"{ENV_MODE}=process")
     if not os.path.isdir(CGROUP_ROOT):
         return Mechanism("process", None, None, None, f"no {CGROUP_ROOT} on this system")
     groups, mounts = _own_groups(), _mounts()
     kill = parent = memory = memory_parent = None
     reasons = []
-    v2 = _folder("0", groups, mounts)
+    v2 = _folder("0", groups, mounts) if mode != "freezer" else None
     if v2 is not None and os.path.exists(os.path.join(v2, "cgroup.procs")):
         try:
             candidate = _make_parent(v2)
@@ -174,7 +176,7 @@ def _probe() -> Mechanism:
         except OSError as exc:
             reasons.append(f"cgroup v2 at {v2}: {exc.strerror or exc}")
     elif v2 is None:
-        reasons.append("no cgroup v2 hierarchy mounted")
+        reasons.append(f"{ENV_MODE}=freezer" if mode == "freezer" else "no cgroup v2 hierarchy mounted")
     if kill is None:
         freezer = _folder("freezer", groups, mounts)
         if freezer is None:
@@ -366,6 +368,14 @@ class Group:
             return
         self.folder = os.path.join(self.mech.parent, self.name)
         os.mkdir(self.folder)
+        try:
+            self._make()
+        except OSError:
+            self.remove()
+            raise
+
+    def _make(self) -> None:
+        assert self.folder is not None and self.mech.parent is not None
         if self.mech.kill == "cgroup2":
             self.procs, kernel = os.path.join(self.folder, "main"), os.path.join(self.folder, "kernel")
             if self.mech.memory == "cgroup2":

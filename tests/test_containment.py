@@ -101,6 +101,8 @@ def wait_state(store, run_id: str, *states: str, timeout: float = 60) -> Run:
 
 
 CGROUPS = containment.mechanism().kill != "process"
+_FREEZER = containment._folder("freezer", containment._own_groups(), containment._mounts())
+FREEZER = _FREEZER is not None and os.access(_FREEZER, os.W_OK)  # NBFLOW_CONTAINMENT=freezer can use it
 
 
 def test_the_mechanism_in_use_is_probed_and_said(sqlite_env, tmp_path):
@@ -114,11 +116,12 @@ def test_the_mechanism_in_use_is_probed_and_said(sqlite_env, tmp_path):
         assert "process tree" in text and mech.why
 
 
-@pytest.mark.parametrize("mode", ["auto", "process"])
+@pytest.mark.parametrize("mode", ["auto", "freezer", "process"])
 def test_cancel_of_a_foreground_run_ends_new_sessions_and_daemons(sqlite_env, tmp_path, leftovers, mode):
-    """``auto``: this machine's mechanism; ``process``: the fallback, forced, which ends the kernel (and
-    its process group) but not what left its session (docs/operations.md says so)."""
-    contained = CGROUPS and mode == "auto"
+    """``auto``: this machine's mechanism; ``freezer``: cgroup v1's freezer even where v2 works; ``process``:
+    the fallback, forced, which ends the kernel (and its process group) but not what left its session
+    (docs/operations.md says so)."""
+    contained = {"auto": CGROUPS, "freezer": FREEZER, "process": False}[mode]
     nb, pidfile = escape_notebook(tmp_path, "escape")
     fg = start(dict(sqlite_env, NBFLOW_CONTAINMENT=mode), tmp_path, "run", str(nb), "--json")
     try:
@@ -135,7 +138,7 @@ def test_cancel_of_a_foreground_run_ends_new_sessions_and_daemons(sqlite_env, tm
         if not contained:  # the fallback ends the kernel; what left its session escapes (docs/operations.md)
             until(lambda: gone(pids["kernel"]), 30, "the kernel to be gone")
         else:
-            print(f"foreground cancel: everything gone {took:.2f}s after `nbflow cancel` started")
+            print(f"foreground cancel ({mode}): everything gone {took:.2f}s after `nbflow cancel` started")
     finally:
         if fg.poll() is None:
             fg.kill()
