@@ -523,3 +523,19 @@ def kill_kernel_groups() -> None:
         for pid in _pids(folder):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def kernel_oom_limit() -> int | None:
+    """From the run process, when its kernel died: the memory limit it was killed for going over, else None.
+
+    The kernel's memory group saw an OOM kill (``oom_kill`` in v2's ``memory.events`` or v1's
+    ``memory.oom_control``): on cgroup v2 the OOM killer cannot be turned off for a group, so the run
+    process may notice its dead kernel before the supervisor notices the kill; this names the end
+    ``OutOfMemory`` all the same."""
+    for folder in (os.path.dirname(p) for p in kernel_groups()):
+        for events, limit_file in (("memory.events", "memory.max"), ("memory.oom_control", "memory.limit_in_bytes")):
+            counts = _pairs(os.path.join(folder, events))
+            if int(counts.get("oom_kill", 0) or 0) > 0 or int(counts.get("oom_group_kill", 0) or 0) > 0:
+                limit = _read(os.path.join(folder, limit_file)).strip()
+                return int(limit) if limit.isdigit() else 0
+    return None

@@ -351,3 +351,33 @@ def test_memory_limit_through_the_api(sqlite_env, tmp_path, monkeypatch):
         schema = api.get("/api/openapi.json").json()["components"]["schemas"]["FlowPatch"]["properties"]["memory_limit"]
         assert {"minimum": 16 * 2**20, "maximum": 2**50} in [
             {k: v for k, v in option.items() if k in ("minimum", "maximum")} for option in schema["anyOf"]]
+
+
+def test_a_kernel_killed_by_the_oom_killer_is_named_out_of_memory_by_its_run_process(monkeypatch):
+    """cgroup v2 cannot pause a group over its limit, only kill in it: then the run process, which may see its
+    dead kernel first, names the end OutOfMemory itself (``kernel_oom_limit``). Made to happen for real here
+    with whatever memory controller this machine has, its OOM killer left on."""
+    import subprocess
+    import sys
+
+    group = containment.Group()
+    try:
+        monkeypatch.setenv(containment.ENV_GROUP, group.procs or "")
+        monkeypatch.setenv(containment.ENV_KERNEL, os.pathsep.join(group.kernel))
+        assert containment.kernel_oom_limit() is None
+        if group.memory_folder is None:  # no memory controller: no limit, nothing to name
+            assert not group.set_memory_limit(64 * 2**20)
+            return
+        assert group.set_memory_limit(64 * 2**20)
+        if group.mech.memory == "cgroup1":  # nbflow pauses instead; the OOM killer on, as v2 always has it
+            with open(os.path.join(group.memory_folder, "memory.oom_control"), "w") as fh:
+                fh.write("0")
+        # it waits on stdin until it is in the group, then allocates
+        hog = subprocess.Popen([sys.executable, "-c", "import sys\nsys.stdin.read()\n" + HOG], stdin=subprocess.PIPE)
+        containment.join_kernel(hog.pid)
+        hog.communicate(b"", timeout=60)
+        assert hog.returncode == -signal.SIGKILL
+        assert containment.kernel_oom_limit() == 64 * 2**20
+        assert containment.oom_message(64 * 2**20).startswith("the run used more than its memory limit of 64 MiB")
+    finally:
+        group.remove()
