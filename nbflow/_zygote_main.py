@@ -12,9 +12,10 @@ and stderr (passed over the socket), folder, environment and argv, then what ``i
 What it cannot change is told in ``docs/operations.md`` ("Kernel zygotes").
 
 Protocol, one connection per kernel: the client sends one JSON line ``{"argv": [...], "env": {...}, "cwd":
-..., "owner": pid}`` with three file descriptors (SCM_RIGHTS); the zygote answers ``{"pid": N}`` or
-``{"error": "..."}``. The zygote never runs threads (a fork copies only the forking thread), ignores
-SIGCHLD (the kernel reaps its exited children) and exits when its owner exits.
+..., "owner": pid, "cgroups": [cgroup.procs files the kernel joins]}`` with three file descriptors
+(SCM_RIGHTS); the zygote answers ``{"pid": N}`` or ``{"error": "..."}``. The zygote never runs threads (a
+fork copies only the forking thread), ignores SIGCHLD (the kernel reaps its exited children) and exits
+when its owner exits.
 """
 
 import contextlib
@@ -98,9 +99,21 @@ def _name(name: str) -> None:
         pass
 
 
+def _join(pid: int, groups: list) -> None:
+    """Move ``pid`` into the run's groups (``cgroup.procs`` files, nbflow.containment): the kernel is
+    contained, and under its run's memory limit, before it runs anything of the notebook."""
+    for procs in groups:
+        try:
+            with open(procs, "w") as fh:
+                fh.write(str(pid))
+        except OSError as exc:
+            print(f"nbflow zygote: kernel {pid} not moved into {procs}: {exc}", file=sys.stderr)
+
+
 def _child(listener: socket.socket, conn: socket.socket, owner_fd: int, request: dict, fds: list) -> None:
     """Become the kernel. Never returns into the zygote's loop."""
     try:
+        _join(os.getpid(), request.get("cgroups") or [])  # first: whatever it forks later is in the group too
         listener.close()
         conn.close()
         os.close(owner_fd)
@@ -173,6 +186,7 @@ def _serve(path: str, owner: int) -> None:
                 pid = os.fork()
                 if pid == 0:
                     _child(listener, conn, owner_fd, request, fds)
+                _join(pid, request.get("cgroups") or [])  # in its groups by the time its pid is answered
                 conn.sendall(json.dumps({"pid": pid}).encode())
             except Exception as exc:  # one bad request never takes the zygote down
                 with contextlib.suppress(OSError):

@@ -466,6 +466,14 @@ def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
         runner.shutdown(0)
 
 
+def _say_containment(executor: Any) -> None:
+    """Once, at start-up: what contains this runner's runs (nbflow.containment; docs/operations.md)."""
+    if executor is None:
+        from nbflow.containment import mechanism
+
+        click.echo(f"nbflow: {mechanism().describe()}", err=True)
+
+
 @cli.command()
 @_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
@@ -488,6 +496,7 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s)"
                + (f", labels {','.join(offered)}" if offered else "")
                + (f", executor dask at {dask_scheduler}" if executor_ is not None else ""), err=True)
+    _say_containment(executor_)
     freeze_startup_objects()
     try:
         _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
@@ -532,6 +541,7 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, lab
     api = None if no_api else _api_server(store, sched, runner, host, port, api_workers)
     click.echo(f"nbflow serve {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s), tick {tick:g}s, "
                f"database {store.dialect}" + (f", executor dask at {dask_scheduler}" if executor_ else ""), err=True)
+    _say_containment(executor_)
     if api is not None:
         api.start()
     sched.start(after=(lambda: api.server.started) if api is not None else None)  # its first pass: once the API answers
@@ -606,6 +616,9 @@ def workers_cmd(as_json: bool) -> None:
 @click.option("--collision", metavar="[enqueue|cancel-new]",
               help="A run that finds the flow at its --concurrency limit waits (enqueue, the default) or "
                    "ends CANCELLED (cancel-new).")
+@click.option("--memory-limit", metavar="SIZE",
+              help="Memory the run's kernel may use, e.g. 512M or 2G; over it the run ends FAILED (OutOfMemory). "
+                   "Enforced by workers with cgroups (docs/operations.md); 0 removes the limit.")
 @click.option("--schedule", "cron", metavar="CRON",
               help="Also schedule it: a 5-field cron expression (the schedule named 'default').")
 @click.option("--tz", "timezone", default="UTC", show_default=True, help="IANA time zone of --schedule.")
@@ -624,7 +637,7 @@ def workers_cmd(as_json: bool) -> None:
 def register(notebook: str, name: str | None, retries: int | None, retry_delay: float | None,
              retry_backoff: float | None, timeout: float | None, cell_timeout: float | None,
              kernel: str | None, tags: tuple[str, ...], labels: tuple[str, ...], concurrency_limit: int | None,
-             collision: str | None,
+             collision: str | None, memory_limit: str | None,
              cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
              on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
@@ -648,7 +661,7 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
                           tags=tags or None, concurrency_limit=concurrency_limit, collision=collision,
-                          labels=labels or None)
+                          labels=labels or None, memory_limit=memory_limit)
     flow, version = do_register(store, notebook, name=name, options=options)
     sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
     if after:
@@ -698,13 +711,17 @@ def flows(as_json: bool) -> None:
     if not docs:
         click.echo("no flows yet: `nbflow register NOTEBOOK` or `nbflow run NOTEBOOK`")
         return
+    from nbflow.containment import format_bytes
+
+    memory = any(d["memory_limit"] for d in docs)  # the column only when some flow has a limit
     rows = []
     for d in docs:
         params = ", ".join(f"{k}:{v['type']}={json.dumps(v['default'])}" for k, v in d["parameters"].items())
         last = d["last_run"]
-        rows.append([d["name"], f"v{d['version']}", params or "-",
-                     f"{last['state']} {_ago(last['created_at'])}" if last else "-"])
-    click.echo(_table(["NAME", "VERSION", "PARAMETERS", "LAST RUN"], rows))
+        rows.append([d["name"], f"v{d['version']}",
+                     *([format_bytes(d["memory_limit"]) if d["memory_limit"] else "-"] if memory else []),
+                     params or "-", f"{last['state']} {_ago(last['created_at'])}" if last else "-"])
+    click.echo(_table(["NAME", "VERSION", *(["MEMORY"] if memory else []), "PARAMETERS", "LAST RUN"], rows))
 
 
 @cli.command()

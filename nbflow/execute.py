@@ -37,7 +37,7 @@ from papermill.log import logger as papermill_logger
 from papermill.utils import merge_kwargs, remove_args
 from sqlalchemy import insert, select, update
 
-from nbflow import states
+from nbflow import containment, states
 from nbflow.launcher import working_directory
 from nbflow.record import RECORD_MIME
 from nbflow.secrets import Redactor
@@ -670,6 +670,9 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     except DeadKernelError as exc:
         error = {"ename": "DeadKernelError", "evalue": f"the kernel died: {exc}", "traceback": [],
                  "cell_index": recorder.failed_cell[0] if recorder.failed_cell else None, "cell_id": None}
+        if (limit := containment.kernel_oom_limit()) is not None:  # killed over its flow's memory limit
+            name = "OutOfMemory"
+            error.update(ename=name, evalue=containment.oom_message(limit))
     except Exception as exc:
         error = {"ename": type(exc).__name__, "evalue": str(exc),
                  "traceback": traceback.format_exception(exc),

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, defer
 
 from nbflow import checks
 from nbflow.concurrency import check_collision, check_limit
+from nbflow.containment import parse_memory
 from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed
 from nbflow.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.store import Store
@@ -324,11 +325,22 @@ class FlowOptions:
     concurrency_limit: int | None = None
     collision: str | None = None
     labels: tuple[str, ...] | None = None  # worker labels its runs need (nbflow.workers); replaces them
+    memory_limit: int | str | None = None  # bytes or "512M"/"2G" (nbflow.containment); 0 removes the limit
+
+    def memory_limit_bytes(self) -> int | None:
+        """The memory limit in bytes (0: remove it), None if not given; NotebookError if invalid."""
+        if self.memory_limit is None:
+            return None
+        try:
+            return parse_memory(self.memory_limit)
+        except ValueError as exc:
+            raise NotebookError(f"--memory-limit: {exc}") from None
 
     def validate(self) -> None:
         """Every setting within its bounds (``nbflow.checks``), or one ``NotebookError`` naming it: a
         number stored here is one the reaper and the runners compute with later (``now + delay``), so
         NaN, infinities and absurd sizes never get that far."""
+        self.memory_limit_bytes()
         for field, value, low, high, integer in (
             ("retries", self.retries, 0, checks.MAX_RETRIES, True),
             ("retry-delay", self.retry_delay, 0.0, checks.MAX_SECONDS, False),
@@ -445,6 +457,8 @@ def register_source(store: Store, source: NotebookSource, *, name: str | None = 
             flow.collision = options.collision
         if options.labels is not None:
             flow.labels = check_labels(options.labels)
+        if options.memory_limit is not None:
+            flow.memory_limit = options.memory_limit_bytes() or None  # 0: no limit
         session.flush()
         version = _ensure_version(session, flow, source, kernel)
     return flow, version
@@ -453,7 +467,7 @@ def register_source(store: Store, source: NotebookSource, *, name: str | None = 
 # Flow settings a PATCH may change; those that may also be cleared (set to null) are marked True.
 UPDATABLE = {"retries": False, "retry_delay": False, "retry_backoff": False, "timeout": True, "cell_timeout": True,
              "kernel_name": True, "tags": False, "concurrency_limit": True, "collision": False, "paused": False,
-             "labels": False}
+             "labels": False, "memory_limit": True}
 
 
 def update_flow(store: Store, name: str, changes: dict[str, Any]) -> Flow:
@@ -487,6 +501,8 @@ def update_flow(store: Store, name: str, changes: dict[str, Any]) -> Flow:
                 value = check_labels(value)
             elif field == "concurrency_limit":
                 value = value or None  # 0 removes the limit, as for register
+            elif field == "memory_limit" and value is not None:
+                value = options.memory_limit_bytes() or None
             setattr(flow, field, value)
         flow.updated_at = utcnow()
     return flow
@@ -609,7 +625,7 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
             "retries": flow.retries, "retry_delay": flow.retry_delay, "retry_backoff": flow.retry_backoff,
             "timeout": flow.timeout, "cell_timeout": flow.cell_timeout,
             "concurrency_limit": flow.concurrency_limit, "collision": flow.collision or "enqueue",
-            "paused": bool(flow.paused), "labels": list(flow.labels or []),
+            "paused": bool(flow.paused), "labels": list(flow.labels or []), "memory_limit": flow.memory_limit,
             "parameters": {k: {"type": v.get("type"), "default": v.get("default"), "help": v.get("help")}
                            for k, v in (version.parameters if version else {}).items()},
             "after": [{"flow": name, "on": on} for name, on in after],

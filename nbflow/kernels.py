@@ -27,7 +27,7 @@ from typing import Any
 from jupyter_client import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
-from nbflow import zygote
+from nbflow import containment, zygote
 from nbflow.settings import KERNEL_SOCKET_PREFIX
 
 START_ATTEMPTS = 3
@@ -94,6 +94,7 @@ class Kernel:
         """Launch the kernel process; returns at once (it boots in parallel). A failure (no such
         kernel...) is kept and raised by ``ready``, where the run's code expects kernel errors."""
         self.start_error = None
+        containment.join()  # into the run's group before anything is started: the kernel is born in it
         try:
             # IPC transport (UNIX sockets under the temp dir, named uniquely): TCP ports are picked
             # by binding port 0 and closing it, and under load another process takes one before the
@@ -107,6 +108,9 @@ class Kernel:
                     kernel_id=self.km.kernel_id, kernel_spec=self.km.kernel_spec, parent=self.km)
             extra = ["--HistoryManager.hist_file=:memory:"] if self.km.ipykernel else []
             run_sync(self.km.start_kernel)(extra_arguments=extra, cwd=self.cwd)
+            process = self.km.provisioner.process if self.km.provisioner is not None else None
+            if process is not None and not isinstance(process, zygote.ForkedKernel):
+                containment.join_kernel(process.pid)  # (a forked one joined its groups in the zygote)
         except Exception as exc:
             self.start_error = exc
         self.started = time.monotonic()
@@ -175,6 +179,7 @@ class Kernel:
                 self.kc.stop_channels()
             self.kc = None
         km, self.km = self.km, None
+        containment.kill_kernel_groups()  # what the notebook started, new sessions and daemons included
         if km is None or not km.has_kernel:
             return
         pid = km.provisioner.pid if km.provisioner is not None else None

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
-from nbflow import processes, states
+from nbflow import containment, processes, states
 from nbflow.checks import MAX_SECONDS
 from nbflow.settings import get_settings
 from nbflow.store import Store
-from nbflow.store.models import CellRun, Flow, Run, utcnow
+from nbflow.store.models import CellRun, Flow, Log, Run, utcnow
 from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up, retrying
 
 log = logging.getLogger("nbflow.launcher")
@@ -61,10 +61,10 @@ def _running_cell(store: Store, run: Run) -> tuple[int | None, str | None]:
 
 def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
            cell: tuple[int | None, str | None] = (None, None), *, attempt: int | None = None,
-           worker_id: str | None = None, stop: threading.Event | None = None) -> bool:
+           worker_id: str | None = None, stop: threading.Event | None = None, name: str | None = None) -> bool:
     """Write the end the process could not write itself, if the run is still live (and, given
     ``attempt``, still in that attempt; given ``worker_id``, still that worker's). Returns whether it
-    wrote it.
+    wrote it. ``name``: the FAILED state's name instead of Crashed/TimedOut (``OutOfMemory``).
 
     ``cell`` is the cell that was running when the process was stopped (read before stopping it): it
     ends FAILED (CANCELLED on a cancel) and the cells that never ran end SKIPPED.
@@ -73,12 +73,12 @@ def settle(store: Store, run_id: uuid.UUID, why: str, detail: str,
     keeps a late write from an old attempt (its supervisor cut off from the database for longer than
     the lease, the run reaped and retried meanwhile) off the attempt that replaced it.
     """
-    return retrying(lambda: _settle(store, run_id, why, detail, cell, attempt, worker_id), store,
+    return retrying(lambda: _settle(store, run_id, why, detail, cell, attempt, worker_id, name), store,
                     what=f"ending run {run_id}", stop=stop)
 
 
 def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str, cell: tuple[int | None, str | None],
-            expected_attempt: int | None, worker_id: str | None) -> bool:
+            expected_attempt: int | None, worker_id: str | None, name: str | None = None) -> bool:
     cell_index, cell_id = cell
     with store.write() as session:
         run = states.lock_run(session, run_id)
@@ -96,14 +96,14 @@ def _settle(store: Store, run_id: uuid.UUID, why: str, detail: str, cell: tuple[
                 states.transition(session, run, states.S.CANCELLING, message=detail)
             states.transition(session, run, states.S.CANCELLED, message=detail)
         else:
-            ename = "TimedOut" if why == "timeout" else "Crashed"
+            ename = name or ("TimedOut" if why == "timeout" else "Crashed")
             error = {"ename": ename, "evalue": detail, "traceback": [], "cell_index": cell_index,
                      "cell_id": cell_id}
             if state is states.S.PENDING:
                 states.fail(session, run, error=error, message=detail)
             else:
-                states.fail(session, run, error=error, crashed=why == "crash",
-                            name="TimedOut" if why == "timeout" else None, message=detail)
+                states.fail(session, run, error=error, crashed=why == "crash" and name is None,
+                            name=name or ("TimedOut" if why == "timeout" else None), message=detail)
         live = (CellRun.run_id == run_id) & (CellRun.attempt == attempt) & CellRun.state.in_(["PENDING", "RUNNING"])
         now = utcnow()
         if cell_index is not None:
@@ -161,13 +161,22 @@ class LocalAttempt:
         try:
             return self.rp.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return None
+            pass
+        if self.rp.out_of_memory():  # its kernel is over the flow's memory limit (paused there): end the run
+            self.out_of_memory = True
+            self.rp.group.kill()
+            return self.rp.proc.wait()
+        return None
+
+    out_of_memory = False
 
     def terminate(self) -> None:
-        processes.terminate_tree(self.rp.pid)
+        self.rp.terminate()
         self.rp.proc.wait()
 
     def exit_detail(self, code: int) -> str:
+        if self.out_of_memory or self.rp.out_of_memory():
+            return containment.oom_message(self.rp.group.limit)
         tail = _tail(self.rp.err_path)
         return f"the run process exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
 
@@ -284,21 +293,30 @@ class WarmSource(Protocol):
 def start_local(store: Store, run: Run, *, progress: bool = False, pool: WarmSource | None = None) -> LocalAttempt:
     """Start one attempt of a PENDING run in its own process here: a warm one from ``pool`` if it has one
     for the run's kernel, else a forked one (a runner) or a fresh ``python -m nbflow.runprocess``."""
+    def flow_settings() -> tuple[str | None, int | None]:
+        with store.read() as session:
+            flow = session.get(Flow, run.flow_id)
+            return flow.source_path, flow.memory_limit
+
+    source_path, memory_limit = retrying(flow_settings, store, what=f"starting run {run.id}", read_only=True)
     rp = pool.take(run.kernel_name) if pool is not None else None
-    if rp is not None and not rp.hand(run.id):
+    if rp is not None and not rp.hand(run.id, memory_limit):
         rp.discard()
         rp = None
     if rp is None:
-        def source() -> str | None:
-            with store.read() as session:
-                return session.get(Flow, run.flow_id).source_path
-
-        cwd = working_directory(retrying(source, store, what=f"starting run {run.id}", read_only=True),
-                                run.output_path)
+        cwd = working_directory(source_path, run.output_path)
         if pool is not None:  # a runner: forked, with everything imported
-            rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id)
+            rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id, memory_limit=memory_limit)
         else:  # the foreground `nbflow run`
-            rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress)
+            rp = processes.start(store, run.kernel_name, cwd, run.id, progress=progress, memory_limit=memory_limit)
+    if not rp.memory_enforced:  # said in the run's log, never silently ignored
+        def say() -> None:
+            with store.write() as session:
+                session.add(Log(run_id=run.id, attempt=run.attempt, at=utcnow(), stream="system", cell_index=None,
+                                text=f"the flow's memory limit of {containment.format_bytes(memory_limit or 0)} is "
+                                     f"not enforced on this worker ({containment.mechanism().describe()})"))
+
+        retrying(say, store, what=f"starting run {run.id}")
     return LocalAttempt(rp)
 
 
@@ -311,8 +329,9 @@ def supervise(store: Store, run: Run, attempt: Attempt, stop: threading.Event | 
     Whatever it meets, the run does not stay RUNNING: an error here stops the attempt and ends it
     CRASHED with the error as its reason (or, if the database is gone and ``stop`` is set, leaves it
     to the lease: a reaper ends it)."""
-    def ended(why: str, detail: str, cell: tuple[int | None, str | None] = (None, None)) -> None:
-        settle(store, run.id, why, detail, cell, attempt=run.attempt, stop=stop)
+    def ended(why: str, detail: str, cell: tuple[int | None, str | None] = (None, None),
+              name: str | None = None) -> None:
+        settle(store, run.id, why, detail, cell, attempt=run.attempt, stop=stop, name=name)
 
     try:
         try:
@@ -348,7 +367,9 @@ def supervise(store: Store, run: Run, attempt: Attempt, stop: threading.Event | 
             ended("cancel", "the worker shut down before the run finished", outcome)
             return True
         if outcome != 0:
-            ended("crash", attempt.exit_detail(outcome), _running_cell(store, run))
+            oom = getattr(attempt, "out_of_memory", False)  # a FAILED run, not a crash: over its memory limit
+            ended("crash", attempt.exit_detail(outcome), _running_cell(store, run),
+                  name="OutOfMemory" if oom else None)
         return True
     finally:
         attempt.cleanup()

@@ -70,6 +70,18 @@ def _seconds(text: str | None, option: str) -> float | None:
         raise UsageError(f"{option}: {exc}") from None
 
 
+def _memory(text: str | None) -> int | None:
+    """``512M``, ``2G`` or bytes (``nbflow.containment.parse_memory``), as bytes: what every backend takes."""
+    from nbflow.containment import parse_memory
+
+    if text is None:
+        return None
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise UsageError(f"--memory-limit: {exc}") from None
+
+
 def _parameters(pairs: list[list[str]] | None, assignments: list[str] | None = None) -> dict[str, str]:
     """``-p NAME VALUE`` pairs and ``NAME=VALUE`` words as text; the flow's parameter spec converts them."""
     from nbflow.runs import parse_cli_parameters
@@ -200,6 +212,8 @@ class FlowMagics(Magics):
     @argument("--retries", type=int, help="Retries after a failed attempt.")
     @argument("--timeout", metavar="DURATION", help="Whole-run timeout: 30s, 10m, 1h.")
     @argument("--kernel", default="python3", help="Kernel the flow runs in (default python3).")
+    @argument("--memory-limit", metavar="SIZE", help="Memory its kernel may use: 512M, 2G (where workers have "
+                                                      "cgroups); over it a run ends FAILED (OutOfMemory).")
     @argument("--run", action="store_true", help="Also queue a run now and show its progress.")
     @argument("--dry-run", action="store_true",
               help="Execute the code once now in a fresh kernel and report; register nothing.")
@@ -218,7 +232,8 @@ class FlowMagics(Magics):
         check_name(args.name)  # before the name is looked up anywhere
         if args.run and args.dry_run:
             raise UsageError("--run and --dry-run exclude each other")
-        options = FlowOptions(retries=args.retries, timeout=_seconds(args.timeout, "--timeout"))
+        options = FlowOptions(retries=args.retries, timeout=_seconds(args.timeout, "--timeout"),
+                              memory_limit=_memory(args.memory_limit))
         options.validate()
         parameters = _parameters(args.parameter)
         directory = Path.cwd()

@@ -10,9 +10,11 @@ is what lets two slots do hundreds of runs a minute on two cores.
 The foreground ``nbflow run`` starts one plain ``python -m nbflow.runprocess`` instead: for a single
 run, starting a fork server would only add to its time.
 
-Either way the run process leads a session of its own (so its kernel and whatever the notebook starts
-can be stopped together), its stderr and its kernel's go to a file (kernel chatter never reaches a
-terminal; a crash's last words are kept for the run's error), and it dies with its supervisor.
+Either way the run process leads a session of its own, its stderr and its kernel's go to a file (kernel
+chatter never reaches a terminal; a crash's last words are kept for the run's error), and it dies with its
+supervisor. And either way it starts in a group of its own (``nbflow.containment``: a cgroup where the
+machine allows it), which its kernel joins too and whatever the notebook starts inherits: stopping the
+run kills the whole group, new sessions and daemons included, and a flow's memory limit is set on it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import glob
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from nbflow import zygote
+from nbflow import containment, zygote
 from nbflow.settings import KERNEL_SOCKET_PREFIX
 from nbflow.store import Store
 
@@ -41,20 +44,39 @@ GRACE_SECONDS = 5.0
 PRELOAD = ["nbflow.forkserver", "nbflow.cli", "nbflow.runprocess", "nbflow.execute"]
 
 
-def terminate_tree(pid: int, grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM the process, then SIGKILL it and every descendant still alive after ``grace`` seconds."""
+def terminate_tree(pid: int, grace: float = GRACE_SECONDS, group: containment.Group | None = None) -> None:
+    """SIGTERM the process, then SIGKILL it and everything it started still alive after ``grace`` seconds:
+    the whole of ``group`` where there is one; else its descendants and its process group (a process
+    started in a new session, or reparented to init, escapes that: see ``nbflow.containment``)."""
     try:
         root = psutil.Process(pid)
         family = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root.terminate()
-    _, alive = psutil.wait_procs([root], timeout=grace)
-    for proc in [*alive, *family[1:]]:
+        family = []
+    if family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root.terminate()
+        psutil.wait_procs([root], timeout=grace)
+    if group is not None and group.contained:
+        group.kill()
+    for proc in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # it leads a session and process group of its own
     psutil.wait_procs(family, timeout=grace)
+
+
+UNCONTAINED = containment.Mechanism("process", None, None, None, "no group")
+
+
+def new_group() -> containment.Group:
+    """A run process's group; an uncontained one (the process-tree fallback) if it cannot be created."""
+    try:
+        return containment.Group()
+    except OSError as exc:
+        containment.log.warning("run not contained: its cgroup could not be created (%s)", exc)
+        return containment.Group(containment.Mechanism("process", None, None, None, str(exc)))
 
 
 class Forked:
@@ -77,11 +99,14 @@ class Forked:
 class RunProcess:
     """A run process, the file its stderr goes to, and (for a warm slot) the pipe it takes its run from."""
 
-    def __init__(self, proc: Any, err_path: str, kernel_name: str, channel: Any = None) -> None:
+    def __init__(self, proc: Any, err_path: str, kernel_name: str, channel: Any = None,
+                 group: containment.Group | None = None) -> None:
         self.proc = proc  # subprocess.Popen or Forked
         self.err_path = err_path
         self.kernel_name = kernel_name
         self.channel = channel
+        self.group = group if group is not None else containment.Group(UNCONTAINED)
+        self.memory_enforced = True  # False: a memory limit was asked for and this machine cannot set it
         self._ready = False
 
     @property
@@ -98,9 +123,25 @@ class RunProcess:
                 self._ready = self.channel.poll() and self.channel.recv() == "ready"
         return self._ready
 
-    def hand(self, run_id: uuid.UUID) -> bool:
-        """Give a warm slot its run; False if it is gone (the caller starts a cold one instead)."""
+    def limit_memory(self, limit: int | None) -> None:
+        """Set the flow's memory limit on the group, before the run's code can run."""
+        self.memory_enforced = self.group.set_memory_limit(limit)
+
+    def out_of_memory(self) -> bool:
+        return self.group.out_of_memory()
+
+    def terminate(self) -> None:
+        """Stop it (SIGTERM: the notebook's ``finally`` blocks run), then kill everything left of the run."""
+        terminate_tree(self.pid, group=self.group)
+
+    def hand(self, run_id: uuid.UUID, memory_limit: int | None = None) -> bool:
+        """Give a warm slot its run (and its memory limit); False if it is gone (the caller starts a cold
+        one instead)."""
         if self.channel is None or not self.alive():
+            return False
+        self.limit_memory(memory_limit)
+        if not self.memory_enforced and self.group.memory_folder is not None:
+            self.channel.close()  # its kernel already uses more than the limit (v1 refuses it): a cold start
             return False
         try:
             self.channel.send(str(run_id))
@@ -117,13 +158,14 @@ class RunProcess:
         try:
             self.proc.wait(GRACE_SECONDS)
         except subprocess.TimeoutExpired:
-            terminate_tree(self.proc.pid)
+            self.terminate()
             self.proc.wait()
         self.cleanup()
 
     def cleanup(self) -> None:
-        """Once the process has ended: its stderr file, and the socket files of its kernel if it was
-        killed before it could remove them."""
+        """Once the process has ended: whatever is left in its group (a run leaves no process behind), its
+        stderr file, and the socket files of its kernel if it was killed before it could remove them."""
+        self.group.remove()
         with contextlib.suppress(OSError):
             os.unlink(self.err_path)
         if self.proc.poll() is not None:
@@ -143,15 +185,18 @@ def _fork_server() -> Any:
     return ctx
 
 
-def fork(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID | None = None) -> RunProcess:
+def fork(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID | None = None,
+         memory_limit: int | None = None) -> RunProcess:
     """A run process forked by the fork server: for ``run_id``, or without one a warm slot."""
     from nbflow.runprocess import forked_main
 
     ctx = _fork_server()
     argv = ["--kernel", kernel_name, "--cwd", str(cwd), "--parent-pid", str(os.getpid())]
     argv += [str(run_id)] if run_id is not None else ["--warm"]
+    group = new_group()
+    memory_enforced = group.set_memory_limit(memory_limit)
     # The fork server's environment and folder are those of when it started: pass ours.
-    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url, **zygote.for_runner(kernel_name))
+    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url, **zygote.for_runner(kernel_name), **group.env())
     err_path = _err_file()
     ours, theirs = ctx.Pipe() if run_id is None else (None, None)
     process = ctx.Process(target=forked_main, args=(argv, env, os.getcwd(), err_path, theirs),
@@ -160,20 +205,26 @@ def fork(store: Store, kernel_name: str, cwd: str | Path, *, run_id: uuid.UUID |
         process.start()
     except BaseException:
         os.unlink(err_path)
+        group.remove()
         raise
     finally:
         if theirs is not None:
             theirs.close()
-    return RunProcess(Forked(process), err_path, kernel_name, ours)
+    group.add(process.pid)  # it joins by itself too, first thing (nbflow.kernels)
+    rp = RunProcess(Forked(process), err_path, kernel_name, ours, group)
+    rp.memory_enforced = memory_enforced
+    return rp
 
 
-def start(store: Store, kernel_name: str, cwd: str | Path, run_id: uuid.UUID, *, progress: bool = False
-          ) -> RunProcess:
+def start(store: Store, kernel_name: str, cwd: str | Path, run_id: uuid.UUID, *, progress: bool = False,
+          memory_limit: int | None = None) -> RunProcess:
     """A fresh ``python -m nbflow.runprocess RUN_ID``, for the foreground ``nbflow run``; ``progress``
     draws papermill's progress bar on a copy of our stderr."""
     cmd = [sys.executable, "-m", "nbflow.runprocess", str(run_id), "--kernel", kernel_name, "--cwd", str(cwd),
            "--parent-pid", str(os.getpid())]
-    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url)
+    group = new_group()
+    memory_enforced = group.set_memory_limit(memory_limit)
+    env = dict(os.environ, NBFLOW_DATABASE_URL=store.url, **group.env())
     progress_fd = os.dup(sys.stderr.fileno()) if progress else None
     if progress_fd is not None:
         cmd += ["--progress-fd", str(progress_fd)]
@@ -186,8 +237,12 @@ def start(store: Store, kernel_name: str, cwd: str | Path, run_id: uuid.UUID, *,
             )
     except BaseException:
         os.unlink(err_path)
+        group.remove()
         raise
     finally:
         if progress_fd is not None:
             os.close(progress_fd)
-    return RunProcess(proc, err_path, kernel_name)
+    group.add(proc.pid)  # it joins by itself too, first thing (nbflow.kernels)
+    rp = RunProcess(proc, err_path, kernel_name, group=group)
+    rp.memory_enforced = memory_enforced
+    return rp

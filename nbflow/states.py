@@ -67,6 +67,7 @@ NAMES: dict[str, StateType] = {
     "AwaitingRetry": S.SCHEDULED,
     "AwaitingConcurrencySlot": S.SCHEDULED,
     "TimedOut": S.FAILED,
+    "OutOfMemory": S.FAILED,  # over the flow's memory limit (nbflow.containment)
 }
 
 

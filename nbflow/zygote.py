@@ -44,6 +44,8 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
+from nbflow import containment
+
 log = logging.getLogger(__name__)
 
 ENV_DIR = "NBFLOW_ZYGOTE_DIR"
@@ -239,7 +241,8 @@ def request_kernel(path: str, cmd: list[str], env: dict[str, str], cwd: str) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, open(os.devnull, "rb") as devnull:
         conn.settimeout(REQUEST_TIMEOUT)
         conn.connect(path)
-        payload = json.dumps({"argv": cmd, "env": env, "cwd": cwd, "owner": os.getpid()}).encode() + b"\n"
+        payload = json.dumps({"argv": cmd, "env": env, "cwd": cwd, "owner": os.getpid(),
+                              "cgroups": containment.kernel_groups()}).encode() + b"\n"
         socket.send_fds(conn, [payload], [devnull.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
         reply = b""
         while chunk := conn.recv(65536):

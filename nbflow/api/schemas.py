@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
 from nbflow import checks
+from nbflow.containment import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from nbflow.errors import NbflowError
 from nbflow.states import StateType
 
@@ -110,6 +111,9 @@ class FlowSettings(Body):
     collision: Annotated[Literal["enqueue", "cancel-new"], NotNull] = Field(default=None)
     labels: Annotated[list[Label], Field(max_length=checks.MAX_ITEMS), NotNull] = Field(
         default=None, description="Worker labels its runs need; replaces the flow's labels.")
+    memory_limit: Annotated[int, Field(ge=MIN_MEMORY_LIMIT, le=MAX_MEMORY_LIMIT)] | None = Field(
+        default=None, description="Bytes the run's kernel may use, where the worker has cgroups "
+                                  "(docs/operations.md); null in a PATCH removes the limit.")
 
 
 class RegisterRequest(FlowSettings):
@@ -119,8 +123,8 @@ class RegisterRequest(FlowSettings):
 
 
 class FlowPatch(FlowSettings):
-    """Only the fields sent change; ``null`` clears ``timeout``, ``cell_timeout``, ``kernel_name`` and
-    ``concurrency_limit``."""
+    """Only the fields sent change; ``null`` clears ``timeout``, ``cell_timeout``, ``kernel_name``,
+    ``concurrency_limit`` and ``memory_limit``."""
 
     paused: Annotated[bool, NotNull] = Field(
         default=None, description="A paused flow's schedules and event triggers do not fire; manual and API "
@@ -349,6 +353,7 @@ class FlowDocument(Document):
     collision: str = Field(description="At the limit, a new run waits (enqueue) or is cancelled (cancel-new).")
     paused: bool = Field(description="A paused flow's schedules and event triggers do not fire.")
     labels: list[str] = Field(description="Worker labels its runs need; [] for any worker.")
+    memory_limit: int | None = Field(default=None, description="Bytes the run's kernel may use; null: no limit.")
     parameters: dict[str, ParameterSpec] = Field(description="Parameters of the latest version, by name.")
     after: list[Upstream] = Field(description="Flows this one runs after.")
     file_triggers: list[FileTriggerDocument]

@@ -87,6 +87,8 @@ class Flow(Base):
     paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Worker labels a run of this flow needs: only a runner declaring all of them claims it (``nbflow.workers``).
     labels: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
+    # Bytes the run's kernel (and what it starts) may use, where the worker's cgroups allow (nbflow.containment).
+    memory_limit: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
