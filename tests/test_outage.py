@@ -298,7 +298,7 @@ def test_sqlite_lock_held_by_another_process_past_the_busy_timeout(sqlite_env, t
 def _running(store, tmp_path: Path, **values) -> uuid.UUID:
     """A RUNNING run (attempt 1) whose lease ran out long ago, with ``values`` stored as they are."""
     nb = make_notebook(tmp_path, f"n{uuid.uuid4().hex[:6]}", ["x = 1"])
-    run_id = create_run(store, str(nb), worker_id="worker:gone").id
+    run_id = create_run(store, str(nb), worker_id="worker:gone", allow_path=True).id
     with store.write() as session:
         run = states.lock_run(session, run_id)
         states.transition(session, run, states.S.RUNNING)
@@ -359,7 +359,7 @@ class _BrokenExecutor(Executor):
 
 def test_a_failing_supervisor_ends_its_run_with_the_reason(store, tmp_path):
     nb = make_notebook(tmp_path, "victim", ["x = 1"])
-    run_id = create_run(store, str(nb)).id
+    run_id = create_run(store, str(nb), allow_path=True).id
     runner = Runner(store, slots=1, warm_kernels=0, executor=_BrokenExecutor())
     assert runner.step() == 1
     until(lambda: runner.step() == 0, timeout=30, what="the supervisor thread to end")
