@@ -52,6 +52,7 @@ EXPECTED_NAMES = {
     "AwaitingRetry": "SCHEDULED",
     "AwaitingConcurrencySlot": "SCHEDULED",
     "TimedOut": "FAILED",
+    "OutOfMemory": "FAILED",
 }
 
 # How to reach each state from a new run: (initial state, then legal steps).
