@@ -460,12 +460,6 @@ class Group:
         control = _pairs(os.path.join(self.memory_folder, "memory.oom_control"))
         return control.get("under_oom") == "1" or int(control.get("oom_kill", 0)) > 0
 
-    def pids(self) -> list[int]:
-        found: set[int] = set()
-        for folder in {self.procs, *self.kernel} - {None}:
-            found.update(_pids(str(folder)))
-        return sorted(found)
-
     def kill(self, timeout: float = KILL_TIMEOUT) -> None:
         """SIGKILL everything in the group at once; returns when it is empty (or after ``timeout``)."""
         deadline = time.monotonic() + timeout
