@@ -4,7 +4,14 @@ The contract. Every run process gets a *group* (``Group``) before it can start a
 its kernel (even one forked by the runner's zygote, which is no descendant of the run process) and
 everything the notebook starts, new sessions and double-forked daemons included. When the attempt ends
 (cancel, timeout, crash of the run process, worker shutdown, or simply the end of the run) the supervisor
-kills the whole group and removes it: a run leaves no process behind. A flow's ``memory_limit`` applies to
+kills the whole group and removes it: a run leaves no process behind. The run process, as it kills its
+kernel, kills the kernel's group too, so a supervisor killed with SIGKILL (its run processes stop when it
+dies) leaves no daemon either; its empty groups are removed by the next runner in the same cgroup.
+Who does what: the supervisor makes the group and moves the run process in (``processes``); the run
+process moves itself in first thing, before it starts anything (``join``, from ``nbflow.kernels``), and
+moves a kernel it starts into the kernel's groups before the kernel runs any code (``join_kernel``); a
+zygote-forked kernel moves itself in right after the fork, and the zygote moves it too before it answers
+with its pid (``nbflow/_zygote_main.py``). A flow's ``memory_limit`` applies to
 the kernel and what it starts (nbflow's own run process does not count against it); a run over it ends
 FAILED with the state name ``OutOfMemory`` and nothing else on the machine is touched.
 
@@ -23,9 +30,10 @@ Memory limits use the memory controller: cgroup v2 (``memory.max``, ``memory.swa
 ``memory.oom.group``, OOM seen in ``memory.events``) where it is enabled for us, else cgroup v1
 (``memory.limit_in_bytes`` and ``memory.memsw.limit_in_bytes``). On v1 the group's OOM killer is turned
 off (``memory.oom_control``): a kernel over its limit is *paused* instead of killed, so the supervisor,
-which looks at ``under_oom`` every 0.1 s, sees it first and ends the run as OutOfMemory (a killed kernel
-would otherwise be reported by the run process as a dead kernel). Where there is no memory controller
-the run executes without a limit and its log says so.
+which looks at ``under_oom`` every 0.1 s, sees it first and ends the run as OutOfMemory. On v2 the group's
+OOM killer kills, and whichever side sees it first names the end OutOfMemory: the supervisor, or the run
+process seeing its kernel dead (``kernel_oom_limit``). Where there is no memory controller the run
+executes without a limit and its log says so.
 
 Groups are created under the group of the process that supervises (never above it: a limit set on the
 machine or the container around nbflow keeps applying). ``NBFLOW_CONTAINMENT=process`` forces the
@@ -451,12 +459,6 @@ class Group:
             return int(events.get("oom_kill", 0)) > 0 or int(events.get("oom_group_kill", 0)) > 0
         control = _pairs(os.path.join(self.memory_folder, "memory.oom_control"))
         return control.get("under_oom") == "1" or int(control.get("oom_kill", 0)) > 0
-
-    def pids(self) -> list[int]:
-        found: set[int] = set()
-        for folder in {self.procs, *self.kernel} - {None}:
-            found.update(_pids(str(folder)))
-        return sorted(found)
 
     def kill(self, timeout: float = KILL_TIMEOUT) -> None:
         """SIGKILL everything in the group at once; returns when it is empty (or after ``timeout``)."""

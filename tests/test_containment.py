@@ -381,3 +381,21 @@ def test_a_kernel_killed_by_the_oom_killer_is_named_out_of_memory_by_its_run_pro
         assert containment.oom_message(64 * 2**20).startswith("the run used more than its memory limit of 64 MiB")
     finally:
         group.remove()
+
+
+def test_memory_limit_through_the_flow_magic(sqlite_env, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+        "%load_ext nbflow", "%%flow limited --memory-limit 96M\nx = 1", "%%flow refused --memory-limit 1k\nx = 1")]
+    NotebookClient(nb, kernel_name="python3", timeout=120, allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    said = "".join(o.get("text", "") for o in nb.cells[2].outputs)  # IPython shows a UsageError as one line
+    assert said.strip() == "UsageError: --memory-limit: a memory limit must be from 16M to 1024T (or 0 for none), " \
+                           "got '1k'", nb.cells[2].outputs
+    with open_store().read() as session:
+        flows = {f.name: f.memory_limit for f in session.execute(select(Flow)).scalars()}
+    assert flows == {"limited": 96 * 2**20}
