@@ -650,30 +650,53 @@ def test_poison_parameters_on_the_command_line(nbflow_env: dict[str, str], tmp_p
     assert_nothing_written()
 
 
+# (the CLI's words, FlowOptions field and value, the service's message). The CLI's option types refuse
+# numbers out of bounds themselves (the CLI's own message); ``FlowOptions.validate`` refuses them again for
+# every other door (the API's service layer, the magics, Python callers), with the same limits.
 OUT_OF_BOUNDS_SETTINGS = [
-    (["--retry-delay", "inf"], "--retry-delay must be a finite number from 0 to 31622400, got inf"),
-    (["--retry-delay", "1e12"], "--retry-delay must be from 0 to 31622400, got 1000000000000"),
-    (["--retry-backoff", "1e300"], "--retry-backoff must be from 1 to 100, got 1e+300"),
-    (["--retry-backoff", "nan"], "--retry-backoff must be a finite number from 1 to 100, got nan"),
-    (["--retries", "1000000"], "--retries must be from 0 to 100, got 1000000"),
-    (["--timeout", "1e400"], "--timeout must be a finite number from 0 to 31622400, got inf"),
-    (["--cell-timeout", "99999999999"], "--cell-timeout must be from 0 to 31622400, got 99999999999"),
-    (["--concurrency", "10000000000"], "--concurrency must be at most 10,000 runs; got 10000000000"),
-    (["--tag", " padded"], "invalid tag ' padded'"),
-    (["--tag", "t\udcff"], "a tag contains a character that is not valid Unicode"),
-    (["--kernel", "k" * 201], "--kernel is longer than 200 characters"),
-    (["--name", "n\udcff"], "invalid flow name: it contains a character that is not valid Unicode"),
+    (["--retry-delay", "inf"], ("retry_delay", float("inf")),
+     "--retry-delay must be a finite number from 0 to 31622400, got inf"),
+    (["--retry-delay", "1e12"], ("retry_delay", 1e12), "--retry-delay must be from 0 to 31622400, got 1000000000000"),
+    (["--retry-backoff", "1e300"], ("retry_backoff", 1e300), "--retry-backoff must be from 1 to 100, got 1e+300"),
+    (["--retry-backoff", "nan"], ("retry_backoff", float("nan")),
+     "--retry-backoff must be a finite number from 1 to 100, got nan"),
+    (["--retries", "1000000"], ("retries", 1_000_000), "--retries must be from 0 to 100, got 1000000"),
+    (["--timeout", "1e400"], ("timeout", float("inf")),
+     "--timeout must be a finite number from 0 to 31622400, got inf"),
+    (["--cell-timeout", "99999999999"], ("cell_timeout", 99999999999),
+     "--cell-timeout must be from 0 to 31622400, got 99999999999"),
+    (["--concurrency", "10000000000"], ("concurrency_limit", 10**10),
+     "--concurrency must be at most 10,000 runs; got 10000000000"),
+    (["--tag", " padded"], ("tags", (" padded",)), "invalid tag ' padded'"),
+    (["--tag", "t\udcff"], ("tags", ("t\udcff",)), "a tag contains a character that is not valid Unicode"),
+    (["--kernel", "k" * 201], ("kernel_name", "k" * 201), "--kernel is longer than 200 characters"),
 ]
 
 
 def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, str], tmp_path: Path) -> None:
-    """The CLI's own option types let these through; the service's bounds (``FlowOptions.validate``)
-    refuse them, so they can never reach the reaper (a retry delay of inf stopped every runner at start).
-    ``--retry-delay inf`` in a real process: ``test_out_of_bounds_and_bad_names_on_both_databases``."""
+    """Each refused with one line naming the option (by the CLI's option type or by the service's bound,
+    whichever comes first), and nothing registered. ``--retry-delay inf`` in a real process:
+    ``test_out_of_bounds_and_bad_names_on_both_databases``."""
     path = poison_flow(tmp_path)
-    for args, message in OUT_OF_BOUNDS_SETTINGS:
-        assert_bad_input(in_process("register", path, *args), message)
+    for args, _setting, _message in OUT_OF_BOUNDS_SETTINGS:  # "retry", "tag", "kernel"...: what is wrong
+        assert_bad_input(in_process("register", path, *args), args[0].lstrip("-").split("-")[0])
+    assert_bad_input(in_process("register", path, "--name", "n\udcff"),
+                     "invalid flow name: it contains a character that is not valid Unicode")
     assert_nothing_written()
+
+
+def test_out_of_bounds_flow_settings_in_the_service() -> None:
+    """The bounds every door shares (``FlowOptions.validate``, called by register, PATCH, the magics): a
+    retry delay of inf stopped every runner at start-up once it was stored."""
+    from nbflow.errors import NbflowError
+    from nbflow.flows import FlowOptions
+
+    for _args, (field, value), message in OUT_OF_BOUNDS_SETTINGS:
+        with pytest.raises(NbflowError) as refused:
+            FlowOptions(**{field: value}).validate()
+        assert refused.value.http_status == 422 and message in str(refused.value), (field, str(refused.value))
+    FlowOptions(retries=100, retry_delay=31622400, retry_backoff=100, timeout=31622400, cell_timeout=1,
+                concurrency_limit=10_000, tags=("a",) * 100, kernel_name="k" * 200).validate()  # the bounds: fine
 
 
 def test_out_of_bounds_and_bad_names_on_both_databases(nbflow_env: dict[str, str], tmp_path: Path) -> None:
@@ -681,12 +704,12 @@ def test_out_of_bounds_and_bad_names_on_both_databases(nbflow_env: dict[str, str
     stored: refused by the same checks before either database sees it."""
     path = poison_flow(tmp_path)
     assert_bad_input(nbflow(nbflow_env, tmp_path, "register", path, "--retry-delay", "inf"), "--retry-delay")
-    assert_bad_input(in_process("runs", "--limit", "100000"), "limit must be from 1 to 10001")
-    assert_bad_input(in_process("limits", "set", "gpu", "99999999999"), "must be at most 10,000 runs")
+    assert_bad_input(in_process("runs", "--limit", "100000"), "--limit")
+    assert_bad_input(in_process("limits", "set", "gpu", "99999999999"), "99999999999")
     assert_bad_input(in_process("limits", "set", "g\udcff", "3"), "invalid tag")
     assert_bad_input(in_process("keys", "create", "k\udcff", "--scope", "read"),
                      "invalid key name: it contains a character that is not valid Unicode")
-    assert_bad_input(in_process("run", "no\udcffsuch"), "no flow named")
+    assert_bad_input(in_process("run", "no\udcffsuch"), "flow name")
     assert_nothing_written()
     assert all_rows() == {"run": 0, "flow": 0, "flow_version": 0, "api_key": 0, "secret": 0, "webhook": 0,
                           "notification": 0, "schedule": 0, "tag_limit": 0}
