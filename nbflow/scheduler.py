@@ -942,8 +942,7 @@ class Scheduler:
         wait = self._until(next_due(self.store), started)
         # On SQLite a pass that only read proves nothing: reads go on while another process holds the
         # write lock (WAL), so "back" waits for a pass that wrote.
-        if wrote or self.store.dialect != "sqlite":
-            report_up(self.store)
+        report_up(self.store, read_only=not wrote)
         return wait
 
     def _failed(self, what: str, exc: BaseException) -> None:

@@ -20,7 +20,9 @@ questions here:
 
 Loops that do not want to block inside one call (a runner's step, the LISTEN thread) catch the
 exception themselves, ask ``is_unavailable``, call ``report_down`` and wait ``Backoff.next()`` before
-their next pass; ``report_up`` after a pass that reached the database.
+their next pass; ``report_up`` after a pass that reached the database (a pass that only read, or did
+nothing, says ``read_only`` or nothing: on SQLite a read succeeds while another process holds the
+write lock, so it is no sign the outage is over).
 
 Logs: one line per process and database when it goes away (WARNING, "database ... unavailable") and
 one when it is back (WARNING, "database ... is back after N s"), however many loops and retries saw it
@@ -137,7 +139,11 @@ def report_down(store: Store, exc: BaseException, what: str = "") -> None:
     health(store).report_down(exc, what)
 
 
-def report_up(store: Store) -> None:
+def report_up(store: Store, *, read_only: bool = False) -> None:
+    """Say that ``store``'s database just worked. ``read_only``: it only served a read, which on SQLite
+    proves nothing (in WAL mode reads go on while another process holds the write lock)."""
+    if read_only and store.dialect == "sqlite":
+        return
     health(store).report_up()
 
 
@@ -159,13 +165,14 @@ class Backoff:
 
 
 def retrying(fn: Callable[[], T], store: Store, *, what: str = "", stop: threading.Event | None = None,
-             give_up_after: float | None = None, cap: float = MAX_DELAY) -> T:
+             give_up_after: float | None = None, cap: float = MAX_DELAY, read_only: bool = False) -> T:
     """``fn()``, called again while the database is unavailable, until it returns.
 
     ``fn`` must be one whole unit of work (open its own transaction) so that calling it again is
     safe. Between tries it waits a capped exponential backoff (on ``stop``, if given). It re-raises
     the last error once ``stop`` is set or ``give_up_after`` seconds have passed; any error that is
-    not an outage (``is_unavailable``) is raised at once."""
+    not an outage (``is_unavailable``) is raised at once. ``read_only``: ``fn`` only reads (see
+    ``report_up``)."""
     backoff = Backoff(cap=cap)
     started = time.monotonic()
     while True:
@@ -187,5 +194,5 @@ def retrying(fn: Callable[[], T], store: Store, *, what: str = "", stop: threadi
             else:
                 time.sleep(delay)
             continue
-        report_up(store)
+        report_up(store, read_only=read_only)
         return result
