@@ -129,20 +129,15 @@ class LocalBackend:
 
     def _flow_docs(self, session: Any, flows: list[Any]) -> list[dict[str, Any]]:
         """Flow documents with what a front-end shows next to them: their schedules and next run time."""
-        from sqlalchemy import select
-
         from nbflow.flows import flow_documents
-        from nbflow.scheduler import schedule_document
-        from nbflow.store.models import Schedule
+        from nbflow.scheduler import schedule_documents
 
         docs = flow_documents(session, flows)
         by_id: dict[int, list[dict[str, Any]]] = {f.id: [] for f in flows}
         if by_id:
-            names = {f.id: f.name for f in flows}
-            rows = session.execute(
-                select(Schedule).where(Schedule.flow_id.in_(list(by_id))).order_by(Schedule.name)).scalars()
-            for s in rows:
-                by_id[s.flow_id].append(schedule_document(s, names[s.flow_id]))
+            ids = {f.name: f.id for f in flows}
+            for s in schedule_documents(session, list(by_id)):  # a broken stored schedule renders too
+                by_id[ids[s["flow"]]].append(s)
         for flow, doc in zip(flows, docs, strict=True):
             with_schedules(doc, by_id[flow.id])
         return docs

@@ -54,9 +54,10 @@ files) at every tick.
 
 **Bad rows.** An event that cannot be turned into a run for a reason other than a database outage (an
 upstream result that is not an object, a stored notebook that does not read) is rolled back alone (a
-SAVEPOINT), said once in the log and skipped by this process from then on; the pass goes on with the
-others. A trigger whose stored pattern cannot be walked is paused. An outage is raised to the scheduler's
-loop, which waits it out: nothing was marked done, so the next pass finds the same events.
+SAVEPOINT), said once in the log and in the upstream run's own log, and skipped by this process from then
+on; the pass goes on with the others. A trigger whose stored pattern cannot be walked is paused. An outage
+is raised to the scheduler's loop, which waits it out: nothing was marked done, so the next pass finds the
+same events.
 """
 
 from __future__ import annotations
@@ -445,8 +446,22 @@ def _fire_pipelines(store: Store, created_after: datetime | None) -> list[uuid.U
                                          message=f"after {source} ended {upstream.state}"):
                         created.append(run.id)
             except Exception as exc:
-                _poison(key, exc, f"pipeline run after run {upstream.id} (downstream flow id {dep.flow_id})")
+                reason = _poison(key, exc, f"pipeline run after run {upstream.id} (downstream flow id {dep.flow_id})")
+                _note_on_run(session, upstream, f"pipeline to flow id {dep.flow_id} not started: {reason}")
     return created
+
+
+def _note_on_run(session: Session, run: Run, text: str) -> None:
+    """A line in the run's own log (stream ``system``), where its owner looks: ``nbflow logs``, the API."""
+    from nbflow.store.models import Log
+
+    try:
+        with session.begin_nested():
+            session.add(Log(run_id=run.id, attempt=run.attempt, at=utcnow(), stream="system", cell_index=None,
+                            text=text[:1000]))
+    except Exception as exc:  # the note is a courtesy: never a reason to lose the pass
+        if is_unavailable(exc):
+            raise
 
 
 # Events this process could not turn into a run for a reason other than an outage (a stored result or
@@ -455,12 +470,14 @@ def _fire_pipelines(store: Store, created_after: datetime | None) -> list[uuid.U
 _poisoned: dict[tuple[Any, ...], str] = {}
 
 
-def _poison(key: tuple[Any, ...], exc: BaseException, what: str) -> None:
+def _poison(key: tuple[Any, ...], exc: BaseException, what: str) -> str:
+    """Remember an event that cannot be fired, log it once; its reason. An outage is raised instead."""
     if is_unavailable(exc):
         raise exc
-    reason = str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}"
+    reason = (str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}")[:500]
     _poisoned[key] = reason
-    log.error("%s skipped: %s", what, reason[:500], exc_info=not isinstance(exc, NbflowError))
+    log.error("%s skipped: %s", what, reason, exc_info=not isinstance(exc, NbflowError))
+    return reason
 
 
 def _unseen(session: Session, trigger_id: int, paths: list[str]) -> list[str]:

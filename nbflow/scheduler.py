@@ -440,10 +440,16 @@ def list_schedules(store: Store, flow_name: str | None = None) -> list[dict[str,
     """Every schedule (of one flow), as documents. Read column by column: a row whose stored JSON does not
     decode is listed with its error, never breaks the listing."""
     with store.read() as session:
-        query = select(*_LIST_COLUMNS).join(Flow, Flow.id == Schedule.flow_id).order_by(Flow.name, Schedule.name)
-        if flow_name:
-            query = query.where(Flow.id == get_flow(session, flow_name).id)
-        return [_row_document(row) for row in session.execute(query).all()]
+        return schedule_documents(session, [get_flow(session, flow_name).id] if flow_name else None)
+
+
+def schedule_documents(session: Any, flow_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """The documents of the schedules of ``flow_ids`` (all if None), by flow and schedule name, in the
+    caller's session; as robust as ``list_schedules``."""
+    query = select(*_LIST_COLUMNS).join(Flow, Flow.id == Schedule.flow_id).order_by(Flow.name, Schedule.name)
+    if flow_ids is not None:
+        query = query.where(Schedule.flow_id.in_(flow_ids))
+    return [_row_document(row) for row in session.execute(query).all()]
 
 
 def _row_document(row: Any) -> dict[str, Any]:
@@ -936,8 +942,7 @@ class Scheduler:
         wait = self._until(next_due(self.store), started)
         # On SQLite a pass that only read proves nothing: reads go on while another process holds the
         # write lock (WAL), so "back" waits for a pass that wrote.
-        if wrote or self.store.dialect != "sqlite":
-            report_up(self.store)
+        report_up(self.store, read_only=not wrote)
         return wait
 
     def _failed(self, what: str, exc: BaseException) -> None:

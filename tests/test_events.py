@@ -418,6 +418,11 @@ def test_a_bad_upstream_run_is_skipped_once_and_the_others_fire(nbflow_env, tmp_
     assert (run.id, run.parent_run_id, run.parameters) == (created, good, {"x": 5})
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert f"after run {bad}" in caplog.text and "skipped" in caplog.text
+    from nbflow.store.models import Log
+
+    with open_store().read() as session:  # and where the upstream run's owner looks: its log
+        notes = list(session.execute(select(Log.text).where(Log.run_id == bad, Log.stream == "system")).scalars())
+    assert len(notes) == 1 and notes[0].startswith("pipeline to flow id ") and "AttributeError" in notes[0]
 
 
 def test_a_file_trigger_whose_pattern_cannot_be_walked_is_paused_and_the_others_fire(sqlite_env, tmp_path,

@@ -609,6 +609,11 @@ def test_poison_schedule_rows_are_paused_with_their_reason_and_the_others_fire(n
     assert "unknown time zone 'Mars/Base'" in docs["bad-zone"]["error"]
     # The next passes go on firing the good one; the paused ones stay out of the way.
     assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10.5))) == 1
+    # The notebook front-ends (magics, widgets) render them too.
+    from nbflow.backend import LocalBackend
+
+    shown = {d["name"]: d for d in LocalBackend(store).flow(name)["schedules"]}
+    assert set(shown) == set(bad) | {"good"} and shown["bad-kind"]["error"] == docs["bad-kind"]["error"]
     # `nbflow schedule list` shows them and why; adding one again fixes it.
     listing = nbflow(nbflow_env, tmp_path, "schedule", "list")
     assert listing.returncode == 0, listing.stderr
