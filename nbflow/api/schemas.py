@@ -377,6 +377,8 @@ class ScheduleDocument(Document):
     catch_up: str = Field(description="skip, latest or all: which missed slots run after downtime.")
     max_lateness: float | None = Field(description="Seconds after which a missed slot is dropped.")
     next_fire_at: Time | None = Field(description="The next slot; null when nothing is left to fire.")
+    error: str | None = Field(default=None, description="Why the scheduler could not fire it (it is then paused "
+                                                        "if its definition is unusable); adding it again clears it.")
 
 
 class ScheduleList(Document):
