@@ -13,8 +13,8 @@ questions here:
   or dropped connection is the driver's ``OperationalError``/``InterfaceError`` (psycopg's covers
   "terminating connection due to administrator command", "database does not allow connections",
   serialization failures and deadlocks, all worth retrying; so is a failover's read-only old
-  primary). SQLite's ``OperationalError`` is also
-  raised for bugs ("no such table"), so there only the lock, open and I/O errors count.
+  primary). SQLite's ``OperationalError`` is also raised for bugs ("no such table"), so there only
+  the lock, open, I/O and full-disk errors count.
 * ``retrying(fn, ...)``: call ``fn`` (one whole transaction: a retry re-runs all of it) until it
   succeeds, waiting ``Backoff`` (capped exponential) between tries, and giving up only when ``stop``
   is set (or ``give_up_after`` passed). Anything else ``fn`` raises goes straight to the caller.
