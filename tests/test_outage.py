@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from conftest import PG_URL, _instance
 from helpers import make_notebook, nbflow, start, until
 from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from nbflow import launcher, states
 from nbflow import runner as runner_module
@@ -39,8 +41,9 @@ from nbflow.executors.base import Executor
 from nbflow.record import RECORD_MIME
 from nbflow.runner import Runner, reap
 from nbflow.runs import create_run, history
-from nbflow.store import open_store, reset_stores
+from nbflow.store import Store, open_store, reset_stores
 from nbflow.store.models import CellRun, Log, Run, utcnow
+from nbflow.store.retry import is_unavailable, retrying
 
 DOWN = re.compile(r"^database .* unavailable", re.M)
 BACK = re.compile(r"^database .* is back after", re.M)
@@ -394,3 +397,61 @@ def test_late_writes_of_a_reaped_attempt_leave_the_retry_alone(store, tmp_path):
         assert (run.state, run.attempt, run.result, run.log_bytes) == ("RUNNING", 2, {"from": "attempt 2"}, 7)
         cell = session.execute(select(CellRun.state).where(CellRun.run_id == run_id, CellRun.attempt == 1)).scalar()
         assert cell == "FAILED"  # as the reaper left it, not COMPLETED by the late write
+
+
+# -- the retry helper itself ----------------------------------------------------------------------------
+
+def test_retrying_waits_out_a_lock_says_so_once_and_never_retries_a_bug(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NBFLOW_SQLITE_BUSY_TIMEOUT_MS", "50")
+    path = tmp_path / "retry.db"
+    store = Store(f"sqlite:///{path}")
+    store.ensure_schema()
+    holder = sqlite3.connect(path, isolation_level=None)  # another connection holds the write lock
+    holder.execute("BEGIN IMMEDIATE")
+    calls: list[int] = []
+
+    def write() -> str:
+        calls.append(1)
+        if len(calls) == 4:
+            holder.execute("ROLLBACK")
+        with store.write() as session:
+            session.execute(text("UPDATE run SET state = state WHERE 1 = 0"))
+        return "written"
+
+    caplog.set_level("WARNING", logger="nbflow.store")
+    assert retrying(write, store, what="a test write") == "written"
+    assert len(calls) == 4  # three refused by the lock, then through
+    lines = [r.getMessage() for r in caplog.records if r.name == "nbflow.store"]
+    assert len(lines) == 2, lines
+    assert "unavailable (a test write): database is locked" in lines[0] and "is back after" in lines[1]
+
+    bugs: list[int] = []
+
+    def bug() -> None:
+        bugs.append(1)
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        retrying(bug, store)
+    assert bugs == [1]  # a bug is not weather: raised at once
+
+    holder.execute("BEGIN IMMEDIATE")
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    # The caller stops waiting: the outage's error comes out (the driver's own from nbflow's BEGIN IMMEDIATE).
+    with pytest.raises((OperationalError, sqlite3.OperationalError)) as stopped:
+        retrying(write, store, stop=stop)
+    assert is_unavailable(stopped.value)
+    holder.execute("ROLLBACK")
+    store.dispose()
+
+
+def test_outage_or_bug():
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")  # nothing listens on port 1
+    with pytest.raises(OperationalError) as refused:
+        engine.connect()
+    assert is_unavailable(refused.value)
+    with create_engine(PG_URL).connect() as conn, pytest.raises(ProgrammingError) as missing:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    assert not is_unavailable(missing.value)
+    assert not is_unavailable(ValueError("no"))

@@ -12,8 +12,9 @@ questions here:
   pooled connections at checkout, but a connection that dies mid-transaction still raises); a refused
   or dropped connection is the driver's ``OperationalError``/``InterfaceError`` (psycopg's covers
   "terminating connection due to administrator command", "database does not allow connections",
-  serialization failures and deadlocks, all worth retrying). SQLite's ``OperationalError`` is also
-  raised for bugs ("no such table"), so there only the lock, open and I/O errors count.
+  serialization failures and deadlocks, all worth retrying; so is a failover's read-only old
+  primary). SQLite's ``OperationalError`` is also raised for bugs ("no such table"), so there only
+  the lock, open, I/O and full-disk errors count.
 * ``retrying(fn, ...)``: call ``fn`` (one whole transaction: a retry re-runs all of it) until it
   succeeds, waiting ``Backoff`` (capped exponential) between tries, and giving up only when ``stop``
   is set (or ``give_up_after`` passed). Anything else ``fn`` raises goes straight to the caller.
@@ -78,7 +79,9 @@ def _one_is_unavailable(exc: BaseException) -> bool:
     if module.startswith("psycopg"):
         import psycopg
 
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        # ReadOnlySqlTransaction: a failover's old primary, read-only until clients move to the new one.
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError
+                          | psycopg.errors.ReadOnlySqlTransaction)
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         # Wrapped: judged by the driver's exception (``orig``) unless there is none.
         return getattr(exc, "orig", None) is None
