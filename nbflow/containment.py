@@ -137,7 +137,7 @@ def _make_parent(own: str) -> str:
         for entry in os.scandir(own):
             if entry.name.startswith("nbflow-") and entry.is_dir():
                 pid = entry.name.removeprefix("nbflow-")
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_exists(int(pid)):
                     _remove_tree(entry.path)
     parent = os.path.join(own, f"nbflow-{os.getpid()}")
     with contextlib.suppress(FileExistsError):
@@ -147,7 +147,8 @@ def _make_parent(own: str) -> str:
     return parent
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie counts), without psutil: run processes import this early."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -29,6 +29,7 @@ import traceback
 import uuid
 from typing import Any
 
+from nbflow import containment
 from nbflow.kernels import Kernel
 
 EXIT_STOPPED = 143
@@ -60,7 +61,7 @@ def _die_with(supervisor: int) -> None:
     try:
         pidfd: int | None = os.pidfd_open(supervisor)
     except (AttributeError, OSError):  # not Linux, or it is gone already
-        if not _pid_exists(supervisor):
+        if not containment.pid_exists(supervisor):
             raise SystemExit(EXIT_STOPPED) from None
         pidfd = None
 
@@ -68,21 +69,11 @@ def _die_with(supervisor: int) -> None:
         if pidfd is not None:
             select.select([pidfd], [], [])
         else:
-            while _pid_exists(supervisor):
+            while containment.pid_exists(supervisor):
                 time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="nbflow-supervisor-watch", daemon=True).start()
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
