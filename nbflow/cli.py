@@ -28,7 +28,7 @@ import click
 
 from nbflow import __version__, checks
 from nbflow.errors import NbflowError
-from nbflow.startup import freeze_startup_objects
+from nbflow.execution.startup import freeze_startup_objects
 
 EXIT_RUN_NOT_COMPLETED = 1
 EXIT_INTERNAL_ERROR = 1  # a bug, not the input: like a run that did not complete, it is not a success
@@ -256,8 +256,9 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
     Exits 0 when the run COMPLETED, 1 when it ended otherwise, 2 on bad input (no run is created).
     Ctrl-C cancels the run.
     """
-    from nbflow import launcher, states
-    from nbflow.runs import create_run, parse_cli_parameters, run_document
+    from nbflow.core import states
+    from nbflow.core.runs import create_run, parse_cli_parameters, run_document
+    from nbflow.execution import launcher
 
     store = _store()
     run_ = create_run(store, target, parse_cli_parameters(parameters), kernel=kernel,
@@ -284,7 +285,7 @@ def run(target: str, parameters: tuple[tuple[str, str], ...], kernel: str | None
 
 def _end_after_failure(store: Any, run_id: Any, exc: Exception) -> None:
     """One line for a ``run`` whose supervision failed, saying what became of the run."""
-    from nbflow import launcher
+    from nbflow.execution import launcher
 
     message, status = _error_line(exc)
     try:
@@ -325,8 +326,8 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
     set, the run is queued (and followed, with --wait) through that nbflow server's REST API instead of
     the local database, with the key in NBFLOW_API_KEY.
     """
-    from nbflow import states
-    from nbflow.runs import create_run, parse_cli_parameters, run_document
+    from nbflow.core import states
+    from nbflow.core.runs import create_run, parse_cli_parameters, run_document
     from nbflow.settings import get_settings
 
     values = parse_cli_parameters(parameters)
@@ -358,7 +359,7 @@ def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait:
     """``trigger`` through the REST API (nbflow.client): the server checks the parameters as the local
     path does (strings are converted to each parameter's type), and its errors become one line, exit 2."""
     from nbflow.client import ApiError, Client
-    from nbflow.runs import looks_like_path
+    from nbflow.core.runs import looks_like_path
 
     if kernel is not None:
         _fail("--kernel cannot be sent to an nbflow server (NBFLOW_API_URL is set): the server runs the flow's "
@@ -385,7 +386,7 @@ def cancel(run_id: str, as_json: bool) -> None:
     """Cancel a run. A queued run ends CANCELLED at once; a running one turns CANCELLING and the
     process running it (a worker or `nbflow run`) interrupts it, then kills its kernel: it ends
     CANCELLED within seconds. RUN_ID may be a unique prefix."""
-    from nbflow.runs import request_cancel, run_document
+    from nbflow.core.runs import request_cancel, run_document
 
     store = _store()
     run_ = request_cancel(store, run_id)
@@ -404,7 +405,7 @@ def cancel(run_id: str, as_json: bool) -> None:
 def retry(run_id: str, as_json: bool) -> None:
     """Queue an ended run again, as a new run of the flow's current version with the same parameters
     (the new run's parent is RUN_ID). A run that has not ended is refused: cancel it first."""
-    from nbflow.runs import retry_run, run_document
+    from nbflow.core.runs import retry_run, run_document
 
     store = _store()
     run_ = retry_run(store, run_id)
@@ -450,7 +451,7 @@ def _executor(name: str, dask_scheduler: str | None) -> Any:
         return None
     if not dask_scheduler:
         raise click.UsageError("--executor dask needs --dask-scheduler ADDRESS (e.g. tcp://host:8786)")
-    from nbflow.executors.dask import DaskExecutor
+    from nbflow.execution.executors.dask import DaskExecutor
 
     return DaskExecutor(dask_scheduler)
 
@@ -467,9 +468,9 @@ def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
 
 
 def _say_containment(executor: Any) -> None:
-    """Once, at start-up: what contains this runner's runs (nbflow.containment; docs/operations.md)."""
+    """Once, at start-up: what contains this runner's runs (nbflow.execution.containment; docs/operations.md)."""
     if executor is None:
-        from nbflow.containment import mechanism
+        from nbflow.execution.containment import mechanism
 
         click.echo(f"nbflow: {mechanism().describe()}", err=True)
 
@@ -486,8 +487,8 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
     SIGTERM or Ctrl-C stops claiming, lets the runs in flight finish for up to --grace seconds, then
     cancels them (CANCELLED). A second Ctrl-C cancels them at once.
     """
-    from nbflow.runner import Runner
-    from nbflow.workers import parse_labels
+    from nbflow.core.workers import parse_labels
+    from nbflow.services.runner import Runner
 
     offered = parse_labels(labels)  # bad labels: exit 2 before anything is opened
     executor_ = _executor(executor, dask_scheduler)
@@ -528,9 +529,9 @@ def serve(slots: int, poll_interval: float, grace: float, warm_kernels: int, lab
     While no API key exists, the API accepts loopback clients only, and serve refuses to listen on
     any other address.
     """
-    from nbflow.runner import Runner
-    from nbflow.scheduler import Scheduler
-    from nbflow.workers import parse_labels
+    from nbflow.core.workers import parse_labels
+    from nbflow.services.runner import Runner
+    from nbflow.services.scheduler import Scheduler
 
     offered = parse_labels(labels)
     executor_ = _executor(executor, dask_scheduler)
@@ -559,7 +560,7 @@ def _api_server(store: Any, sched: Any, runner: Any, host: str, port: int, worke
     """The REST API's server, its socket bound now: a taken port or a refused address fails start-up
     with one clear line, before the scheduler and runner start, and ``--port 0`` is known by its number."""
     from nbflow.api.server import ApiServer, refuse_open_host
-    from nbflow.keys import any_active_keys
+    from nbflow.core.keys import any_active_keys
 
     has_keys = any_active_keys(store)
     refuse_open_host(host, has_keys)
@@ -578,8 +579,8 @@ def _api_server(store: Any, sched: Any, runner: Any, host: str, port: int, worke
 def workers_cmd(as_json: bool) -> None:
     """List the live runners (`worker` and `serve` processes seen within a lease): id, host, labels, last
     seen, the runs each holds, and the housekeeping roles it leads (reaper, scheduler)."""
+    from nbflow.core.workers import list_workers
     from nbflow.settings import get_settings
-    from nbflow.workers import list_workers
 
     docs = list_workers(_store(), get_settings().lease_seconds)
     if as_json:
@@ -641,14 +642,14 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
              cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
              on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
     """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
-    from nbflow import events
-    from nbflow.flows import FlowOptions
-    from nbflow.flows import register as do_register
-    from nbflow.scheduler import add_schedule, make_trigger
+    from nbflow.core.flows import FlowOptions
+    from nbflow.core.flows import register as do_register
+    from nbflow.services import events
+    from nbflow.services.scheduler import add_schedule, make_trigger
 
     if cron is not None:  # a bad cron string or time zone registers nothing
         make_trigger("cron", {"expr": cron}, timezone)
-    if concurrency_limit is not None and concurrency_limit > checks.MAX_LIMIT:  # below 1: nbflow.flows says
+    if concurrency_limit is not None and concurrency_limit > checks.MAX_LIMIT:  # below 1: nbflow.core.flows says
         _fail(f"--concurrency must be at most {checks.MAX_LIMIT} runs; got {concurrency_limit}")
     if after_on is not None and not after:
         _fail("--after-on needs --after FLOW")
@@ -686,7 +687,7 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
 
 
 def _flow_doc(store: Any, name: str) -> dict[str, Any]:
-    from nbflow.flows import flow_documents, get_flow
+    from nbflow.core.flows import flow_documents, get_flow
 
     with store.read() as session:
         return flow_documents(session, [get_flow(session, name)])[0]
@@ -699,7 +700,7 @@ def flows(as_json: bool) -> None:
     """List registered flows: name, version, parameters and last run."""
     from sqlalchemy import select
 
-    from nbflow.flows import flow_documents
+    from nbflow.core.flows import flow_documents
     from nbflow.store.models import Flow
 
     store = _store()
@@ -711,7 +712,7 @@ def flows(as_json: bool) -> None:
     if not docs:
         click.echo("no flows yet: `nbflow register NOTEBOOK` or `nbflow run NOTEBOOK`")
         return
-    from nbflow.containment import format_bytes
+    from nbflow.execution.containment import format_bytes
 
     memory = any(d["memory_limit"] for d in docs)  # the column only when some flow has a limit
     rows = []
@@ -732,7 +733,7 @@ def flows(as_json: bool) -> None:
 @handle_errors
 def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) -> None:
     """Run history, newest first."""
-    from nbflow.runs import list_runs, run_document
+    from nbflow.core.runs import list_runs, run_document
 
     store = _store()
     with store.read() as session:
@@ -761,7 +762,7 @@ def show(run_id: str, as_json: bool, log_lines: int) -> None:
 
     RUN_ID may be a unique prefix of the id.
     """
-    from nbflow.runs import find_run, history, logs, run_document
+    from nbflow.core.runs import find_run, history, logs, run_document
 
     store = _store()
     with store.read() as session:
@@ -844,8 +845,8 @@ def schedule_add(flow: str, cron: str | None, interval: str | None, at: str | No
                  timezone: str, parameters: tuple[tuple[str, str], ...], catch_up: str | None,
                  max_lateness: float | None, as_json: bool) -> None:
     """Schedule FLOW (exactly one of --cron, --interval, --at). Parameters are checked now."""
-    from nbflow import scheduler
-    from nbflow.runs import parse_cli_parameters
+    from nbflow.core.runs import parse_cli_parameters
+    from nbflow.services import scheduler
 
     sched = scheduler.add_schedule(
         _store(), flow, name=name, cron=cron, interval=interval, at=at, timezone=timezone,
@@ -864,7 +865,7 @@ def schedule_add(flow: str, cron: str | None, interval: str | None, at: str | No
 @handle_errors
 def schedule_list(flow_name: str | None, as_json: bool) -> None:
     """List schedules and their next fire time (UTC)."""
-    from nbflow import scheduler
+    from nbflow.services import scheduler
 
     docs = scheduler.list_schedules(_store(), flow_name)
     if as_json:
@@ -886,7 +887,7 @@ def _schedule_change(action: str) -> Callable[..., Any]:
     @click.option("--name", default="default", show_default=True, help="Schedule name.")
     @handle_errors
     def command(flow: str, name: str) -> None:
-        from nbflow import scheduler
+        from nbflow.services import scheduler
 
         store = _store()
         getattr(scheduler, action)(store, flow, name)
@@ -917,7 +918,7 @@ def scheduler_cmd(tick: float, exit_after: float | None) -> None:
     """
     import signal
 
-    from nbflow.scheduler import Scheduler
+    from nbflow.services.scheduler import Scheduler
 
     def fired(ids: list[Any]) -> None:
         for run_id in ids:
@@ -944,7 +945,7 @@ def limits() -> None:
 
 def _limit_target(args: tuple[str, ...], is_global: bool, count: int, usage: str) -> list[str]:
     """The positional arguments of a ``limits`` command: TAG (unless --global), then ``count - 1`` more."""
-    from nbflow.concurrency import GLOBAL
+    from nbflow.core.concurrency import GLOBAL
     from nbflow.errors import InvalidLimit
 
     wanted = count - 1 if is_global else count
@@ -968,7 +969,7 @@ def limits_set(args: tuple[str, ...], is_global: bool, as_json: bool) -> None:
 
     An existing limit is replaced. It applies from the next claim; runs already running go on.
     """
-    from nbflow import concurrency
+    from nbflow.core import concurrency
     from nbflow.errors import InvalidLimit
 
     tag, raw = _limit_target(args, is_global, 2, "nbflow limits set TAG N, or nbflow limits set --global N")
@@ -995,7 +996,7 @@ def limits_set(args: tuple[str, ...], is_global: bool, as_json: bool) -> None:
 @handle_errors
 def limits_remove(args: tuple[str, ...], is_global: bool) -> None:
     """Remove the limit of TAG (or, with --global, the global limit)."""
-    from nbflow import concurrency
+    from nbflow.core import concurrency
 
     (tag,) = _limit_target(args, is_global, 1, "nbflow limits remove TAG, or nbflow limits remove --global")
     with _store().write() as session:
@@ -1008,7 +1009,7 @@ def limits_remove(args: tuple[str, ...], is_global: bool) -> None:
 @handle_errors
 def limits_list(as_json: bool) -> None:
     """List every concurrency limit (global, per tag, per flow) and how many of its slots are in use."""
-    from nbflow import concurrency
+    from nbflow.core import concurrency
 
     with _store().read() as session:
         docs = concurrency.list_limits(session)
@@ -1056,8 +1057,8 @@ def prune(older_than: str, keep_failed: bool, dry_run: bool, as_json: bool) -> N
     serves. Automatic retention: set NBFLOW_RETENTION_DAYS for `nbflow serve` (see docs/deployment.md).
     """
     from nbflow.errors import InvalidRetention
-    from nbflow.retention import parse_age
-    from nbflow.retention import prune as prune_runs
+    from nbflow.services.retention import parse_age
+    from nbflow.services.retention import prune as prune_runs
     from nbflow.settings import MAX_RETENTION_DAYS
 
     try:
@@ -1096,7 +1097,7 @@ def keys() -> None:
 @handle_errors
 def keys_create(name: str, scope: str) -> None:
     """Create the key NAME and print it, alone, on stdout: `KEY=$(nbflow keys create ci --scope trigger)`."""
-    from nbflow.keys import create_key
+    from nbflow.core.keys import create_key
 
     click.echo(create_key(_store(), name, scope))
     click.echo(f"nbflow: key {name!r} ({scope}) created; it is shown only this once", err=True)
@@ -1107,7 +1108,7 @@ def keys_create(name: str, scope: str) -> None:
 @handle_errors
 def keys_list(as_json: bool) -> None:
     """List keys (active and revoked); never the keys themselves."""
-    from nbflow.keys import list_keys
+    from nbflow.core.keys import list_keys
 
     docs = list_keys(_store())
     if as_json:
@@ -1124,7 +1125,7 @@ def keys_list(as_json: bool) -> None:
 @handle_errors
 def keys_revoke(name: str) -> None:
     """Revoke the key NAME: requests with it are refused (401) at once."""
-    from nbflow.keys import revoke_key
+    from nbflow.core.keys import revoke_key
 
     revoke_key(_store(), name)
     click.echo(f"key {name} revoked")
@@ -1146,7 +1147,7 @@ def secrets_set(name: str) -> None:
     """Store the secret NAME, reading its value from stdin (never from the command line, which other
     users and shell history can see). At a terminal it is asked for, hidden. One trailing newline is
     dropped: `printf %s "$TOKEN" | nbflow secrets set API_TOKEN` and `echo "$TOKEN" | ...` store the same."""
-    from nbflow.secrets import set_secret
+    from nbflow.core.secrets import set_secret
 
     if sys.stdin.isatty():
         value = click.prompt(f"value of {name}", hide_input=True, confirmation_prompt=True, err=True)
@@ -1162,7 +1163,7 @@ def secrets_set(name: str) -> None:
 @handle_errors
 def secrets_list(as_json: bool) -> None:
     """List secret names and when they were set; never values."""
-    from nbflow.secrets import list_secrets
+    from nbflow.core.secrets import list_secrets
 
     docs = list_secrets(_store())
     if as_json:
@@ -1179,7 +1180,7 @@ def secrets_list(as_json: bool) -> None:
 @handle_errors
 def secrets_remove(name: str) -> None:
     """Delete the secret NAME."""
-    from nbflow.secrets import delete_secret
+    from nbflow.core.secrets import delete_secret
 
     delete_secret(_store(), name)
     click.echo(f"secret {name} removed")
@@ -1215,8 +1216,8 @@ def _parse_maps(pairs: tuple[str, ...]) -> dict[str, str]:
 @handle_errors
 def hooks_create(flow: str, maps: tuple[str, ...], as_json: bool) -> None:
     """Create a webhook for FLOW and print its URL path (with the token) once, alone on stdout."""
+    from nbflow.services.webhooks import create_webhook
     from nbflow.settings import get_settings
-    from nbflow.webhooks import create_webhook
 
     token, doc = create_webhook(_store(), flow, _parse_maps(maps))
     path = f"/api/hooks/{token}"
@@ -1236,7 +1237,7 @@ def hooks_create(flow: str, maps: tuple[str, ...], as_json: bool) -> None:
 @handle_errors
 def hooks_list(flow_name: str | None, as_json: bool) -> None:
     """List webhooks (their tokens are never shown again)."""
-    from nbflow.webhooks import list_webhooks
+    from nbflow.services.webhooks import list_webhooks
 
     docs = list_webhooks(_store(), flow_name)
     if as_json:
@@ -1254,7 +1255,7 @@ def hooks_list(flow_name: str | None, as_json: bool) -> None:
 @handle_errors
 def hooks_revoke(webhook_id: int) -> None:
     """Revoke webhook ID: its URL answers 404 at once."""
-    from nbflow.webhooks import revoke_webhook
+    from nbflow.services.webhooks import revoke_webhook
 
     revoke_webhook(_store(), webhook_id)
     click.echo(f"webhook {webhook_id} revoked")
@@ -1278,7 +1279,7 @@ def notify() -> None:
 @handle_errors
 def notify_add(flow: str, url: str, on: str, as_json: bool) -> None:
     """Notify URL (http(s), or secret:NAME to read it from a secret) when a run of FLOW ends in STATES."""
-    from nbflow.notify import add_notification
+    from nbflow.services.notify import add_notification
 
     doc = add_notification(_store(), flow, url, on)
     if as_json:
@@ -1293,7 +1294,7 @@ def notify_add(flow: str, url: str, on: str, as_json: bool) -> None:
 @handle_errors
 def notify_list(flow_name: str | None, as_json: bool) -> None:
     """List notifications."""
-    from nbflow.notify import list_notifications
+    from nbflow.services.notify import list_notifications
 
     docs = list_notifications(_store(), flow_name)
     if as_json:
@@ -1310,14 +1311,14 @@ def notify_list(flow_name: str | None, as_json: bool) -> None:
 @handle_errors
 def notify_remove(notification_id: int) -> None:
     """Delete notification ID (and its pending deliveries)."""
-    from nbflow.notify import remove_notification
+    from nbflow.services.notify import remove_notification
 
     remove_notification(_store(), notification_id)
     click.echo(f"notification {notification_id} removed")
 
 
 def main() -> None:
-    from nbflow.startup import skip_unused_imports
+    from nbflow.execution.startup import skip_unused_imports
 
     skip_unused_imports()
     cli(prog_name="nbflow")

@@ -131,7 +131,7 @@ class Store:
     def query_one(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
         """The first row of one plain SQL statement (``?`` placeholders), through the driver alone.
 
-        For the checks that run before every API request (``nbflow.keys.authenticate``): a session and
+        For the checks that run before every API request (``nbflow.core.keys.authenticate``): a session and
         an ORM query cost ~120 us there, the driver ~8 us. Values come back as the driver gives them
         (no SQLAlchemy type processing), so keep ``sql`` to text, numbers and booleans.
         """
