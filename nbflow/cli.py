@@ -184,10 +184,10 @@ def _check_room(store: Any, command: str) -> None:
 
     from nbflow.errors import DatabaseError
     from nbflow.settings import get_settings
-    from nbflow.store.database import _redact
+    from nbflow.store.retry import redact
 
     if store.read_only:
-        raise DatabaseError(f"database {_redact(store.url)!r} is read-only here (its file or folder cannot be "
+        raise DatabaseError(f"database {redact(store.url)!r} is read-only here (its file or folder cannot be "
                             f"written): `nbflow {command}` writes; the commands that only read work")
     if command in NEEDS_NO_ROOM:
         return

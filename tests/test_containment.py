@@ -21,9 +21,9 @@ import pytest
 from helpers import make_notebook, nbflow, start, until
 from sqlalchemy import select
 
+from nbflow.checks import parse_memory
 from nbflow.core.flows import FlowOptions, register
 from nbflow.execution import containment
-from nbflow.execution.containment import parse_memory
 from nbflow.store import open_store
 from nbflow.store.models import Flow, Log, Run
 

@@ -12,9 +12,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
 from nbflow import checks
+from nbflow.checks import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from nbflow.core.states import StateType
 from nbflow.errors import NbflowError
-from nbflow.execution.containment import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
+
+# The REST API's version (``GET /api/health``); a client refuses a server of another major version.
+API_VERSION = "1.0"
 
 
 class Refused(ValueError):

@@ -51,12 +51,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, cast, column, exists, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from nbflow import checks
 from nbflow.core import states
-from nbflow.core.workers import labels_fit
 from nbflow.errors import InvalidLimit, LimitNotFound
 from nbflow.store.models import Flow, Run, TagLimit
 
@@ -66,6 +66,20 @@ CANCEL_NEW = "cancel-new"
 COLLISIONS = (ENQUEUE, CANCEL_NEW)
 PAGE_SIZE = 100  # queued runs looked at per query once some are blocked
 MAX_PAGES = 20  # per claim; whatever is left is looked at by the next claim
+
+
+def labels_fit(session: Session, labels: Sequence[str]) -> ColumnElement[bool]:
+    """The flows a runner with ``labels`` may run: those whose labels are all among them.
+
+    PostgreSQL: JSONB containment (``flow.labels <@ '[...]'``). SQLite: no element of ``flow.labels``
+    outside the list (``json_each``). Either way a condition evaluated per candidate row, no extra query.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        import json
+
+        return Flow.labels.op("<@")(cast(literal(json.dumps(sorted(labels))), JSONB))
+    element = func.json_each(Flow.labels).table_valued("value")
+    return ~exists(select(literal(1)).select_from(element).where(column("value").not_in(list(labels))))
 
 
 def occupies_slot() -> ColumnElement[bool]:

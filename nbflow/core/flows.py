@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -28,10 +29,12 @@ from nbflow import checks
 from nbflow.core.concurrency import check_collision, check_limit
 from nbflow.core.parameters import python_parameters_missed, spec_from_papermill
 from nbflow.core.workers import check_labels
-from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed
-from nbflow.execution.containment import parse_memory
+from nbflow.errors import FlowNotFound, InvalidFlowName, KernelNotFound, NotebookError, PathNotAllowed, one_line
 from nbflow.store import Store
 from nbflow.store.models import FileTrigger, Flow, FlowDependency, FlowVersion, Run, utcnow
+from nbflow.store.retry import is_unavailable
+
+log = logging.getLogger("nbflow.flows")
 
 NAME_RE = checks.NAME_RE
 
@@ -332,7 +335,7 @@ class FlowOptions:
         if self.memory_limit is None:
             return None
         try:
-            return parse_memory(self.memory_limit)
+            return checks.parse_memory(self.memory_limit)
         except ValueError as exc:
             raise NotebookError(f"--memory-limit: {exc}") from None
 
@@ -636,3 +639,42 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
                 "created_at": last.created_at.isoformat()},
         })
     return checks.printable(docs)  # a row stored before text was checked at the edge still lists
+
+
+# Which notebook file (path, mtime, size, inode) each flow was last synced from, per store URL and flow id:
+# an unchanged file is not read and hashed again at every pass (100 flows due each second otherwise cost
+# 100 file reads and 100 write transactions a second).
+_synced: dict[tuple[str, int], tuple[Any, ...]] = {}
+
+
+def _file_signature(path: str | None) -> tuple[Any, ...]:
+    if not path:
+        return (None,)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def sync_versions(store: Store, flow_names: set[str]) -> None:
+    """Pick up edits of the flows' notebook files before their runs are created (as a run request does);
+    a flow whose file is unreadable runs its last stored version. A file unchanged since this process
+    last synced it is not read again. The scheduler calls it before a pass creates runs, ``events`` before
+    pipelines and file triggers do."""
+    if not flow_names:
+        return
+    with store.read() as session:
+        flows = session.execute(select(Flow.id, Flow.name, Flow.source_path).where(Flow.name.in_(flow_names))).all()
+    for flow_id, name, path in flows:
+        key, signature = (store.url, flow_id), _file_signature(path)
+        if _synced.get(key) == signature:
+            continue
+        try:
+            sync_version(store, name)
+        except Exception as exc:  # unreadable, not a notebook, or anything else the file does to the parser
+            if is_unavailable(exc):
+                raise
+            log.warning("flow %s: running its last stored version (%s)", name, one_line(exc))
+            continue
+        _synced[key] = signature

@@ -2,7 +2,7 @@
 
 Labels route runs to machines: a worker declares what it offers (``nbflow worker --labels gpu,big-mem``),
 a flow what its runs need (``nbflow register NOTEBOOK --label gpu``), and a runner claims a run only if
-its labels include *all* of the flow's (``labels_fit``, a condition inside the claim's own query, so
+its labels include *all* of the flow's (``concurrency.labels_fit``, a condition inside the claim's own query, so
 the claim stays one transaction and a worker never takes, then hands back, a run it cannot execute).
 A flow without labels runs anywhere. A foreground ``nbflow run`` executes the run itself, whatever the
 labels (a user's explicit action, like concurrency limits).
@@ -20,13 +20,12 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, cast, column, delete, exists, func, literal, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from nbflow.errors import InvalidLabel
 from nbflow.store import Store
-from nbflow.store.models import Flow, Leader, Run, Worker, utcnow
+from nbflow.store.models import Leader, Run, Worker, utcnow
 
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 
@@ -48,20 +47,6 @@ def parse_labels(text: str | None) -> list[str]:
     if not text or not text.strip():
         return []
     return check_labels(part.strip() for part in text.split(","))
-
-
-def labels_fit(session: Session, labels: Sequence[str]) -> ColumnElement[bool]:
-    """The flows a runner with ``labels`` may run: those whose labels are all among them.
-
-    PostgreSQL: JSONB containment (``flow.labels <@ '[...]'``). SQLite: no element of ``flow.labels``
-    outside the list (``json_each``). Either way a condition evaluated per candidate row, no extra query.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        import json
-
-        return Flow.labels.op("<@")(cast(literal(json.dumps(sorted(labels))), JSONB))
-    element = func.json_each(Flow.labels).table_valued("value")
-    return ~exists(select(literal(1)).select_from(element).where(column("value").not_in(list(labels))))
 
 
 # -- the registry ----------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -62,8 +61,6 @@ ENV_GROUP = "NBFLOW_CGROUP"  # the group (a folder) the run process joins
 ENV_KERNEL = "NBFLOW_CGROUP_KERNEL"  # the kernel's groups (os.pathsep-separated)
 ENV_MODE = "NBFLOW_CONTAINMENT"  # auto (default), freezer (cgroup v1 even where v2 works) or process
 KILL_TIMEOUT = 10.0
-MIN_MEMORY_LIMIT = 16 * 2**20
-MAX_MEMORY_LIMIT = 2**50  # 1 PiB: bigger is a typo, and stays far from the kernel's "no limit"
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -317,32 +314,6 @@ def _rmdir(folder: str) -> None:
             time.sleep(0.01)
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
-
-
-def parse_memory(value: int | str) -> int:
-    """A memory limit in bytes from ``536870912``, ``"512M"``, ``"512MiB"``, ``"2G"``, ``"1.5g"`` (K, M, G, T
-    are powers of 1024, as for ``docker --memory``); ``0`` (or ``"none"``) means no limit. Anything else,
-    or a limit below 16 MiB (a kernel cannot even start) or above 1 PiB, raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
-    if isinstance(value, str) and value.strip().lower() in {"0", "none", "off"}:
-        return 0
-    if isinstance(value, int):
-        limit = value
-    else:
-        match = _SIZE.fullmatch(str(value)) if isinstance(value, str) and len(value) < 40 else None
-        if match is None:
-            raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
-        limit = int(number * 1024 ** "bkmgt".index(unit or "b"))
-    if limit == 0:
-        return 0
-    if not MIN_MEMORY_LIMIT <= limit <= MAX_MEMORY_LIMIT:
-        raise ValueError(f"a memory limit must be from 16M to 1024T (or 0 for none), got {value!r}")
-    return limit
-
-
 def format_bytes(n: int) -> str:
     """``512 MiB``, ``2 GiB``, ``1.5 GiB``: how a memory limit is shown."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -542,3 +513,10 @@ def kernel_oom_limit() -> int | None:
                 limit = _read(os.path.join(folder, limit_file)).strip()
                 return int(limit) if limit.isdigit() else 0
     return None
+
+
+def working_directory(source_path: str | None, output_path: str) -> Path:
+    """Where a run executes: the notebook's folder (relative paths in it work as in Jupyter), or the
+    output's folder for a flow whose file is gone."""
+    source_dir = Path(source_path).parent if source_path else None
+    return source_dir if source_dir and source_dir.is_dir() else Path(output_path).parent

@@ -40,7 +40,6 @@ from sqlalchemy import insert, select, update
 from nbflow.core import states
 from nbflow.core.secrets import Redactor
 from nbflow.execution import containment
-from nbflow.execution.launcher import working_directory
 from nbflow.record import RECORD_MIME
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
@@ -644,7 +643,7 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     nb = nbformat.reads(version.source, as_version=4)
     output = Path(run.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    cwd = working_directory(flow.source_path, run.output_path)
+    cwd = containment.working_directory(flow.source_path, run.output_path)
     error: dict[str, Any] | None = None
     name: str | None = None
     try:

@@ -147,7 +147,7 @@ class Kernel:
         are numbered and shown exactly as in a kernel started there. Sent without waiting for its
         reply: the kernel handles requests in order, so it has moved before the first cell runs, and
         nbclient ignores replies to requests that are not its own. ``path`` is a folder that exists
-        (``launcher.working_directory``)."""
+        (``containment.working_directory``)."""
         path = str(path)
         if path == self.cwd:
             return

@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import select, update
@@ -278,13 +277,6 @@ def _watch(store: Store, run: Run, attempt: Attempt, stop: threading.Event | Non
             return cell, why
 
 
-def working_directory(source_path: str | None, output_path: str) -> Path:
-    """Where a run executes: the notebook's folder (relative paths in it work as in Jupyter), or the
-    output's folder for a flow whose file is gone."""
-    source_dir = Path(source_path).parent if source_path else None
-    return source_dir if source_dir and source_dir.is_dir() else Path(output_path).parent
-
-
 class WarmSource(Protocol):
     """Where supervisors get warm run processes from (``nbflow.execution.pool.KernelPool``)."""
 
@@ -305,7 +297,7 @@ def start_local(store: Store, run: Run, *, progress: bool = False, pool: WarmSou
         rp.discard()
         rp = None
     if rp is None:
-        cwd = working_directory(source_path, run.output_path)
+        cwd = containment.working_directory(source_path, run.output_path)
         if pool is not None:  # a runner: forked, with everything imported
             rp = processes.fork(store, run.kernel_name, cwd, run_id=run.id, memory_limit=memory_limit)
         else:  # the foreground `nbflow run`

@@ -71,8 +71,8 @@ def _seconds(text: str | None, option: str) -> float | None:
 
 
 def _memory(text: str | None) -> int | None:
-    """``512M``, ``2G`` or bytes (``nbflow.execution.containment.parse_memory``), as bytes: what every backend takes."""
-    from nbflow.execution.containment import parse_memory
+    """``512M``, ``2G`` or bytes (``nbflow.checks.parse_memory``), as bytes: what every backend takes."""
+    from nbflow.checks import parse_memory
 
     if text is None:
         return None

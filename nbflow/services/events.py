@@ -85,6 +85,7 @@ from nbflow.core.flows import (
     latest_version,
     read_notebook,
     resolve_kernel,
+    sync_versions,
 )
 from nbflow.core.parameters import validate
 from nbflow.errors import FlowNotFound, NbflowError, ParameterError, TriggerError
@@ -352,9 +353,7 @@ def fire_events(store: Store, now: datetime | None = None, *, full: bool | None 
 
 
 def _sync(store: Store, flow_names: set[str]) -> None:
-    from nbflow.services.scheduler import _sync_versions  # one rule for "pick up notebook edits before a run"
-
-    _sync_versions(store, flow_names)
+    sync_versions(store, flow_names)  # the scheduler's rule for "pick up notebook edits before a run"
 
 
 class _Flows:

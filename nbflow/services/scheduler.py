@@ -42,7 +42,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -59,9 +58,9 @@ from sqlalchemy import Text, bindparam, cast, delete, func, select, update
 from nbflow import checks
 from nbflow.checks import number
 from nbflow.core import states
-from nbflow.core.flows import get_flow, latest_version, sync_version
+from nbflow.core.flows import get_flow, latest_version, sync_versions
 from nbflow.core.parameters import validate
-from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError
+from nbflow.errors import FlowNotFound, NbflowError, ParameterError, ScheduleError, one_line
 from nbflow.store import Store, wake_runners
 from nbflow.store.models import Flow, FlowVersion, Schedule, utcnow
 from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
@@ -524,44 +523,6 @@ def skip_tolerance() -> float:
     return max(SKIP_TOLERANCE, 1.5 * get_settings().lease_seconds)
 
 
-# Which notebook file (path, mtime, size, inode) each flow was last synced from, per store URL and flow id:
-# an unchanged file is not read and hashed again at every pass (100 flows due each second otherwise cost
-# 100 file reads and 100 write transactions a second).
-_synced: dict[tuple[str, int], tuple[Any, ...]] = {}
-
-
-def _file_signature(path: str | None) -> tuple[Any, ...]:
-    if not path:
-        return (None,)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (path, None)
-    return (path, st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _sync_versions(store: Store, flow_names: set[str]) -> None:
-    """Pick up edits of the flows' notebook files before their runs are created (as a run request does);
-    a flow whose file is unreadable runs its last stored version. A file unchanged since this process
-    last synced it is not read again."""
-    if not flow_names:
-        return
-    with store.read() as session:
-        flows = session.execute(select(Flow.id, Flow.name, Flow.source_path).where(Flow.name.in_(flow_names))).all()
-    for flow_id, name, path in flows:
-        key, signature = (store.url, flow_id), _file_signature(path)
-        if _synced.get(key) == signature:
-            continue
-        try:
-            sync_version(store, name)
-        except Exception as exc:  # unreadable, not a notebook, or anything else the file does to the parser
-            if is_unavailable(exc):
-                raise
-            log.warning("flow %s: running its last stored version (%s)", name, _reason(exc))
-            continue
-        _synced[key] = signature
-
-
 @functools.lru_cache(maxsize=16384)
 def _trigger(kind: str, spec: str, timezone: str) -> Any:
     """``make_trigger`` of a stored definition, built once: many schedules share one (``0 * * * *``), and
@@ -598,7 +559,7 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
 
     with store.read() as session:
         names = set(session.execute(select(Flow.name).where(Flow.id.in_(flow_ids))).scalars())
-    _sync_versions(store, names)
+    sync_versions(store, names)
     with store.read() as session:
         flows = {f.id: f for f in session.execute(select(Flow).where(Flow.id.in_(flow_ids))).scalars()}
         newest = (select(FlowVersion.flow_id, func.max(FlowVersion.version).label("version"))
@@ -621,7 +582,7 @@ def _targets(store: Store, flow_ids: set[int]) -> dict[int, _Target]:
         except Exception as exc:
             if is_unavailable(exc):
                 raise
-            reason = f"flow {flow.name!r} cannot make a run: {_reason(exc)}"
+            reason = f"flow {flow.name!r} cannot make a run: {one_line(exc)}"
             log.error("%s; its schedules create no run until that is fixed", reason)
             targets[flow_id] = _Target(flow, None, version, error=reason)
             continue
@@ -652,12 +613,6 @@ class _Plan:
 _DUE_COLUMNS = (Schedule.id, Schedule.flow_id, Schedule.trigger, cast(Schedule.spec, Text).label("spec"),
                 Schedule.timezone, cast(Schedule.parameters, Text).label("parameters"), Schedule.catch_up,
                 Schedule.max_lateness, Schedule.next_fire_at, Schedule.active, Schedule.updated_at)
-
-
-def _reason(exc: BaseException) -> str:
-    """An error as one line a user can act on: an nbflow error's message, else its kind and message."""
-    text = str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}"
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:500]
 
 
 def _definition(row: Any) -> tuple[tuple[str, str, str], Any]:
@@ -696,7 +651,7 @@ def _plans(rows: list[Any], targets: dict[int, _Target], now: datetime) -> list[
         except Exception as exc:
             if is_unavailable(exc):
                 raise
-            reason = _reason(exc)
+            reason = one_line(exc)
             log.error("schedule %s: %s; paused (add it again to fix it)", row.id, reason)
             plans.append(_Plan(row.id, seen, [], row.next_fire_at, active=False, error=f"paused: {reason}"))
             continue
@@ -716,7 +671,7 @@ def _plans(rows: list[Any], targets: dict[int, _Target], now: datetime) -> list[
                 values_memo[params_key] = validate(target.version.parameters, _decode(row.parameters) or {},
                                                    has_parameters_cell=target.version.has_parameters_cell)
             except (ParameterError, ValueError, TypeError, AttributeError) as exc:
-                reason = (f"its parameters no longer fit the notebook ({_reason(exc)}); no run was created "
+                reason = (f"its parameters no longer fit the notebook ({one_line(exc)}); no run was created "
                           "for its last slot: add the schedule again with valid parameters")
                 log.error("schedule %s of flow %s: %s", row.id, target.flow.name, reason)
                 values_memo[params_key] = reason
@@ -808,7 +763,7 @@ def _commit_or_isolate(store: Store, chunk: list[_Plan], now: datetime) -> list[
 
 
 def _pause_for(store: Store, plan: _Plan, exc: BaseException) -> None:
-    reason = f"paused: its slot could not be written ({_reason(exc)})"
+    reason = f"paused: its slot could not be written ({one_line(exc)})"
     log.error("schedule %s: %s", plan.schedule_id, reason)
     with store.write() as session:
         session.execute(update(Schedule).where(Schedule.id == plan.schedule_id).values(active=False, error=reason))
@@ -948,7 +903,7 @@ class Scheduler:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         """Log a step's unexpected error with its traceback once, not at every tick while it repeats."""
-        reason = _reason(exc)
+        reason = one_line(exc)
         if self._failures.get(what) != reason:
             self._failures[what] = reason
             log.error("scheduler %s failed (the other steps go on; retried each pass)", what, exc_info=exc)

@@ -35,7 +35,7 @@ from sqlalchemy import update
 
 from nbflow.core import states
 from nbflow.errors import ExecutorUnavailable
-from nbflow.execution import launcher, processes
+from nbflow.execution import containment, launcher, processes
 from nbflow.execution.executors.base import Executor
 from nbflow.store import Store, open_store
 from nbflow.store.models import Flow, Run
@@ -184,7 +184,7 @@ def run_task(run_id: str, database_url: str, stop_event: str, started_event: str
     with store.read() as session:
         run = session.get(Run, rid)
         attempt, kernel_name = run.attempt, run.kernel_name
-        cwd = launcher.working_directory(session.get(Flow, run.flow_id).source_path, run.output_path)
+        cwd = containment.working_directory(session.get(Flow, run.flow_id).source_path, run.output_path)
     # The run process watches this Dask worker's pid (--parent-pid): it and its kernel die with it.
     local = launcher.LocalAttempt(processes.start(store, kernel_name, cwd, rid))
     try:
