@@ -184,7 +184,7 @@ def test_without_dask_installed_the_worker_says_what_to_install(sqlite_env, tmp_
     monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` meets without the extra
     result = run_cli("worker", "--executor", "dask", "--dask-scheduler", "tcp://127.0.0.1:8786")
     assert result.exit_code == 2
-    assert "pip install 'nbflow[dask]'" in result.output
+    assert "pip install 'nbflow-orchestrator[dask]'" in result.output
     assert not (tmp_path / "home" / "nbflow.db").exists()
 
 

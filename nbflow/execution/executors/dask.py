@@ -19,7 +19,8 @@ if it has retries left) instead of executing twice. The run process dies with it
 watches the worker's pid). If the nbflow worker dies instead, its lease runs out, another worker's
 reaper ends the run, and the task, which also watches the run in the store, stops its process.
 
-``dask.distributed`` is imported only here, when a ``DaskExecutor`` is made: ``pip install 'nbflow[dask]'``.
+``dask.distributed`` is imported only here, when a ``DaskExecutor`` is made:
+``pip install 'nbflow-orchestrator[dask]'``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _distributed() -> Any:
         import distributed
     except ImportError as exc:
         raise ExecutorUnavailable(
-            f"the Dask executor needs dask.distributed, which is not installed ({exc}): pip install 'nbflow[dask]'"
+            f"the Dask executor needs dask.distributed, which is not installed ({exc}): "
+            "pip install 'nbflow-orchestrator[dask]'"
         ) from None
     return distributed
 
