@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import make_notebook, nbflow, run_cli, until
 
-from nbflow.cli import MIN_FREE_BYTES
+from nbflow.cli.common import MIN_FREE_BYTES
 
 # -- helpers ------------------------------------------------------------------------------------------
 

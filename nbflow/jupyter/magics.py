@@ -323,7 +323,7 @@ class FlowMagics(Magics):
         _show_run_started(backend.trigger(args.flow, _parameters(args.parameter, args.assignments)))
 
     def _cmd_runs(self, backend: Backend, args: argparse.Namespace) -> None:
-        from nbflow.cli import _ago, _table
+        from nbflow.cli.common import _ago, _table
 
         if args.limit < 1:
             raise UsageError(f"--limit must be at least 1, got {args.limit}")
@@ -337,7 +337,7 @@ class FlowMagics(Magics):
         print(_table(["RUN", "FLOW", "VERSION", "STATE", "CREATED", "DURATION", "TRIGGER", "PARAMETERS"], rows))
 
     def _cmd_flows(self, backend: Backend, args: argparse.Namespace) -> None:
-        from nbflow.cli import _ago, _table
+        from nbflow.cli.common import _ago, _table
 
         docs = backend.flows()
         if not docs:
@@ -352,7 +352,7 @@ class FlowMagics(Magics):
         print(_table(["NAME", "KIND", "VERSION", "PARAMETERS", "NEXT RUN", "LAST RUN"], rows))
 
     def _cmd_show(self, backend: Backend, args: argparse.Namespace) -> None:
-        from nbflow.cli import _strip_ansi, _table
+        from nbflow.cli.common import _strip_ansi, _table
 
         d = backend.run(args.run_id)
         print(f"run      {d['id']}")
