@@ -61,7 +61,7 @@ def new_worker_id(kind: str = "worker") -> str:
 
 def claim(store: Store, worker_id: str, limit: int, labels: Sequence[str] = ()) -> list[uuid.UUID]:
     """Take up to ``limit`` unclaimed runs, oldest first, for ``worker_id``, within the concurrency limits.
-    Only runs of flows whose labels are all among ``labels`` (the worker's) are taken (``nbflow.core.workers``).
+    Only runs of flows whose labels are all among ``labels`` (the worker's) are taken (``concurrency.labels_fit``).
 
     Retries that nobody holds (their worker died while they waited) become PENDING when due, first.
     Runs that a flow, tag or global limit holds back are skipped (left queued, or CANCELLED for a flow
