@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from nbflow.record import record
+from nbflow.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "dashboard", "load_ipython_extension", "record", "secret", "watch"]
 
 

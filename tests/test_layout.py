@@ -4,9 +4,9 @@ The import graph is read from the source with ``ast``, nothing is imported. Both
 function-level imports count: a function-level import is a dependency all the same (it only runs later),
 and a cycle hidden inside a function is still two modules that cannot be understood, tested or moved
 one without the other. Imports under ``if TYPE_CHECKING:`` do not count: they never run, and an
-annotation may name a type from anywhere. The package root ``nbflow`` is never an edge's target:
-Python imports it before any submodule, so depending on it (``nbflow.__version__``) adds nothing, and
-its lazy entry points (``nbflow.dashboard``, ``%load_ext nbflow``) are the surface layer's.
+annotation may name a type from anywhere. The package root ``nbflow/__init__.py`` is the public face
+(``nbflow.record``, ``nbflow.dashboard``, ``%load_ext nbflow``): it belongs to the surfaces, and no module
+of a lower layer may import from it (``nbflow.version`` holds the version for them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbflow"
 
 # Lowest first: a module may import its own layer (without a cycle) and the layers below it, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("nbflow.errors", "nbflow.checks", "nbflow.settings", "nbflow.record")),
+    ("foundation", ("nbflow.errors", "nbflow.checks", "nbflow.settings", "nbflow.record", "nbflow.version")),
     ("store", ("nbflow.store",)),
     ("core", ("nbflow.core",)),
     ("execution", ("nbflow.execution",)),
@@ -81,7 +81,7 @@ def import_graph() -> dict[str, set[str]]:
             for target in targets:
                 if target == "nbflow" or target.startswith("nbflow."):
                     target = known(target)
-                    if target not in (name, "nbflow"):
+                    if target != name:
                         edges.add(target)
     return graph
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from nbflow import __version__, checks
+from nbflow import checks
 from nbflow.errors import NbflowError
+from nbflow.version import __version__
 
 EXIT_RUN_NOT_COMPLETED = 1
 EXIT_INTERNAL_ERROR = 1  # a bug, not the input: like a run that did not complete, it is not a success

@@ -45,13 +45,14 @@ from typing import Any
 from sqlalchemy import Text, cast, delete, exists, select
 from sqlalchemy.orm import Session
 
-from nbflow import __version__, checks
+from nbflow import checks
 from nbflow.core.flows import get_flow
 from nbflow.errors import InvalidNotification, NbflowError, NotificationNotFound
 from nbflow.services.events import FULL_SWEEP_EVERY, RECENT_WINDOW
 from nbflow.store import Store
 from nbflow.store.models import Flow, Log, Notification, NotificationDelivery, Run, utcnow
 from nbflow.store.retry import is_unavailable, report_down
+from nbflow.version import __version__
 
 log = logging.getLogger("nbflow.notify")
 

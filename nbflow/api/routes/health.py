@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from nbflow import __version__
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import API_VERSION, Health
+from nbflow.version import __version__
 
 router = APIRouter(tags=["health"])
 
