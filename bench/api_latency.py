@@ -58,7 +58,7 @@ def percentile(values: list[float], q: float) -> float:
 def serve(workers: int) -> None:
     """Server mode (a child process): run the API until stdin closes; print the URL first."""
     from nbflow.api.server import ApiServer
-    from nbflow.startup import freeze_startup_objects
+    from nbflow.execution.startup import freeze_startup_objects
     from nbflow.store import open_store
 
     server = ApiServer(open_store(), "127.0.0.1", 0, workers=workers)

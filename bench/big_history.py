@@ -10,7 +10,7 @@ per run. The load is timed and printed:
   PostgreSQL  ``COPY ... FROM STDIN`` in text format, then ``VACUUM ANALYZE`` (what autovacuum does by
               itself shortly after a load that size; without it the planner has no statistics yet).
 
-Then it times, through ``nbflow.backend.LocalBackend`` as the dashboard, the CLI and the API call it,
+Then it times, through ``nbflow.jupyter.backend.LocalBackend`` as the dashboard, the CLI and the API call it,
 ``--reps`` times each after a warm-up (random flow, run and state each time), and prints p50 / p99 ms:
 
   runs-of-flow       newest 50 runs of a flow (``runs(flow=..., limit=50)``: the page and its documents)
@@ -20,10 +20,10 @@ Then it times, through ``nbflow.backend.LocalBackend`` as the dashboard, the CLI
   count-total        ``count_runs()``: every run (the dashboard's total)
   count-flow-state   ``count_runs(flow=..., state=...)``, both drawn at random
   run-with-cells     ``run(id)``: one run's document with its cells
-  dashboard          ``nbflow.widgets.Dashboard(backend).refresh()``: flows, the first page of runs and
+  dashboard          ``nbflow.jupyter.widgets.Dashboard(backend).refresh()``: flows, the first page of runs and
                      the total count, rendered into the widgets
 
-Counts come from the counters the database keeps (migration 0006, ``nbflow.counts``): the loads below
+Counts come from the counters the database keeps (migration 0006, ``nbflow.core.counts``): the loads below
 fire its triggers like any writer. On PostgreSQL they leave one delta row per (state, flow) per COPY;
 the bench then folds them once (``counts.compact``, what the reaper leader does every half lease) and
 prints how long that took. It also checks the counters against ``GROUP BY state`` once, and prints
@@ -220,8 +220,8 @@ def sample_ids(store: Any, n: int, seed: int = 11) -> list[str]:
 
 
 def measure(store: Any, flows: int, reps: int) -> dict[str, dict[str, float]]:
-    from nbflow.backend import LocalBackend
-    from nbflow.widgets import Dashboard
+    from nbflow.jupyter.backend import LocalBackend
+    from nbflow.jupyter.widgets import Dashboard
 
     backend = LocalBackend(store)
     rng = random.Random(3)
@@ -281,7 +281,7 @@ def check_counts(store: Any) -> None:
     """The counters kept by the triggers against a GROUP BY of the loaded runs (once, not timed)."""
     from sqlalchemy import func, select
 
-    from nbflow import counts
+    from nbflow.core import counts
     from nbflow.store.models import Run
 
     with store.read() as session:
@@ -293,10 +293,10 @@ def plans(store: Any) -> None:
     """Print the plan of every statement the real functions send (see the module docstring)."""
     from sqlalchemy import event
 
-    from nbflow.backend import LocalBackend
-    from nbflow.retention import prune
-    from nbflow.runner import claim, reap
-    from nbflow.runs import find_run, logs
+    from nbflow.core.runs import find_run, logs
+    from nbflow.jupyter.backend import LocalBackend
+    from nbflow.services.retention import prune
+    from nbflow.services.runner import claim, reap
 
     captured: list[tuple[str, Any]] = []
 
@@ -385,7 +385,7 @@ def bench_backend(backend: str, args: argparse.Namespace, tmp: Path) -> dict[str
         size = db_path.stat().st_size if backend == "sqlite" else _pg_size(store)
         print(f"{backend}: loaded {args.runs:,} runs and {args.runs * args.cells:,} cell runs in {load_s:.1f} s "
               f"({args.runs * (args.cells + 1) / load_s:,.0f} rows/s); {size / 2**30:.2f} GiB", flush=True)
-        from nbflow import counts
+        from nbflow.core import counts
 
         t0 = time.perf_counter()
         folded = counts.compact(store)

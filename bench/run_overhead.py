@@ -4,7 +4,7 @@ Runs four variants side by side, interleaved, on the same generated 2-cell noteb
 
   papermill-api   papermill.execute_notebook(...) in this process
   papermill-cli   ``papermill in.ipynb out.ipynb -p x 2 --no-progress-bar`` as a subprocess
-  nbflow-api      nbflow.runs.create_run + nbflow.launcher.execute_run in this process (the run itself
+  nbflow-api      nbflow.core.runs.create_run + nbflow.execution.launcher.execute_run in this process (the run itself
                   happens in the run process that execute_run spawns, as it always does)
   nbflow-cli      ``nbflow run in.ipynb -p x 2 --no-progress`` as a subprocess
 
@@ -90,8 +90,8 @@ class Bench:
 
         import papermill
 
-        from nbflow.launcher import execute_run
-        from nbflow.runs import create_run
+        from nbflow.core.runs import create_run
+        from nbflow.execution.launcher import execute_run
         from nbflow.store import open_store
 
         self._papermill = papermill
@@ -163,7 +163,7 @@ class Bench:
 
     # -- nbflow's own timestamps -------------------------------------------------------------------
     def breakdown(self, client: dict[str, Any]) -> dict[str, Any]:
-        from nbflow.runs import run_document
+        from nbflow.core.runs import run_document
         from nbflow.store.models import Run
 
         with self.store.read() as session:
@@ -179,7 +179,7 @@ class Bench:
             # caller's start -> run row inserted: CLI process start + imports (CLI only), flow/version
             # sync, kernelspec lookup, parameter validation, INSERT
             "call_to_created_ms": ms_between(client["t0"], doc["created_at"]),
-            # run row inserted -> RUNNING written by the run process: spawn python, import nbflow.execute
+            # run row inserted -> RUNNING written by the run process: spawn python, import nbflow.execution.execute
             # (+ papermill, sqlalchemy, ...), open the store
             "created_to_started_ms": ms_between(doc["created_at"], doc["started_at"]),
             # RUNNING -> COMPLETED, all inside the run process
@@ -211,7 +211,7 @@ def import_costs(reps: int) -> dict[str, float]:
     snippets = {
         "python -c pass": "pass",
         "import papermill": "import papermill",
-        "import nbflow.execute": "import nbflow.execute",
+        "import nbflow.execution.execute": "import nbflow.execution.execute",
     }
     out = {}
     for label, code in snippets.items():

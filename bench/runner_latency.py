@@ -63,7 +63,7 @@ def wait_ended(store: Any, run_ids: list[uuid.UUID], timeout: float = 300, poll:
 
 class RunnerThread:
     def __init__(self, store: Any, *, slots: int, warm: int) -> None:
-        from nbflow.runner import Runner
+        from nbflow.services.runner import Runner
 
         self.runner = Runner(store, slots=slots, poll_interval=5.0, warm_kernels=warm)
         self.thread = threading.Thread(target=self.runner.run, daemon=True)
@@ -82,7 +82,7 @@ class RunnerThread:
 
 
 def trigger_latency(store: Any, nb: Path) -> float:
-    from nbflow.runs import create_run
+    from nbflow.core.runs import create_run
 
     t0 = time.time()
     run = create_run(store, str(nb), {"x": "2"}, allow_path=True)
@@ -119,7 +119,7 @@ def papermill_throughput(nb: Path, tmp: Path, total: int) -> float:
 
 
 def runner_throughput(store: Any, nb: Path, total: int, warm: int) -> float:
-    from nbflow.runs import create_run
+    from nbflow.core.runs import create_run
 
     ids = [create_run(store, str(nb), {"x": "2"}, allow_path=True).id for _ in range(total)]
     # The runs are queued; the clock starts when the runner does (a warm pool starts empty).

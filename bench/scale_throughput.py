@@ -87,7 +87,7 @@ def papermill_pool(notebook: Path, out: Path, runs: int, processes: int = 4) -> 
 def workers(store: Any, env: dict[str, str], cwd: Path, n: int, runs: int, warm: int = 1) -> dict[str, float]:
     from sqlalchemy import func, select
 
-    from nbflow.runs import create_run
+    from nbflow.core.runs import create_run
     from nbflow.store.models import Run, RunStateEvent
 
     ids = [create_run(store, "job", trigger="api").id for _ in range(runs)]
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = parser.parse_args()
 
-    from nbflow.flows import register
+    from nbflow.core.flows import register
     from nbflow.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="nbflow-scale-"))

@@ -2,7 +2,7 @@
 
 A fresh store (SQLite under a temp ``NBFLOW_HOME``, or ``--database-url``) gets ``--flows`` flows (one
 generated 2-cell notebook registered under many names) and ``--schedules`` active schedules, inserted in
-bulk with the ``next_fire_at`` nbflow itself computes (``nbflow.scheduler.make_trigger``). The mix:
+bulk with the ``next_fire_at`` nbflow itself computes (``nbflow.services.scheduler.make_trigger``). The mix:
 
   interval   every 60 s, anchors spread over the minute (a steady ~N/120 slots per second)
   cron       cycling ``* * * * *``, ``*/2 * * * *``, ``*/5 * * * *``, ``0 * * * *``: cron slots fall on
@@ -57,8 +57,8 @@ NBFLOW = [sys.executable, "-m", "nbflow.cli"]
 
 
 def populate(store: Any, notebook: Path, flows: int, schedules: int, cron_fraction: float) -> None:
-    from nbflow.flows import register
-    from nbflow.scheduler import make_trigger
+    from nbflow.core.flows import register
+    from nbflow.services.scheduler import make_trigger
     from nbflow.store.models import Schedule, utcnow
 
     flow_ids = [register(store, notebook, name=f"flow{i:03d}")[0].id for i in range(flows)]

@@ -10,34 +10,34 @@ from __future__ import annotations
 from typing import Any
 
 from nbflow.record import record
+from nbflow.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "dashboard", "load_ipython_extension", "record", "secret", "watch"]
 
 
 def secret(name: str) -> str:
     """The value of the secret ``name`` (``nbflow secrets set``), for use inside a flow's notebook."""
-    from nbflow.secrets import secret as _secret
+    from nbflow.core.secrets import secret as _secret
 
     return _secret(name)
 
 
 def dashboard(**options: Any) -> Any:
-    """An ipywidgets dashboard of flows and runs (see nbflow.widgets)."""
-    from nbflow.widgets import dashboard as _dashboard
+    """An ipywidgets dashboard of flows and runs (see nbflow.jupyter.widgets)."""
+    from nbflow.jupyter.widgets import dashboard as _dashboard
 
     return _dashboard(**options)
 
 
 def watch(run_id: str, **options: Any) -> Any:
-    """A widget that follows one run live until it ends (see nbflow.widgets)."""
-    from nbflow.widgets import watch as _watch
+    """A widget that follows one run live until it ends (see nbflow.jupyter.widgets)."""
+    from nbflow.jupyter.widgets import watch as _watch
 
     return _watch(run_id, **options)
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext nbflow``: registers the ``%flow`` / ``%%flow`` magics (nbflow.magics)."""
-    from nbflow.magics import load_ipython_extension as _load
+    """``%load_ext nbflow``: registers the ``%flow`` / ``%%flow`` magics (nbflow.jupyter.magics)."""
+    from nbflow.jupyter.magics import load_ipython_extension as _load
 
     _load(ipython)

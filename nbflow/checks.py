@@ -161,3 +161,32 @@ def json_value(value: Any, *, field: str, error: type[NbflowError], max_depth: i
         elif isinstance(item, list | tuple):
             stack.extend((inner, depth + 1) for inner in item)
     return value
+
+
+# A memory limit (a flow's ``memory_limit``; ``nbflow.execution.containment`` enforces it).
+MIN_MEMORY_LIMIT = 16 * 2**20
+MAX_MEMORY_LIMIT = 2**50  # 1 PiB: bigger is a typo, and stays far from the kernel's "no limit"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
+
+
+def parse_memory(value: int | str) -> int:
+    """A memory limit in bytes from ``536870912``, ``"512M"``, ``"512MiB"``, ``"2G"``, ``"1.5g"`` (K, M, G, T
+    are powers of 1024, as for ``docker --memory``); ``0`` (or ``"none"``) means no limit. Anything else,
+    or a limit below 16 MiB (a kernel cannot even start) or above 1 PiB, raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in {"0", "none", "off"}:
+        return 0
+    if isinstance(value, int):
+        limit = value
+    else:
+        match = _SIZE.fullmatch(str(value)) if isinstance(value, str) and len(value) < 40 else None
+        if match is None:
+            raise ValueError(f"a memory limit must be bytes or a size such as 512M or 2G, got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+        limit = int(number * 1024 ** "bkmgt".index(unit or "b"))
+    if limit == 0:
+        return 0
+    if not MIN_MEMORY_LIMIT <= limit <= MAX_MEMORY_LIMIT:
+        raise ValueError(f"a memory limit must be from 16M to 1024T (or 0 for none), got {value!r}")
+    return limit

@@ -106,7 +106,8 @@ def _check_version(health: dict[str, Any], url: str) -> None:
         raise IncompatibleServer(
             0, "incompatible_server",
             f"the nbflow server at {url} speaks API {server} (nbflow {version}); this client speaks API "
-            f"{API_VERSION}: use a client of the same major API version (pip install 'nbflow=={version}')",
+            f"{API_VERSION}: use a client of the same major API version "
+            f"(pip install 'nbflow-orchestrator=={version}')",
         )
 
 

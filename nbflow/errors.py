@@ -237,3 +237,9 @@ class InvalidLabel(NbflowError):
 
     code = "invalid_label"
     http_status = 422
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line a user can act on: an nbflow error's message, else its kind and message."""
+    text = str(exc) if isinstance(exc, NbflowError) else f"{type(exc).__name__}: {exc}"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:500]

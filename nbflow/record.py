@@ -2,7 +2,7 @@
 
 A recorded value travels as a display output with nbflow's own MIME type, the way scrapbook's ``glue``
 does: the kernel needs no database connection or credentials, the value is kept in the output notebook
-too, and the engine (nbflow.execute) picks it up as the cell completes. Front-ends render nothing for an
+too, and the engine (nbflow.execution.execute) picks it up as the cell completes. Front-ends render nothing for an
 unknown MIME type, so the notebook looks the same when it is run by hand.
 """
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 from nbflow import checks
 from nbflow.errors import InvalidSetting
 
-# Kernels listen on UNIX sockets /tmp/nbflow-kernel-<run process pid>-<random>-<n> (nbflow.kernels); whoever
-# reaps a run process killed before it cleaned up removes its kernel's by the pid (nbflow.processes).
+# Kernels listen on UNIX sockets /tmp/nbflow-kernel-<run process pid>-<random>-<n> (nbflow.execution.kernels); whoever
+# reaps a run process killed before it cleaned up removes its kernel's by the pid (nbflow.execution.processes).
 KERNEL_SOCKET_PREFIX = "nbflow-kernel-"
 
 # Bounds of the numeric settings (README, "Configuration", states them).
@@ -44,9 +44,9 @@ class Settings:
     # Where a running `nbflow serve` listens; clients (CLI, magics, nbflow.client) use it when set.
     api_url: str | None
     api_key: str | None
-    # Key that encrypts secrets at rest (nbflow.secrets); without it secrets cannot be stored or read.
+    # Key that encrypts secrets at rest (nbflow.core.secrets); without it secrets cannot be stored or read.
     secret_key: str | None
-    # Checked here only, so that a typo fails every command at once; nbflow.zygote, nbflow.retention
+    # Checked here only, so that a typo fails every command at once; nbflow.execution.zygote, nbflow.services.retention
     # and nbflow.api.app read their variable themselves.
     kernel_zygote: bool = True
     retention_days: float | None = None

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from helpers import make_notebook, nbflow
 from sqlalchemy import func, select
 
-from nbflow import states
 from nbflow.api import create_app
-from nbflow.runs import create_run, new_run
+from nbflow.core import states
+from nbflow.core.runs import create_run, new_run
 from nbflow.store import open_store
 from nbflow.store.models import Flow, FlowVersion, Run
 
@@ -247,7 +247,7 @@ def test_the_notebook_cache_reuses_a_stable_file_and_sees_any_change(tmp_path):
     import os
     import time
 
-    from nbflow.flows import RACY_SECONDS, read_notebook_cached
+    from nbflow.core.flows import RACY_SECONDS, read_notebook_cached
 
     path = make_notebook(tmp_path, "stable", ["x = 1"], parameters="n = 1")
     recent = read_notebook_cached(path)
@@ -378,8 +378,8 @@ def test_run_counts_over_http_match_the_local_count(nbflow_env, root):
     import httpx
     from helpers import serve_api
 
-    from nbflow.backend import LocalBackend, RemoteBackend, ServerError
     from nbflow.client import ApiError, AsyncClient, Client
+    from nbflow.jupyter.backend import LocalBackend, RemoteBackend, ServerError
 
     store = open_store()
     server = serve_api(store)

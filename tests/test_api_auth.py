@@ -10,7 +10,7 @@ from sqlalchemy import select
 from test_api import assert_error, client_for, count_runs
 
 from nbflow.api import create_app
-from nbflow.keys import SCOPES, create_key, revoke_key
+from nbflow.core.keys import SCOPES, create_key, revoke_key
 from nbflow.store import open_store
 from nbflow.store.models import ApiKey, Flow, Secret
 
@@ -142,8 +142,8 @@ def test_duplicate_authorization_headers_are_refused_on_the_fast_path_and_the_ro
     from helpers import serve_api
 
     from nbflow.api import fastpath
-    from nbflow.flows import register
-    from nbflow.runs import create_run
+    from nbflow.core.flows import register
+    from nbflow.core.runs import create_run
 
     monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
     answered: list[int] = []

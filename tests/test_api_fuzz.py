@@ -40,14 +40,14 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from sqlalchemy import func, select
 
 from nbflow import checks
-from nbflow.flows import register
-from nbflow.keys import create_key
-from nbflow.runs import create_run, request_cancel
-from nbflow.scheduler import add_schedule
-from nbflow.secrets import set_secret
+from nbflow.core.flows import register
+from nbflow.core.keys import create_key
+from nbflow.core.runs import create_run, request_cancel
+from nbflow.core.secrets import set_secret
+from nbflow.services.scheduler import add_schedule
+from nbflow.services.webhooks import create_webhook
 from nbflow.store import open_store
 from nbflow.store.models import Flow, Run
-from nbflow.webhooks import create_webhook
 
 # Per operation and phase. CI keeps it small; raise it locally for a deeper search.
 MAX_EXAMPLES = int(os.environ.get("NBFLOW_FUZZ_EXAMPLES", "6"))

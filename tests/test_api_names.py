@@ -16,9 +16,9 @@ import pytest
 from helpers import make_notebook, run_cli, serve_api
 from sqlalchemy import func, select
 
+from nbflow.core.flows import register, resolve_notebook_path
+from nbflow.core.keys import create_key
 from nbflow.errors import PathNotAllowed
-from nbflow.flows import register, resolve_notebook_path
-from nbflow.keys import create_key
 from nbflow.store import open_store
 from nbflow.store.models import Flow, FlowVersion, Run
 

@@ -20,9 +20,9 @@ from sqlalchemy import func, select
 from nbflow import client as client_module
 from nbflow.api.server import ApiServer
 from nbflow.client import ApiError, AsyncClient, Client, IncompatibleServer
-from nbflow.flows import register
-from nbflow.keys import create_key
-from nbflow.runs import find_run, run_document
+from nbflow.core.flows import register
+from nbflow.core.keys import create_key
+from nbflow.core.runs import find_run, run_document
 from nbflow.store import open_store
 from nbflow.store.models import Run
 
@@ -120,7 +120,7 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_run(live, root)
 
 
 def _stored(run_id: str) -> tuple[dict, list[dict]]:
-    from nbflow.runs import history
+    from nbflow.core.runs import history
 
     with open_store().read() as session:
         run = find_run(session, run_id)

@@ -308,7 +308,7 @@ def test_notebook_without_parameters_cell_accepts_parameters(nbflow_env: dict[st
     assert shown.returncode == 0, shown.stderr
     assert "no cell tagged 'parameters'" in shown.stdout
 
-    from nbflow.runs import find_run, logs
+    from nbflow.core.runs import find_run, logs
     from nbflow.store import open_store
 
     with open_store().read() as session:
@@ -488,10 +488,10 @@ def poison_server(nbflow_env: dict[str, str], tmp_path: Path, monkeypatch: pytes
     parameter; yields (url, key, webhook token)."""
     from helpers import serve_api
 
-    from nbflow.flows import register
-    from nbflow.keys import create_key
+    from nbflow.core.flows import register
+    from nbflow.core.keys import create_key
+    from nbflow.services.webhooks import create_webhook
     from nbflow.store import open_store
-    from nbflow.webhooks import create_webhook
 
     monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
     monkeypatch.setenv("NBFLOW_SECRET_KEY", "a-passphrase-for-the-poison-tests-123456")
@@ -688,8 +688,8 @@ def test_out_of_bounds_flow_settings_on_the_command_line(sqlite_env: dict[str, s
 def test_out_of_bounds_flow_settings_in_the_service() -> None:
     """The bounds every door shares (``FlowOptions.validate``, called by register, PATCH, the magics): a
     retry delay of inf stopped every runner at start-up once it was stored."""
+    from nbflow.core.flows import FlowOptions
     from nbflow.errors import NbflowError
-    from nbflow.flows import FlowOptions
 
     for _args, (field, value), message in OUT_OF_BOUNDS_SETTINGS:
         with pytest.raises(NbflowError) as refused:
@@ -721,8 +721,8 @@ def test_poison_through_the_magics(nbflow_env: dict[str, str], tmp_path: Path,
     from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
 
-    from nbflow.flows import register
-    from nbflow.magics import FlowMagics
+    from nbflow.core.flows import register
+    from nbflow.jupyter.magics import FlowMagics
     from nbflow.store import open_store
 
     monkeypatch.chdir(tmp_path)
@@ -772,9 +772,9 @@ def test_a_stored_bad_row_still_lists(sqlite_env: dict[str, str], tmp_path: Path
     from helpers import serve_api
     from sqlalchemy import text
 
-    from nbflow.flows import register
-    from nbflow.keys import create_key
-    from nbflow.runs import create_run
+    from nbflow.core.flows import register
+    from nbflow.core.keys import create_key
+    from nbflow.core.runs import create_run
     from nbflow.store import open_store
 
     store = open_store()

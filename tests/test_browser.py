@@ -21,8 +21,8 @@ import pytest
 from helpers import make_notebook, until
 from sqlalchemy import select
 
-from nbflow.flows import register
-from nbflow.runs import create_run
+from nbflow.core.flows import register
+from nbflow.core.runs import create_run
 from nbflow.store import Store, open_store
 from nbflow.store.models import Run
 

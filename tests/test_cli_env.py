@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import make_notebook, nbflow, run_cli, until
 
-from nbflow.cli import MIN_FREE_BYTES
+from nbflow.cli.common import MIN_FREE_BYTES
 
 # -- helpers ------------------------------------------------------------------------------------------
 
@@ -393,7 +393,7 @@ def test_bad_numbers_in_real_processes(sqlite_env, tmp_path):
 
 def _with_a_bug(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``nbflow ARGS`` with a bug planted where `nbflow flows` meets it: the one fault no input can cause."""
-    code = ("import sys, nbflow.flows as f, nbflow.cli as c\n"
+    code = ("import sys, nbflow.core.flows as f, nbflow.cli as c\n"
             "def bug(*a, **k): raise KeyError('planted')\n"
             "f.flow_documents = bug\n"
             "sys.argv = ['nbflow', *sys.argv[1:]]\nc.main()\n")

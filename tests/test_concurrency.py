@@ -21,10 +21,10 @@ import pytest
 from helpers import at_once, make_notebook, nbflow
 from sqlalchemy import event, func, select
 
-from nbflow import concurrency, states
-from nbflow.flows import FlowOptions, get_flow, latest_version, register
-from nbflow.runner import claim
-from nbflow.runs import create_run, new_run
+from nbflow.core import concurrency, states
+from nbflow.core.flows import FlowOptions, get_flow, latest_version, register
+from nbflow.core.runs import create_run, new_run
+from nbflow.services.runner import claim
 from nbflow.store import Store, open_store
 from nbflow.store.models import Run, RunStateEvent, TagLimit, utcnow
 

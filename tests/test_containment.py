@@ -1,4 +1,4 @@
-"""A run's processes are contained (nbflow.containment): cancel, timeout, a crashed run process and a worker
+"""A run's processes are contained (nbflow.execution.containment): cancel, timeout, a crashed run process and a worker
 shutting down end everything the notebook started, new sessions and double-forked daemons included; and a
 flow's memory limit ends a run over it FAILED (OutOfMemory) without touching another run.
 
@@ -21,9 +21,9 @@ import pytest
 from helpers import make_notebook, nbflow, start, until
 from sqlalchemy import select
 
-from nbflow import containment
-from nbflow.containment import parse_memory
-from nbflow.flows import FlowOptions, register
+from nbflow.checks import parse_memory
+from nbflow.core.flows import FlowOptions, register
+from nbflow.execution import containment
 from nbflow.store import open_store
 from nbflow.store.models import Flow, Log, Run
 
@@ -147,7 +147,7 @@ def test_cancel_of_a_foreground_run_ends_new_sessions_and_daemons(sqlite_env, tm
 
 def test_a_killed_supervisor_still_ends_new_sessions_and_daemons(sqlite_env, tmp_path, leftovers):
     """``nbflow run`` killed with SIGKILL (as a worker could be): its run process stops when it sees its
-    supervisor die, and killing its kernel kills the kernel's whole group (nbflow.kernels, containment)."""
+    supervisor die, and killing its kernel kills the kernel's whole group (nbflow.execution.kernels, containment)."""
     nb, pidfile = escape_notebook(tmp_path, "orphan")
     fg = start(sqlite_env, tmp_path, "run", str(nb), "--json")
     try:

@@ -1,4 +1,4 @@
-"""Run counts kept by the database (migration 0006, ``nbflow.counts``): after every kind of writer, and
+"""Run counts kept by the database (migration 0006, ``nbflow.core.counts``): after every kind of writer, and
 with compactions in between, they equal ``SELECT count(*) ... GROUP BY state, flow_id``, on SQLite and
 PostgreSQL; concurrent writers neither deadlock nor lose a count; the migration backfills."""
 
@@ -17,12 +17,12 @@ from alembic.config import Config
 from helpers import at_once, make_notebook
 from sqlalchemy import func, insert, select, text, update
 
-from nbflow import counts, states
-from nbflow.backend import LocalBackend
-from nbflow.flows import FlowOptions, register
-from nbflow.retention import prune
-from nbflow.runner import Runner, claim
-from nbflow.runs import create_run, request_cancel, retry_run
+from nbflow.core import counts, states
+from nbflow.core.flows import FlowOptions, register
+from nbflow.core.runs import create_run, request_cancel, retry_run
+from nbflow.jupyter.backend import LocalBackend
+from nbflow.services.retention import prune
+from nbflow.services.runner import Runner, claim
 from nbflow.store import Store, open_store
 from nbflow.store.database import MIGRATIONS_DIR
 from nbflow.store.models import Flow, FlowVersion, Run, RunCount, RunCountDelta, utcnow

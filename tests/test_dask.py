@@ -21,9 +21,9 @@ from sqlalchemy import select
 from test_execution import kernels_left
 from test_runner import wait_for_state
 
+from nbflow.core.flows import FlowOptions, register
+from nbflow.core.runs import create_run, history, request_cancel
 from nbflow.errors import ExecutorUnavailable
-from nbflow.flows import FlowOptions, register
-from nbflow.runs import create_run, history, request_cancel
 from nbflow.store import open_store
 from nbflow.store.models import CellRun, Log, Run
 
@@ -174,7 +174,7 @@ def test_dask_executor_options_are_checked_before_anything_starts(sqlite_env, tm
 
 
 def test_an_unreachable_dask_scheduler_is_one_clear_error(sqlite_env):
-    from nbflow.executors.dask import DaskExecutor
+    from nbflow.execution.executors.dask import DaskExecutor
 
     with pytest.raises(ExecutorUnavailable, match=r"cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
         DaskExecutor("tcp://127.0.0.1:9", timeout=1)
@@ -184,14 +184,14 @@ def test_without_dask_installed_the_worker_says_what_to_install(sqlite_env, tmp_
     monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` meets without the extra
     result = run_cli("worker", "--executor", "dask", "--dask-scheduler", "tcp://127.0.0.1:8786")
     assert result.exit_code == 2
-    assert "pip install 'nbflow[dask]'" in result.output
+    assert "pip install 'nbflow-orchestrator[dask]'" in result.output
     assert not (tmp_path / "home" / "nbflow.db").exists()
 
 
 @pytest.mark.slow
 def test_losing_the_dask_scheduler_crashes_the_run_in_flight_and_leaves_the_queue_alone(sqlite_env, tmp_path, caplog):
-    from nbflow.executors.dask import DaskExecutor
-    from nbflow.runner import Runner
+    from nbflow.execution.executors.dask import DaskExecutor
+    from nbflow.services.runner import Runner
 
     store = open_store()
     sleeper = make_notebook(tmp_path, "sleeper", ["import time", "time.sleep(600)"])

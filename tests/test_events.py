@@ -16,10 +16,11 @@ import pytest
 from helpers import at_once, make_notebook, nbflow, start
 from sqlalchemy import func, select
 
-from nbflow import events, states
+from nbflow.core import states
+from nbflow.core.flows import FlowOptions, register
+from nbflow.core.runs import create_run
 from nbflow.errors import FlowNotFound, ParameterError, TriggerError
-from nbflow.flows import FlowOptions, register
-from nbflow.runs import create_run
+from nbflow.services import events
 from nbflow.store import open_store
 from nbflow.store.models import FileSeen, FileTrigger, Flow, FlowDependency, Run, utcnow
 

@@ -13,7 +13,7 @@ from conftest import NOTEBOOKS
 from helpers import nbflow
 from nbclient import NotebookClient
 
-from nbflow.backend import LocalBackend
+from nbflow.jupyter.backend import LocalBackend
 from nbflow.store import open_store
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"

@@ -19,10 +19,10 @@ import pytest
 from helpers import make_notebook
 from sqlalchemy import func, select
 
-from nbflow import states
-from nbflow.flows import FlowOptions, register
-from nbflow.launcher import execute_run
-from nbflow.runs import create_run, history, logs, run_document
+from nbflow.core import states
+from nbflow.core.flows import FlowOptions, register
+from nbflow.core.runs import create_run, history, logs, run_document
+from nbflow.execution.launcher import execute_run
 from nbflow.store import open_store
 from nbflow.store.models import FlowVersion, Log, Run
 
@@ -108,7 +108,7 @@ def test_retry_succeeds_on_second_attempt(nbflow_env, tmp_path):
 
 def kernels_left(run_id: str) -> list[int]:
     """Live kernels started by the run's process: spawned ones are told their parent in JPY_PARENT_PID,
-    kernels forked by a runner's zygote (nbflow.zygote) are named ``nbflow-k<pid>``."""
+    kernels forked by a runner's zygote (nbflow.execution.zygote) are named ``nbflow-k<pid>``."""
     with open_store().read() as session:
         pid = session.get(Run, uuid.UUID(run_id)).process_id
     assert pid, "the run process recorded no pid"
@@ -302,8 +302,8 @@ def test_cells_and_logs_can_be_watched_while_the_run_is_going(nbflow_env, tmp_pa
 def test_a_run_cancelled_before_its_running_write_executes_nothing(nbflow_env, tmp_path):
     """The run process writes PENDING -> RUNNING from its recorder's thread, checking the run is still
     PENDING; a cancel that lands first stops the attempt before its first cell, and writes nothing else."""
-    from nbflow.execute import NotStarted, RunRecorder
-    from nbflow.runs import request_cancel
+    from nbflow.core.runs import request_cancel
+    from nbflow.execution.execute import NotStarted, RunRecorder
     from nbflow.store.models import CellRun
 
     store = open_store()

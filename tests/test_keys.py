@@ -9,8 +9,7 @@ import pytest
 from helpers import nbflow, run_cli
 from sqlalchemy import func, select
 
-from nbflow.errors import InvalidName, InvalidScope, KeyExists, KeyNotFound
-from nbflow.keys import (
+from nbflow.core.keys import (
     SCOPES,
     ApiKeyInfo,
     any_active_keys,
@@ -20,6 +19,7 @@ from nbflow.keys import (
     list_keys,
     revoke_key,
 )
+from nbflow.errors import InvalidName, InvalidScope, KeyExists, KeyNotFound
 from nbflow.store import Store, open_store
 from nbflow.store.models import ApiKey
 

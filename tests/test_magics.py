@@ -16,10 +16,10 @@ from helpers import make_notebook, nbflow
 from nbclient import NotebookClient
 from sqlalchemy import func, insert, select
 
-from nbflow.backend import LocalBackend
+from nbflow.core.flows import FlowOptions, cell_source, register
 from nbflow.errors import FlowNotFound, InvalidQuery, NbflowError, NotebookError, ScheduleError
-from nbflow.flows import FlowOptions, cell_source, register
-from nbflow.magics import SESSION_NOTE
+from nbflow.jupyter.backend import LocalBackend
+from nbflow.jupyter.magics import SESSION_NOTE
 from nbflow.store import open_store
 from nbflow.store.models import Flow, FlowVersion, Run, Schedule
 
@@ -181,7 +181,7 @@ def test_line_magics_and_help(sqlite_env: dict[str, str], tmp_path: Path) -> Non
         "%load_ext nbflow",
         "%flow register report.ipynb --name rep --schedule '*/5 * * * *' --retries 1",
         "%flow run rep region=US",
-        "from nbflow.backend import get_backend\nrid = get_backend().runs(limit=1)[0]['id']",
+        "from nbflow.jupyter.backend import get_backend\nrid = get_backend().runs(limit=1)[0]['id']",
         "%flow cancel $rid",
         "%flow retry $rid",
         "%flow runs rep",
@@ -341,8 +341,8 @@ def test_remote_backend_speaks_to_a_server(sqlite_env: dict[str, str], tmp_path:
     from fastapi.testclient import TestClient
 
     from nbflow.api import create_app
-    from nbflow.backend import RemoteBackend, ServerError, get_backend
     from nbflow.client import Client
+    from nbflow.jupyter.backend import RemoteBackend, ServerError, get_backend
 
     monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
     make_notebook(tmp_path, "a", ["print(n)"], parameters="n = 1")

@@ -18,13 +18,13 @@ from helpers import at_once, make_notebook, run_cli
 from sqlalchemy import func, select, text
 from test_events import ended_run
 
-from nbflow import notify
+from nbflow.core.flows import register
+from nbflow.core.runs import logs
+from nbflow.core.secrets import set_secret
 from nbflow.errors import FlowNotFound, InvalidNotification, NotificationNotFound
-from nbflow.flows import register
-from nbflow.notify import add_notification, deliver_notifications, list_notifications, remove_notification
-from nbflow.runs import logs
-from nbflow.scheduler import Scheduler
-from nbflow.secrets import set_secret
+from nbflow.services import notify
+from nbflow.services.notify import add_notification, deliver_notifications, list_notifications, remove_notification
+from nbflow.services.scheduler import Scheduler
 from nbflow.store import open_store
 from nbflow.store.models import Notification, NotificationDelivery, Run, utcnow
 

@@ -33,14 +33,15 @@ from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from nbflow import launcher, states
-from nbflow import runner as runner_module
 from nbflow.checks import MAX_SECONDS
-from nbflow.execute import RunRecorder, _end_attempt
-from nbflow.executors.base import Executor
+from nbflow.core import states
+from nbflow.core.runs import create_run, history
+from nbflow.execution import launcher
+from nbflow.execution.execute import RunRecorder, _end_attempt
+from nbflow.execution.executors.base import Executor
 from nbflow.record import RECORD_MIME
-from nbflow.runner import Runner, reap
-from nbflow.runs import create_run, history
+from nbflow.services import runner as runner_module
+from nbflow.services.runner import Runner, reap
 from nbflow.store import Store, open_store, reset_stores
 from nbflow.store.models import CellRun, Log, Run, utcnow
 from nbflow.store.retry import is_unavailable, retrying

@@ -1,4 +1,4 @@
-"""nbflow.parameters: the spec inferred from a real notebook's ``parameters`` cell, and ``validate``.
+"""nbflow.core.parameters: the spec inferred from a real notebook's ``parameters`` cell, and ``validate``.
 
 Specs come from real nbformat notebooks through nbflow's own path (``flows.parse_notebook`` then
 ``flows.inspect_parameters``, i.e. papermill's ``_infer_parameters`` and ``spec_from_papermill``); no
@@ -13,9 +13,9 @@ from typing import Any
 import nbformat
 import pytest
 
+from nbflow.core.flows import inspect_parameters, parse_notebook
+from nbflow.core.parameters import spec_from_papermill, validate
 from nbflow.errors import ParameterError
-from nbflow.flows import inspect_parameters, parse_notebook
-from nbflow.parameters import spec_from_papermill, validate
 
 
 def notebook_text(parameters: str | None, *, other: str = "print('hi')") -> str:

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import select
 from test_events import ended_run, flow, runs_of
 
-from nbflow import events
+from nbflow.core.flows import flow_documents, get_flow, set_paused
+from nbflow.core.runs import create_run
 from nbflow.errors import FlowNotFound
-from nbflow.flows import flow_documents, get_flow, set_paused
-from nbflow.runs import create_run
-from nbflow.scheduler import add_schedule, fire_due
+from nbflow.services import events
+from nbflow.services.scheduler import add_schedule, fire_due
 from nbflow.store import open_store
 from nbflow.store.models import Schedule, utcnow
 

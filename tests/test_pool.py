@@ -14,10 +14,10 @@ from sqlalchemy import select
 from test_execution import kernels_left
 from test_runner import wait_for_state
 
-from nbflow.pool import KernelPool
-from nbflow.processes import fork
-from nbflow.runner import Runner
-from nbflow.runs import create_run
+from nbflow.core.runs import create_run
+from nbflow.execution.pool import KernelPool
+from nbflow.execution.processes import fork
+from nbflow.services.runner import Runner
 from nbflow.store import open_store
 from nbflow.store.models import Log, Run
 

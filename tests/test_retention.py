@@ -1,4 +1,4 @@
-"""Retention (``nbflow.retention``, ``nbflow db prune``) on SQLite and PostgreSQL: exactly the old ended
+"""Retention (``nbflow.services.retention``, ``nbflow db prune``) on SQLite and PostgreSQL: exactly the old ended
 runs go, with every row and file of theirs; live runs, recent runs and lineage that matters stay."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from helpers import make_notebook, nbflow
 from sqlalchemy import func, select, update
 
-from nbflow import states
+from nbflow.core import states
+from nbflow.core.flows import register
+from nbflow.core.runs import new_run
 from nbflow.errors import InvalidRetention
-from nbflow.flows import register
-from nbflow.retention import AutoPrune, configured_age, parse_age, prune
-from nbflow.runs import new_run
+from nbflow.services.retention import AutoPrune, configured_age, parse_age, prune
 from nbflow.store import Store, open_store
 from nbflow.store.models import (
     CellRun,
@@ -235,7 +235,7 @@ def test_automatic_retention_runs_hourly_on_the_leader_only(sqlite_env: dict[str
 
 def test_the_scheduler_loop_applies_retention(sqlite_env: dict[str, str], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from nbflow.scheduler import Scheduler
+    from nbflow.services.scheduler import Scheduler
 
     history = History(open_store(), tmp_path)
     old, young = history.add(S.COMPLETED, days_ago=40), history.add(S.FAILED, days_ago=20)

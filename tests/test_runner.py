@@ -14,8 +14,8 @@ from helpers import make_notebook, nbflow, start, until
 from sqlalchemy import func, select
 from test_execution import kernels_left
 
-from nbflow.runner import claim
-from nbflow.runs import create_run, history
+from nbflow.core.runs import create_run, history
+from nbflow.services.runner import claim
 from nbflow.store import open_store
 from nbflow.store.models import CellRun, Log, Run, RunStateEvent
 
@@ -171,9 +171,9 @@ def test_cancel_reaches_a_foreground_nbflow_run(sqlite_env, tmp_path):
 def test_reap_crashes_expired_runs_and_requeues_their_retries(nbflow_env, tmp_path):
     from datetime import timedelta
 
-    from nbflow import states
-    from nbflow.flows import FlowOptions, register
-    from nbflow.runner import reap
+    from nbflow.core import states
+    from nbflow.core.flows import FlowOptions, register
+    from nbflow.services.runner import reap
     from nbflow.store.models import utcnow
 
     nb = make_notebook(tmp_path, "r", ["x = 1"])

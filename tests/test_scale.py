@@ -18,12 +18,13 @@ import pytest
 from helpers import make_notebook, nbflow, run_cli, start, until
 from sqlalchemy import func, select
 
-from nbflow import leader, runs, states, workers
-from nbflow.concurrency import set_tag_limit
+from nbflow.core import runs, states, workers
+from nbflow.core.concurrency import set_tag_limit
+from nbflow.core.flows import FlowOptions, flow_documents, get_flow, latest_version, register, update_flow
 from nbflow.errors import InvalidLabel
-from nbflow.flows import FlowOptions, flow_documents, get_flow, latest_version, register, update_flow
-from nbflow.runner import claim
-from nbflow.scheduler import add_schedule
+from nbflow.services import leader
+from nbflow.services.runner import claim
+from nbflow.services.scheduler import add_schedule
 from nbflow.store import Store, open_store
 from nbflow.store.models import Flow, Leader, Run, RunStateEvent, Worker, utcnow
 

@@ -12,9 +12,9 @@ import pytest
 from helpers import at_once, make_notebook, nbflow
 from sqlalchemy import func, select, update
 
-from nbflow import scheduler
+from nbflow.core.flows import register
 from nbflow.errors import FlowNotFound, ParameterError, ScheduleError
-from nbflow.flows import register
+from nbflow.services import scheduler
 from nbflow.store import open_store
 from nbflow.store.models import Run, Schedule
 
@@ -212,7 +212,7 @@ def test_scheduler_and_worker_end_to_end(sqlite_env, tmp_path):
 
 
 def test_late_runs_are_claimed_by_workers(sqlite_env, tmp_path):
-    from nbflow.runner import claim
+    from nbflow.services.runner import claim
 
     store = open_store()
     name = flow(tmp_path)
@@ -283,7 +283,7 @@ def burst_schedules(store, tmp_path: Path, now: datetime) -> dict[int, tuple[lis
     missed long ago (catch-up ``latest``: one Late run), every tenth with ``catch_up="all"`` (11 slots,
     some Late: several chunks of the pass), the rest on time. Returns schedule id -> (slots that must
     fire, parameters they must carry)."""
-    from nbflow.flows import FlowOptions
+    from nbflow.core.flows import FlowOptions
 
     nb = make_notebook(tmp_path, "burst", ["print(n)"], parameters="n = 1")
     flow_row, _ = register(store, nb, name="burst", options=FlowOptions(retries=2, timeout=30.0))
@@ -313,7 +313,7 @@ def burst_schedules(store, tmp_path: Path, now: datetime) -> dict[int, tuple[lis
 
 
 def check_burst(store, expected: dict[int, tuple[list[datetime], dict]], now: datetime) -> list[Run]:
-    from nbflow.runs import history
+    from nbflow.core.runs import history
 
     runs = runs_of(store)
     assert sorted((r.schedule_id, r.scheduled_for) for r in runs) == sorted(
@@ -370,7 +370,7 @@ def test_schedulers_racing_over_a_burst_create_each_slot_once(nbflow_env, tmp_pa
 def test_burst_runs_are_the_runs_create_schedule_run_makes(nbflow_env, tmp_path):
     """The bulk insert and the ORM path build a slot's run from the same parts (``runs.new_run`` and the
     states module): compare every column but the ones that differ per run."""
-    from nbflow.runs import create_schedule_run
+    from nbflow.core.runs import create_schedule_run
 
     store = open_store()
     name = flow(tmp_path)
@@ -451,7 +451,7 @@ def test_out_of_bounds_schedules_get_one_clear_error(sqlite_env, tmp_path, kwarg
 def test_out_of_bounds_schedules_through_the_cli_api_and_magics(sqlite_env, tmp_path):
     from IPython.core.error import UsageError
 
-    from nbflow.magics import _seconds
+    from nbflow.jupyter.magics import _seconds
     from tests.helpers import serve_api
 
     flow(tmp_path)
@@ -459,7 +459,8 @@ def test_out_of_bounds_schedules_through_the_cli_api_and_magics(sqlite_env, tmp_
                        (["--interval", "400d"], "must be from 1 to 31622400"),
                        (["--at", "9999-12-31T23:00:00-05:00"], "out of range"),
                        (["--cron", "0 9 * * *", "--tz", "x" * 100], "time zone is longer than 64 characters"),
-                       (["--interval", "1m", "--max-lateness", "1e300"], "'--max-lateness': 1e+300 is not in")]:
+                       (["--interval", "1m", "--max-lateness", "1e300"],
+                        "'--max-lateness': 1e+300 is not in the range")]:
         proc = nbflow(sqlite_env, tmp_path, "schedule", "add", "job", *args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("nbflow: error: ") and text in proc.stderr, proc.stderr
@@ -610,7 +611,7 @@ def test_poison_schedule_rows_are_paused_with_their_reason_and_the_others_fire(n
     # The next passes go on firing the good one; the paused ones stay out of the way.
     assert len(scheduler.fire_due(store, now=BASE + timedelta(seconds=10.5))) == 1
     # The notebook front-ends (magics, widgets) render them too.
-    from nbflow.backend import LocalBackend
+    from nbflow.jupyter.backend import LocalBackend
 
     shown = {d["name"]: d for d in LocalBackend(store).flow(name)["schedules"]}
     assert set(shown) == set(bad) | {"good"} and shown["bad-kind"]["error"] == docs["bad-kind"]["error"]
@@ -680,7 +681,7 @@ def test_a_step_that_keeps_failing_is_logged_once_and_the_schedules_still_fire(s
 
     from sqlalchemy import text as sql
 
-    from nbflow.notify import add_notification
+    from nbflow.services.notify import add_notification
 
     store = open_store()
     name = flow(tmp_path)

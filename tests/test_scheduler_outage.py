@@ -22,8 +22,8 @@ from helpers import make_notebook, until
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
-from nbflow import scheduler
-from nbflow.flows import register
+from nbflow.core.flows import register
+from nbflow.services import scheduler
 from nbflow.store import open_store, reset_stores
 from nbflow.store.models import Leader, Run
 

@@ -11,18 +11,9 @@ from cryptography.fernet import Fernet
 from helpers import make_notebook, nbflow, run_cli
 from sqlalchemy import func, select, text
 
-from nbflow.errors import (
-    InvalidName,
-    InvalidSecret,
-    ParameterError,
-    SecretKeyMismatch,
-    SecretKeyMissing,
-    SecretNotFound,
-)
-from nbflow.flows import register
-from nbflow.launcher import execute_run
-from nbflow.runs import create_run, logs, run_document
-from nbflow.secrets import (
+from nbflow.core.flows import register
+from nbflow.core.runs import create_run, logs, run_document
+from nbflow.core.secrets import (
     MASK,
     SECRET_MIME,
     Redactor,
@@ -31,6 +22,15 @@ from nbflow.secrets import (
     list_secrets,
     set_secret,
 )
+from nbflow.errors import (
+    InvalidName,
+    InvalidSecret,
+    ParameterError,
+    SecretKeyMismatch,
+    SecretKeyMissing,
+    SecretNotFound,
+)
+from nbflow.execution.launcher import execute_run
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Run, RunStateEvent, Secret
 
@@ -139,8 +139,8 @@ def test_every_door_refuses_a_secret_value_without_naming_the_secret(sqlite_env,
     import httpx
     from helpers import serve_api
 
-    from nbflow.backend import LocalBackend
-    from nbflow.webhooks import create_webhook
+    from nbflow.jupyter.backend import LocalBackend
+    from nbflow.services.webhooks import create_webhook
 
     root = tmp_path / "root"
     root.mkdir()

@@ -14,8 +14,8 @@ from helpers import make_notebook, nbflow, start
 from sqlalchemy import select
 from test_runner import wait_for_state
 
-from nbflow.runner import Runner
-from nbflow.runs import create_run
+from nbflow.core.runs import create_run
+from nbflow.services.runner import Runner
 from nbflow.store import open_store
 from nbflow.store.models import Run
 

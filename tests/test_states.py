@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from nbflow.errors import IllegalTransition, RunNotFound
-from nbflow.states import (
+from nbflow.core.states import (
     NAMES,
     TERMINAL,
     TRANSITIONS,
@@ -29,13 +28,14 @@ from nbflow.states import (
     retry_delay,
     transition,
 )
+from nbflow.errors import IllegalTransition, RunNotFound
 from nbflow.store import Store
 from nbflow.store.models import Flow, FlowVersion, Run, RunStateEvent, utcnow
 
 S = StateType
 ALL = list(StateType)
 
-# Written out from the design, not derived from nbflow.states.
+# Written out from the design, not derived from nbflow.core.states.
 EXPECTED_TRANSITIONS: dict[str, set[str]] = {
     "SCHEDULED": {"PENDING", "CANCELLING", "CANCELLED"},
     "PENDING": {"RUNNING", "FAILED", "CANCELLING", "CANCELLED"},

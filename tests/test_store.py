@@ -19,8 +19,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from nbflow.core.states import StateType, initial_state
 from nbflow.errors import DatabaseError
-from nbflow.states import StateType, initial_state
 from nbflow.store import Store, open_store, reset_stores
 from nbflow.store.database import MIGRATIONS_DIR, SCHEMA_REVISION, SQLITE_BUSY_TIMEOUT_MS
 from nbflow.store.models import Base, Flow, FlowVersion, Run, Schedule

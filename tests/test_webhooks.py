@@ -10,11 +10,11 @@ import pytest
 from helpers import make_notebook, run_cli
 from sqlalchemy import func, select
 
+from nbflow.core.flows import register, set_paused
 from nbflow.errors import FlowNotFound, FlowPaused, InvalidWebhook, ParameterError, WebhookNotFound
-from nbflow.flows import register, set_paused
+from nbflow.services.webhooks import create_webhook, fire_webhook, list_webhooks, revoke_webhook
 from nbflow.store import open_store
 from nbflow.store.models import Run, Webhook
-from nbflow.webhooks import create_webhook, fire_webhook, list_webhooks, revoke_webhook
 
 MAPPING = {"ref": "ref", "sha": "head_commit.id", "count": "stats.count", "first": "commits.0.author"}
 

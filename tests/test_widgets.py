@@ -21,15 +21,15 @@ from helpers import nbflow as nbflow_cli
 from sqlalchemy import String, Uuid, cast, event, func, insert, literal, literal_column, select
 
 import nbflow
-from nbflow import states
-from nbflow.backend import get_backend
+from nbflow.core import states
+from nbflow.core.flows import register
+from nbflow.core.runs import create_run
 from nbflow.errors import NbflowError, RunNotFound
-from nbflow.flows import register
-from nbflow.runs import create_run
-from nbflow.scheduler import add_schedule
+from nbflow.jupyter.backend import get_backend
+from nbflow.jupyter.widgets import Dashboard, RunWatch, dashboard, watch
+from nbflow.services.scheduler import add_schedule
 from nbflow.store import Store, open_store
 from nbflow.store.models import CellRun, Flow, FlowVersion, Run, utcnow
-from nbflow.widgets import Dashboard, RunWatch, dashboard, watch
 
 S = states.S
 
@@ -438,8 +438,8 @@ def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], 
     from fastapi.testclient import TestClient
 
     from nbflow.api import create_app
-    from nbflow.backend import RemoteBackend
     from nbflow.client import Client
+    from nbflow.jupyter.backend import RemoteBackend
 
     monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
     make_notebook(tmp_path, "etl", ["x = 1"], parameters="days = 7")
@@ -516,7 +516,7 @@ def test_a_page_among_100000_runs_costs_what_a_page_among_25_does(env: Store) ->
     assert many == few  # the same statements whatever the number of runs
     assert next_page <= few + 1  # plus, at most, looking up the cursor's run
     # Every listing of runs is bounded by a LIMIT; the label's total is one read of the counters the
-    # database keeps (nbflow.counts), never a COUNT over the runs.
+    # database keeps (nbflow.core.counts), never a COUNT over the runs.
     listings = [s for s in statements if "FROM run" in s and "ORDER BY" in s]
     assert listings and all("LIMIT" in s for s in listings)
     assert sum("FROM run_count" in s for s in statements) == 1

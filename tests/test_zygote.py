@@ -1,4 +1,4 @@
-"""Kernels forked from a runner's zygote (nbflow.zygote) behave as kernels started the ordinary way."""
+"""Kernels forked from a runner's zygote (nbflow.execution.zygote) behave as kernels started the ordinary way."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from helpers import make_notebook, until
 from jupyter_core.utils import run_sync
 
-from nbflow import zygote
-from nbflow.kernels import Kernel
-from nbflow.runner import Runner
-from nbflow.runs import create_run
+from nbflow.core.runs import create_run
+from nbflow.execution import zygote
+from nbflow.execution.kernels import Kernel
+from nbflow.services.runner import Runner
 from nbflow.store import open_store
 from nbflow.store.models import Run
 
@@ -142,7 +142,7 @@ def test_a_forked_kernel_is_interrupted_and_killed_with_its_process_group(zygote
 
 def test_a_forked_kernel_dies_with_the_process_that_asked_for_it(zygotes, tmp_path):
     zygotes()
-    script = ("import sys, time\nfrom nbflow.kernels import Kernel\n"
+    script = ("import sys, time\nfrom nbflow.execution.kernels import Kernel\n"
               "k = Kernel('python3', sys.argv[1]).start().ready()\n"
               "print(type(k.km.provisioner.process).__name__, k.km.provisioner.pid, flush=True)\n"
               "time.sleep(120)\n")

@@ -8,6 +8,7 @@ triggers are written by ``nbflow.api.group_commit``. ``nbflow.api.server`` serve
 processes). docs/api.md is the user's guide.
 """
 
-from nbflow.api.app import API_VERSION, create_app
+from nbflow.api.app import create_app
+from nbflow.api.schemas import API_VERSION
 
 __all__ = ["API_VERSION", "create_app"]

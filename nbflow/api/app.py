@@ -17,14 +17,13 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nbflow import __version__
 from nbflow.api import errors
 from nbflow.api.fastpath import FastPath
 from nbflow.api.group_commit import GroupCommit
 from nbflow.api.routes import flows, health, hooks, keys, runs, schedules, secrets
 from nbflow.store import Store, open_store
+from nbflow.version import __version__
 
-API_VERSION = "1.0"
 MAX_BODY_BYTES = 1024 * 1024
 # Sync routes run in anyio's thread pool, 40 threads by default. Their work is Python under one GIL plus
 # short database calls, so more threads than this only add GIL hand-offs and, past the engine's pool of 5

@@ -1,9 +1,9 @@
 """Who may call what: Bearer API keys with ordered scopes, or, while no key exists, loopback clients only.
 
 ``read`` sees, ``trigger`` also runs and cancels, ``admin`` also registers flows, schedules, secrets and
-webhooks (``nbflow.keys.SCOPES`` is ordered; each scope includes the ones before it). A server with no
+webhooks (``nbflow.core.keys.SCOPES`` is ordered; each scope includes the ones before it). A server with no
 active key has nobody to authenticate, so it trusts only its own machine: any client that is not on a
-loopback address is refused, whatever it sends. Keys are checked by ``nbflow.keys.authenticate``, which
+loopback address is refused, whatever it sends. Keys are checked by ``nbflow.core.keys.authenticate``, which
 compares hashes in constant time; this module only decides.
 
 A request with more than one ``Authorization`` header is refused (400 ``duplicate_authorization``)
@@ -58,7 +58,7 @@ DUPLICATE = DuplicateAuthorization("the request has more than one Authorization 
 def check(store: Store, token: str | None, host: str | None, needed: str) -> Caller:
     """Who sends ``token`` (None: no ``Authorization: Bearer`` header) from ``host``, if allowed ``needed``;
     else ``Unauthorized`` (401) or ``Forbidden`` (403)."""
-    from nbflow.keys import SCOPES, any_active_keys, authenticate
+    from nbflow.core.keys import SCOPES, any_active_keys, authenticate
 
     if token is not None:
         key = authenticate(store, token)

@@ -30,7 +30,7 @@ from nbflow.api.auth import check
 from nbflow.api.group_commit import encode
 from nbflow.api.routes import quick_read
 from nbflow.api.schemas import TriggerRequest
-from nbflow.runs import RunRequest, run_detail
+from nbflow.core.runs import RunRequest, run_detail
 
 _RUN = re.compile(r"/api/runs/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
 _TRIGGER = re.compile(r"/api/flows/([^/]+)/runs")

@@ -27,8 +27,8 @@ import threading
 from collections import deque
 from typing import Any
 
+from nbflow.core.runs import RunRequest, Triggered, create_runs_once, new_run_document, run_document
 from nbflow.errors import ParameterError
-from nbflow.runs import RunRequest, Triggered, create_runs_once, new_run_document, run_document
 from nbflow.store import Store
 
 log = logging.getLogger("nbflow.api")
@@ -135,7 +135,7 @@ class GroupCommit:
 
 def _parameter_spec(store: Store, name: str) -> dict[str, Any]:
     """What a caller whose parameters were refused needs to fix them: each valid name, type and default."""
-    from nbflow.flows import get_flow, latest_version
+    from nbflow.core.flows import get_flow, latest_version
 
     with store.read() as session:
         version = latest_version(session, get_flow(session, name).id)

@@ -12,9 +12,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
 from nbflow import checks
-from nbflow.containment import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
+from nbflow.checks import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
+from nbflow.core.states import StateType
 from nbflow.errors import NbflowError
-from nbflow.states import StateType
+
+# The REST API's version (``GET /api/health``); a client refuses a server of another major version.
+API_VERSION = "1.0"
 
 
 class Refused(ValueError):
@@ -52,13 +55,13 @@ NotNull = BeforeValidator(_not_null)
 
 
 def _check_key_name(value: str) -> None:
-    from nbflow.keys import check_name
+    from nbflow.core.keys import check_name
 
     check_name(value)
 
 
 def _check_flow_name(value: str) -> None:
-    from nbflow.flows import check_name
+    from nbflow.core.flows import check_name
 
     check_name(value)
 
@@ -78,7 +81,7 @@ KeyName = Annotated[str, Field(min_length=1), _NAME_SCHEMA, checked(_check_key_n
 Tag = Annotated[str, Field(min_length=1, max_length=checks.MAX_NAME_LENGTH,
                            pattern=r"^[^\s\x00](?:[^\x00]*[^\s\x00])?$")]
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
-# Parameter values are checked by the service (``nbflow.parameters``), as from every other door, so the
+# Parameter values are checked by the service (``nbflow.core.parameters``), as from every other door, so the
 # message is the same everywhere; the names' bounds are stated here too.
 Parameters = Annotated[dict[str, Any], WithJsonSchema({
     "type": "object", "propertyNames": {"maxLength": checks.MAX_NAME_LENGTH, "pattern": NO_NUL}})]
@@ -170,7 +173,7 @@ class WebhookRequest(Body):
         default_factory=dict, description="Parameter name -> field of the JSON body (dotted path) to pass as it.")
 
 
-# What ``nbflow.notify`` accepts, stated loosely enough to be exact for what clients send: an http(s) URL
+# What ``nbflow.services.notify`` accepts, stated loosely enough to be exact for what clients send: an http(s) URL
 # with a host name (letters, digits, '.', '-', an optional port), or secret:NAME.
 PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 URL_PATTERN = (r"^(?:https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::" + PORT + r")?(?:[/?#][^\s\x00]*)?"
@@ -194,7 +197,7 @@ class KeyRequest(Body):
 # -- responses --------------------------------------------------------------------------------------
 # The documents the routes answer, declared so that /api/openapi.json tells clients (and the schema fuzz
 # test, which checks every body against them) what each field is. They describe the dicts the service
-# layer builds (nbflow.runs, nbflow.flows, ...), which stay the source of truth: a field is nullable here
+# layer builds (nbflow.core.runs, nbflow.core.flows, ...), which stay the source of truth: a field is nullable here
 # wherever that code can put a null. Unknown fields are allowed (``extra="allow"``): a newer server may
 # add fields (docs/run-json.md), and a client validating with these models must not refuse them.
 

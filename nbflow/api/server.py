@@ -202,7 +202,7 @@ def _status_reader(path: Path) -> Any:
 def _worker_main(host: str, port: int, status: str, workers: int) -> None:
     """An API worker process: serve until standard input closes."""
     from nbflow.api import create_app
-    from nbflow.startup import freeze_startup_objects, skip_unused_imports
+    from nbflow.execution.startup import freeze_startup_objects, skip_unused_imports
     from nbflow.store import open_store
 
     skip_unused_imports()

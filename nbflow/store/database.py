@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.orm import Session, sessionmaker
 
 from nbflow.errors import DatabaseError
+from nbflow.store.retry import redact
 
 log = logging.getLogger("nbflow.store")
 
@@ -38,11 +39,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 BUSY_TIMEOUT_ENV = "NBFLOW_SQLITE_BUSY_TIMEOUT_MS"
 
 
-def _redact(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+
 
 
 def _busy_timeout_ms() -> int:
@@ -112,7 +109,7 @@ class Store:
             # cannot drop one, so there it would be a query per transaction for nothing.
             self.engine = create_engine(parsed, pool_pre_ping=self.dialect != "sqlite", **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-            raise DatabaseError(f"cannot open database {_redact(url)!r}: {exc}") from None
+            raise DatabaseError(f"cannot open database {redact(url)!r}: {exc}") from None
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
             if self.read_only:
@@ -131,7 +128,7 @@ class Store:
     def query_one(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
         """The first row of one plain SQL statement (``?`` placeholders), through the driver alone.
 
-        For the checks that run before every API request (``nbflow.keys.authenticate``): a session and
+        For the checks that run before every API request (``nbflow.core.keys.authenticate``): a session and
         an ORM query cost ~120 us there, the driver ~8 us. Values come back as the driver gives them
         (no SQLAlchemy type processing), so keep ``sql`` to text, numbers and booleans.
         """
@@ -346,7 +343,7 @@ class Store:
                 revision = _schema_revision(self.engine)
                 if revision != SCHEMA_REVISION:
                     raise DatabaseError(
-                        f"cannot open database {_redact(self.url)!r}: it is read-only here and at schema "
+                        f"cannot open database {redact(self.url)!r}: it is read-only here and at schema "
                         f"revision {revision or 'none'}, not {SCHEMA_REVISION}; run `nbflow db upgrade` "
                         "where it can be written")
                 return
@@ -358,7 +355,7 @@ class Store:
             raise database_error(self.url, exc) from None
         except OSError as exc:  # the migration lock file: a full disk, a folder that turned read-only
             raise DatabaseError(
-                f"cannot open database {_redact(self.url)!r}: {exc.strerror}: {exc.filename}") from None
+                f"cannot open database {redact(self.url)!r}: {exc.strerror}: {exc.filename}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -400,7 +397,7 @@ def _prepare_sqlite_file(url: str, path: Path, home: Path | None) -> bool:
         inside = home is not None and (folder.resolve() == home.resolve() or home.resolve() in folder.resolve().parents)
         if not inside:
             raise DatabaseError(
-                f"cannot open database {_redact(url)!r}: its folder {folder} does not exist (nbflow creates "
+                f"cannot open database {redact(url)!r}: its folder {folder} does not exist (nbflow creates "
                 "NBFLOW_HOME, not the folder of another NBFLOW_DATABASE_URL: create it, or fix the URL)")
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -409,7 +406,7 @@ def _prepare_sqlite_file(url: str, path: Path, home: Path | None) -> bool:
     if os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK)):
         return False
     if not path.exists():
-        raise DatabaseError(f"cannot create database {_redact(url)!r}: its folder {folder} is read-only")
+        raise DatabaseError(f"cannot create database {redact(url)!r}: its folder {folder} is read-only")
     return True
 
 
@@ -448,7 +445,7 @@ def database_error(url: str, exc: BaseException, doing: str = "cannot open datab
     lines = str(orig).strip().splitlines()
     reason = lines[0].strip() if lines else type(orig).__name__
     hint = next((h for key, h in _HINTS.items() if reason.startswith(key)), None)
-    return DatabaseError(f"{doing} {_redact(url)!r}: {reason}" + (f" ({hint})" if hint else ""))
+    return DatabaseError(f"{doing} {redact(url)!r}: {reason}" + (f" ({hint})" if hint else ""))
 
 
 _stores: dict[str, Store] = {}

@@ -85,9 +85,10 @@ class Flow(Base):
     # A paused flow's schedules skip their slots and its pipeline and file events wait; a run asked for by
     # hand (CLI, API) still runs.
     paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    # Worker labels a run of this flow needs: only a runner declaring all of them claims it (``nbflow.workers``).
+    # Worker labels a run of this flow needs: only a runner declaring all of them claims it (``nbflow.core.workers``).
     labels: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
-    # Bytes the run's kernel (and what it starts) may use, where the worker's cgroups allow (nbflow.containment).
+    # Bytes the run's kernel (and what it starts) may use, where the worker's cgroups allow
+    # (nbflow.execution.containment).
     memory_limit: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -182,7 +183,7 @@ class Run(Base):
 
 
 class RunCount(Base):
-    """Exact run counts per (state, flow), kept by triggers on ``run`` (migration 0006, ``nbflow.counts``):
+    """Exact run counts per (state, flow), kept by triggers on ``run`` (migration 0006, ``nbflow.core.counts``):
     a count is a sum over these rows plus the pending ``RunCountDelta`` rows, not a scan of the history.
 
     No foreign key to ``flow``: a deleted flow's runs are counted down by the same triggers as they cascade
@@ -200,7 +201,7 @@ class RunCountDelta(Base):
     """Append-only changes to ``RunCount`` written by the PostgreSQL triggers (SQLite's update
     ``RunCount`` directly: one writer at a time there, so no contention to avoid). Inserting a new row
     never waits on another transaction, where updating one counter row per state would serialise every
-    claim and finish; ``nbflow.counts.compact`` folds them into ``RunCount``."""
+    claim and finish; ``nbflow.core.counts.compact`` folds them into ``RunCount``."""
 
     __tablename__ = "run_count_delta"
 
@@ -323,7 +324,7 @@ class FileSeen(Base):
 
 
 class Secret(Base):
-    """A named secret, encrypted at rest (``nbflow.secrets``): the database never holds its value in clear.
+    """A named secret, encrypted at rest (``nbflow.core.secrets``): the database never holds its value in clear.
 
     ``value_digest`` is an HMAC of the value keyed by the secret key: it lets a run request be checked for
     a secret passed as a parameter without decrypting anything, and reveals nothing without the key."""
@@ -403,7 +404,7 @@ class Worker(Base):
 
 
 class Leader(Base):
-    """The lease of one housekeeping ``role`` (``nbflow.leader``): ``holder`` does that role's work until
+    """The lease of one housekeeping ``role`` (``nbflow.services.leader``): ``holder`` does that role's work until
     ``expires_at``, and whoever finds it expired may take it over."""
 
     __tablename__ = "leader"

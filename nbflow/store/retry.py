@@ -39,6 +39,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     from nbflow.store.database import Store
@@ -46,6 +48,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbflow.store")
 
 T = TypeVar("T")
+
+
+def redact(url: str) -> str:
+    """A database URL as messages show it: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 FIRST_DELAY = 0.25
 MAX_DELAY = 5.0
@@ -132,9 +142,7 @@ def health(store: Store) -> Health:
     with _health_lock:
         found = _health.get(store.url)
         if found is None:
-            from nbflow.store.database import _redact
-
-            found = _health[store.url] = Health(_redact(store.url))
+            found = _health[store.url] = Health(redact(store.url))
         return found
 
 

@@ -1,5 +1,5 @@
-"""The routers of ``/api``. Routes only translate HTTP to calls of the service layer (``nbflow.runs``,
-``nbflow.flows``, ``nbflow.scheduler``...) and back; no SQL is written here."""
+"""The routers of ``/api``. Routes only translate HTTP to calls of the service layer (``nbflow.core.runs``,
+``nbflow.core.flows``, ``nbflow.services.scheduler``...) and back; no SQL is written here."""
 
 from __future__ import annotations
 

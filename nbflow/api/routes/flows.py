@@ -10,8 +10,7 @@ from nbflow.api.auth import ADMIN, READ, TRIGGER
 from nbflow.api.errors import documented
 from nbflow.api.routes import group_commit_of, store_of
 from nbflow.api.schemas import FlowDocument, FlowList, FlowPatch, RegisterRequest, RunDocument, TriggerRequest
-from nbflow.errors import FlowNotFound
-from nbflow.flows import (
+from nbflow.core.flows import (
     FlowOptions,
     default_flow_name,
     flow_documents,
@@ -21,7 +20,8 @@ from nbflow.flows import (
     resolve_notebook_path,
     update_flow,
 )
-from nbflow.runs import RunRequest
+from nbflow.core.runs import RunRequest
+from nbflow.errors import FlowNotFound
 from nbflow.store import Store
 
 router = APIRouter(tags=["flows"])

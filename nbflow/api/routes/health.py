@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from nbflow import __version__
 from nbflow.api.routes import store_of
-from nbflow.api.schemas import Health
+from nbflow.api.schemas import API_VERSION, Health
+from nbflow.version import __version__
 
 router = APIRouter(tags=["health"])
 
@@ -19,8 +19,6 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=Health,
             summary="Server status, versions, database and background services")
 def health(request: Request) -> dict[str, Any]:
-    from nbflow.api import API_VERSION
-
     store = store_of(request)
     try:
         revision = store.current_revision()

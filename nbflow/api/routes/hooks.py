@@ -20,9 +20,9 @@ from nbflow.api.schemas import (
     WebhookList,
     WebhookRequest,
 )
-from nbflow.notify import add_notification, list_notifications, remove_notification
-from nbflow.runs import run_document
-from nbflow.webhooks import create_webhook, fire_webhook, list_webhooks, revoke_webhook
+from nbflow.core.runs import run_document
+from nbflow.services.notify import add_notification, list_notifications, remove_notification
+from nbflow.services.webhooks import create_webhook, fire_webhook, list_webhooks, revoke_webhook
 
 router = APIRouter(tags=["webhooks and notifications"])
 

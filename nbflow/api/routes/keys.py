@@ -1,5 +1,5 @@
 """API keys over HTTP (admin only): list, create, revoke. The same rules as ``nbflow keys``
-(``nbflow.keys``): a key is shown once, in the answer that creates it, and only its hash is stored;
+(``nbflow.core.keys``): a key is shown once, in the answer that creates it, and only its hash is stored;
 revoked keys stay listed and their names stay taken.
 
 Revoking is idempotent: ``DELETE`` of a revoked key answers 204 again and keeps the first ``revoked_at``,
@@ -16,7 +16,7 @@ from nbflow.api.auth import ADMIN
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import KeyList, KeyRequest, NewKey
-from nbflow.keys import create_key, get_key, list_keys, revoke_key
+from nbflow.core.keys import create_key, get_key, list_keys, revoke_key
 
 router = APIRouter(tags=["keys"], dependencies=[ADMIN])
 

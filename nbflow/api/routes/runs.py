@@ -25,9 +25,8 @@ from nbflow.api.schemas import (
     RunResult,
     RunWithHistory,
 )
-from nbflow.counts import count_runs
-from nbflow.errors import InvalidQuery, NbflowError
-from nbflow.runs import (
+from nbflow.core.counts import count_runs
+from nbflow.core.runs import (
     cell_document,
     cells_of,
     find_run,
@@ -39,7 +38,8 @@ from nbflow.runs import (
     run_detail,
     run_document,
 )
-from nbflow.states import StateType
+from nbflow.core.states import StateType
+from nbflow.errors import InvalidQuery, NbflowError
 
 router = APIRouter(tags=["runs"])
 
@@ -108,7 +108,7 @@ def count(
     state: StateFilter = None,
 ) -> dict[str, Any]:
     """Declared before ``/runs/{run_id}``, which would otherwise take ``count`` for a run id. The count is
-    ``nbflow.counts.count_runs``, as the notebook widgets count."""
+    ``nbflow.core.counts.count_runs``, as the notebook widgets count."""
     n = count_runs(store_of(request), flow=flow or None, state=state or None)
     return {"count": n, "flow": flow or None, "state": state.upper() if state else None}
 

@@ -12,7 +12,7 @@ from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import ScheduleDocument, ScheduleList, SchedulePatch, ScheduleRequest
 from nbflow.errors import ScheduleNotFound
-from nbflow.scheduler import add_schedule, list_schedules, pause, remove, resume
+from nbflow.services.scheduler import add_schedule, list_schedules, pause, remove, resume
 from nbflow.store import Store
 
 router = APIRouter(tags=["schedules"])

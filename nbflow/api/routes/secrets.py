@@ -12,11 +12,11 @@ from nbflow.api.auth import ADMIN
 from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import SecretList, SecretRequest
-from nbflow.secrets import SECRET_NAME_PATTERN, delete_secret, list_secrets, set_secret
+from nbflow.core.secrets import SECRET_NAME_PATTERN, delete_secret, list_secrets, set_secret
 
 router = APIRouter(tags=["secrets"], dependencies=[ADMIN])
 
-# A secret's name, as ``nbflow.secrets`` takes it: stated here so that a bad name is a 422 before anything else.
+# A secret's name, as ``nbflow.core.secrets`` takes it: stated here so that a bad name is a 422 before anything else.
 SecretName = Annotated[str, Path(max_length=checks.MAX_NAME_LENGTH, pattern=SECRET_NAME_PATTERN)]
 
 

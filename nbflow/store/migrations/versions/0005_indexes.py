@@ -6,7 +6,7 @@ Create Date: 2026-11-24 23:40:00.000000
 
 ``file_seen.run_id`` references ``run.id`` with ``ON DELETE SET NULL``. Without an index every deleted run
 makes the database scan the whole ``file_seen`` table to clear its references (PostgreSQL's foreign key
-trigger, SQLite's foreign key check), and ``nbflow.retention`` clearing them itself would scan it once per
+trigger, SQLite's foreign key check), and ``nbflow.services.retention`` clearing them itself would scan it once per
 batch. Every other query checked with big histories (bench/big_history.py --plans) already has its index.
 """
 

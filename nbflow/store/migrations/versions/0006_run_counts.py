@@ -7,7 +7,7 @@ Create Date: 2026-11-25 10:00:00.000000
 An exact ``COUNT(*)`` of the runs in a state is an index scan of every such run: linear in the history
 (COMPLETED at 1,000,000 runs: ~120 ms on SQLite, bench/big_history.py). Counting as rows change costs a
 few microseconds per write instead, and done by triggers it covers every writer: the ORM, the
-scheduler's Core bulk inserts, retention's deletes, a flow's cascade, raw SQL. See ``nbflow.counts``.
+scheduler's Core bulk inserts, retention's deletes, a flow's cascade, raw SQL. See ``nbflow.core.counts``.
 
 PostgreSQL: the triggers append to ``run_count_delta`` and never update a shared row, so concurrent
 writers never wait on one another (one counter row per state would serialise every claim and finish,

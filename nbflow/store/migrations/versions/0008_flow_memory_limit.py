@@ -1,4 +1,4 @@
-"""flow.memory_limit: a flow's memory limit in bytes (nbflow.containment), null for none
+"""flow.memory_limit: a flow's memory limit in bytes (nbflow.execution.containment), null for none
 
 Revision ID: 0008
 Revises: 0007

@@ -1,0 +1,5 @@
+"""``python -m nbflow.cli``: the ``nbflow`` command, as the tests and the run process's fork server start it."""
+
+from nbflow.cli import main
+
+main()

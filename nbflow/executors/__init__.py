@@ -1,5 +1,0 @@
-"""Executors: where a worker's claimed runs execute (``base`` is the contract; ``local``, ``dask``)."""
-
-from nbflow.executors.base import Executor
-
-__all__ = ["Executor"]

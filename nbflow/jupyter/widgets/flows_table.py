@@ -1,0 +1,123 @@
+"""The flows table: each flow's version, schedule, next run and last state, with Run and Pause buttons.
+
+The buttons call the backend in the kernel's thread (one short write each) and then ask the dashboard
+for a refresh, which happens in the background; their outcome, or the one-line error, goes to the
+dashboard's status line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import ipywidgets as widgets
+
+from nbflow.jupyter.widgets.badges import badge, error_text, esc, when
+
+ROW_WIDTH = "700px"  # the header and every row: their grid columns line up
+HEADER = (
+    '<div class="nbflow-row nbflow-flows-grid nbflow-head"><span>flow</span><span>ver.</span>'
+    '<span>schedule</span><span>next run</span><span>last run</span></div>'
+)
+
+
+def schedule_text(flow: dict[str, Any]) -> str:
+    schedules = flow.get("schedules") or []
+    if not schedules:
+        return '<span class="nbflow-muted">manual</span>'
+    parts = []
+    for s in schedules:
+        text = f"{s['description']} {s['timezone']}" if s.get("timezone") not in (None, "UTC") else s["description"]
+        parts.append(esc(text) + ("" if s.get("active") else ' <span class="nbflow-muted">(paused)</span>'))
+    return "; ".join(parts)
+
+
+def row_html(flow: dict[str, Any], now: datetime) -> str:
+    last = flow.get("last_run") or {}
+    plain_schedule = "; ".join(s["description"] for s in flow.get("schedules") or [])
+    paused = ' <span class="nbflow-badge nbflow-paused" style="background:#9ca3af">paused</span>' \
+        if flow.get("paused") else ""
+    next_run = "-" if flow.get("paused") else when(flow.get("next_run_at"), now)
+    return (
+        '<div class="nbflow-row nbflow-flows-grid">'
+        f'<span title="{esc(flow.get("source_path") or flow["name"])}"><b>{esc(flow["name"])}</b>{paused}</span>'
+        f'<span>v{esc(flow.get("version"))}</span>'
+        f'<span title="{esc(plain_schedule)}">{schedule_text(flow)}</span>'
+        f'<span title="{esc(flow.get("next_run_at") or "")}">{next_run}</span>'
+        f'<span>{badge(last.get("state"), last.get("state_name"))}</span>'
+        '</div>'
+    )
+
+
+class FlowsTable(widgets.VBox):
+    """One row per flow. ``on_started(run)`` receives the run the Run button created."""
+
+    def __init__(self, backend: Any, *, on_started: Callable[[dict[str, Any]], None],
+                 on_change: Callable[[], None], say: Callable[[str, bool], None]) -> None:
+        self.backend = backend
+        self._on_started = on_started
+        self._on_change = on_change
+        self._say = say
+        self._names: list[str] = []
+        self._paused: dict[str, bool] = {}
+        self._pool: list[tuple[widgets.HTML, widgets.Button, widgets.Button, widgets.HBox]] = []
+        self.rows = widgets.VBox()
+        self.empty = widgets.HTML('<span class="nbflow-muted">No flows yet: register a notebook with '
+                                  '<code>nbflow register</code> or a <code>%%flow</code> cell.</span>')
+        super().__init__([widgets.HTML(HEADER, layout=widgets.Layout(width=ROW_WIDTH)), self.rows])
+        self.add_class("nbflow-flows-table")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def render(self, flows: list[dict[str, Any]], now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
+        while len(self._pool) < len(flows):
+            self._pool.append(self._new_row(len(self._pool)))
+        for flow, (html, _run, pause, _box) in zip(flows, self._pool, strict=False):
+            html.value = row_html(flow, now)
+            pause.description = "Resume" if flow.get("paused") else "Pause"
+            pause.tooltip = (f"resume {flow['name']}" if flow.get("paused") else
+                             f"pause {flow['name']}: its schedules and event triggers stop firing")
+        shown = tuple(box for *_w, box in self._pool[: len(flows)]) or (self.empty,)
+        if self.rows.children != shown:
+            self.rows.children = shown
+        self._names = [f["name"] for f in flows]
+        self._paused = {f["name"]: bool(f.get("paused")) for f in flows}
+
+    def _new_row(self, index: int) -> tuple[widgets.HTML, widgets.Button, widgets.Button, widgets.HBox]:
+        html = widgets.HTML(layout=widgets.Layout(width=ROW_WIDTH))
+        run = widgets.Button(description="Run", button_style="primary", icon="play",
+                             layout=widgets.Layout(width="80px"))
+        run.add_class("nbflow-run-flow")
+        pause = widgets.Button(description="Pause", layout=widgets.Layout(width="90px"))
+        pause.add_class("nbflow-pause-flow")
+        run.on_click(lambda _b, i=index: self._run(i))
+        pause.on_click(lambda _b, i=index: self._toggle_pause(i))
+        box = widgets.HBox([html, run, pause])
+        box.add_class("nbflow-flow-row")
+        return html, run, pause, box
+
+    def _run(self, index: int) -> None:
+        name = self._names[index]
+        try:
+            run = self.backend.trigger(name)
+        except Exception as exc:  # shown in the status line: a button never raises into the front-end
+            self._say(f"cannot run {name}: {error_text(exc)}", True)
+            return
+        self._say(f"started run {run['id'][:8]} of {name}", False)
+        self._on_started(run)
+
+    def _toggle_pause(self, index: int) -> None:
+        name = self._names[index]
+        paused = not self._paused.get(name, False)
+        try:
+            self.backend.set_paused(name, paused)
+        except Exception as exc:
+            self._say(f"cannot {'pause' if paused else 'resume'} {name}: {error_text(exc)}", True)
+            return
+        self._paused[name] = paused
+        self._say(f"{'paused' if paused else 'resumed'} {name}", False)
+        self._on_change()
