@@ -229,7 +229,7 @@ def test_concurrent_scheduler_processes_create_one_run_per_slot(nbflow_env, tmp_
     name = flow(tmp_path)
     scheduler.add_schedule(store, name, interval="1m", catch_up="all", now=T0)
     now = (BASE + timedelta(seconds=125)).isoformat()  # three slots due
-    code = ("import datetime, sys; from nbflow import scheduler; from nbflow.store import open_store; "
+    code = ("import datetime, sys; from nbflow.services import scheduler; from nbflow.store import open_store; "
             f"print(len(scheduler.fire_due(open_store(), now=datetime.datetime.fromisoformat({now!r}))))")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=nbflow_env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
