@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
-import time
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -125,12 +128,14 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
         store = _store()
         run_ = create_run(store, flow, values, kernel=kernel, trigger="manual", allow_path=True)
         if wait:
-            while True:
-                with store.read() as session:
-                    current = session.get(type(run_), run_.id)
-                    if states.StateType(current.state) in states.TERMINAL:
-                        break
-                time.sleep(0.2)
+            with _interruptible() as interrupted:
+                while True:
+                    with store.read() as session:
+                        current = session.get(type(run_), run_.id)
+                        if states.StateType(current.state) in states.TERMINAL:
+                            break
+                    if interrupted.wait(0.2):
+                        raise KeyboardInterrupt
         with store.read() as session:
             doc = run_document(session, session.get(type(run_), run_.id))
     if as_json:
@@ -141,6 +146,24 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
         click.echo(f"run {doc['id']} {doc['state']} (flow {doc['flow']} v{doc['flow_version']})")
     if wait:
         sys.exit(0 if doc["state"] == states.S.COMPLETED else EXIT_RUN_NOT_COMPLETED)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, for a loop that waits on a run: the loop sees it at its next turn.
+
+    A KeyboardInterrupt raised by Python's own handler lands wherever the main thread happens to be, and
+    there it can be swallowed: in a finaliser the garbage collector runs (a pooled connection's), Python
+    prints "Exception ignored" and the loop goes on waiting, for good. A flag cannot be lost."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait: bool) -> dict[str, Any]:
