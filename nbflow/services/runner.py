@@ -310,9 +310,11 @@ class Runner:
             self.healthy = self._attempt("claiming runs", self._claim) and self.healthy
         return len(self._threads)
 
-    def run(self, *, exit_when_idle: bool = False, grace: float = 30.0) -> None:
-        """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
-        then shut down gracefully. A database outage only slows the loop down (capped backoff)."""
+    def run(self, *, exit_when_idle: bool = False, grace: float = 30.0, idle_exit: float | None = None) -> None:
+        """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running; with
+        ``idle_exit``, once nothing was for that many seconds: an autostarted runner goes away by itself),
+        then shut down gracefully. A database outage only slows the loop down (capped backoff), and does
+        not count as idle time."""
         self.store.listen(self.wake)
         try:  # a database that is down at start-up is waited for, like one that goes down later
             retrying(lambda: workers.register(self.store, self.worker_id, self.labels), self.store,
@@ -327,15 +329,27 @@ class Runner:
         listener.start()
         threading.Thread(target=self._renew_leases, name="nbflow-lease", daemon=True).start()
         backoff = Backoff(first=self.poll_interval, cap=max(self.poll_interval, 5.0))
+        idle_since: float | None = None
         try:
             while not self.draining.is_set():
                 self.wake.clear()  # before looking: a wake-up during step() is not lost
                 busy = self.step()
                 if busy == 0 and exit_when_idle and self.healthy:
                     break
+                if busy or not self.healthy:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                if idle_exit is not None and idle_since is not None:
+                    left = idle_since + idle_exit - time.monotonic()
+                    if left <= 0:
+                        log.info("nothing queued or running for %gs: exiting", idle_exit)
+                        break
                 if self.healthy:
                     backoff.reset()
-                    self.wake.wait(self.poll_interval)
+                    wait = self.poll_interval if idle_since is None or idle_exit is None else min(
+                        self.poll_interval, max(left, 0.0))
+                    self.wake.wait(wait)
                 else:  # an outage: wake-ups cannot help until it is back
                     self.draining.wait(backoff.next())
         except KeyboardInterrupt:
