@@ -5,6 +5,7 @@ found by its pid and killed in a finally."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,10 +51,8 @@ def alive(pid: int) -> bool:
 def kill_all(pids: set[int]) -> None:
     for pid in pids:
         if alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # the runner leads its session: its run processes go too
-            except ProcessLookupError:
-                pass
 
 
 def runner_pids() -> set[int]:
@@ -196,3 +195,18 @@ def test_bad_autostart_settings_are_one_line(sqlite_env: dict[str, str], tmp_pat
     for idle in ("0", "nan", "1e9"):
         result = nbflow({**sqlite_env, "NBFLOW_AUTOSTART_IDLE": idle}, tmp_path, "runs")
         assert result.returncode == 2 and "NBFLOW_AUTOSTART_IDLE" in result.stderr, result.stderr
+
+
+def test_magic_answer_says_no_runner_serves_when_autostart_is_off(sqlite_env: dict[str, str], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from IPython.testing.globalipapp import start_ipython
+
+    make_notebook(tmp_path, "hello", ["x = 1"])
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "nbflow")
+    capsys.readouterr()
+    shell.run_line_magic("flow", f"register {tmp_path / 'hello.ipynb'}")
+    shell.run_line_magic("flow", "run hello")
+    out = capsys.readouterr().out
+    assert autostart.NOT_SERVED in out and "PENDING" in out, out
+    assert runner_pids() == set()
