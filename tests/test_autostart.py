@@ -210,3 +210,11 @@ def test_magic_answer_says_no_runner_serves_when_autostart_is_off(sqlite_env: di
     out = capsys.readouterr().out
     assert autostart.NOT_SERVED in out and "PENDING" in out, out
     assert runner_pids() == set()
+
+
+def test_a_runner_that_cannot_start_leaves_the_run_queued_and_says_so(autostart_env: dict[str, str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a real process that exits at once, code 1
+    note = autostart.ensure_runner(open_store())
+    assert note is not None and "could not start a background runner: it exited at start (exit code 1)" in note
+    assert autostart.NOT_SERVED in note and runner_pids() == set()

@@ -57,15 +57,15 @@ def ensure_runner(store: Store) -> str | None:
         return None if is_served(store, settings) else NOT_SERVED
     if is_served(store, settings):  # the common case, without touching the lock
         return None
-    settings.home.mkdir(parents=True, exist_ok=True)
-    with open(settings.home / LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if is_served(store, settings):  # another caller started one while we waited
-            return None
-        try:
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        with open(settings.home / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if is_served(store, settings):  # another caller started one while we waited
+                return None
             pid = _spawn(store, settings)
-        except (NbflowError, OSError) as exc:  # the run is queued all the same: say why it waits
-            return f"nbflow: {exc}; {NOT_SERVED}"
+    except (NbflowError, OSError) as exc:  # the run is queued all the same: say why it waits
+        return f"nbflow: could not start a background runner: {exc}; {NOT_SERVED}"
     return (f"nbflow: started a background runner for {settings.home} (pid {pid}; it stops after "
             f"{settings.autostart_idle:g}s idle; stop it now: kill {pid}, or see `nbflow workers`)")
 
@@ -81,17 +81,21 @@ def _spawn(store: Store, settings: Settings) -> int:
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                    env=env, start_new_session=True, close_fds=True)
-    # Reap it when it exits, so a long-lived kernel keeps no zombie; daemon: it never holds the caller up.
-    threading.Thread(target=process.wait, name="nbflow-autostart-reaper", daemon=True).start()
     deadline = time.monotonic() + REGISTER_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.pid in workers.live_pids(store, settings.lease_seconds).values():
-            return process.pid
+    registered = False
+    while not registered and time.monotonic() < deadline:
         if process.poll() is not None:
-            raise NbflowError(f"the background runner exited at start ({process.returncode}): see {log_path}")
-        time.sleep(0.1)
-    raise NbflowError(f"the background runner (pid {process.pid}) did not register within "
-                      f"{REGISTER_TIMEOUT:g}s: see {log_path}")
+            raise NbflowError(f"it exited at start (exit code {process.returncode}): see {log_path}")
+        registered = process.pid in workers.live_pids(store, settings.lease_seconds).values()
+        if not registered:
+            time.sleep(0.1)
+    # Reap it when it exits, so a long-lived kernel keeps no zombie; daemon: it never holds the caller up.
+    # Only now: a waiting thread would keep poll() above from ever seeing an early exit.
+    threading.Thread(target=process.wait, name="nbflow-autostart-reaper", daemon=True).start()
+    if not registered:
+        raise NbflowError(f"it (pid {process.pid}) did not register within {REGISTER_TIMEOUT:g}s "
+                          f"(it may yet: `nbflow workers`): see {log_path}")
+    return process.pid
 
 
 __all__ = ["NOT_SERVED", "ensure_runner", "is_served"]
