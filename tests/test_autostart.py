@@ -218,3 +218,26 @@ def test_a_runner_that_cannot_start_leaves_the_run_queued_and_says_so(autostart_
     note = autostart.ensure_runner(open_store())
     assert note is not None and "could not start a background runner: it exited at start (exit code 1)" in note
     assert autostart.NOT_SERVED in note and runner_pids() == set()
+
+
+def test_the_dashboards_retry_starts_a_runner(autostart_env: dict[str, str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from nbflow.jupyter.backend import LocalBackend
+
+    nb = make_notebook(tmp_path, "hello", ["x = 1"])
+    monkeypatch.setenv("NBFLOW_AUTOSTART", "0")
+    backend = LocalBackend(open_store())
+    first = nbflow({**autostart_env, "NBFLOW_AUTOSTART": "0"}, tmp_path, "trigger", nb, "--json")
+    cancelled = backend.cancel(json.loads(first.stdout)["id"])
+    assert cancelled["state"] == "CANCELLED" and runner_pids() == set()
+    monkeypatch.setenv("NBFLOW_AUTOSTART", "1")
+    monkeypatch.setenv("NBFLOW_AUTOSTART_IDLE", "600")
+    pids: set[int] = set()
+    try:
+        again = backend.retry(cancelled["id"])  # what the dashboard's Retry button calls
+        pids.update(int(p) for _, p in ANNOUNCED.findall(capsys.readouterr().out))
+        assert len(pids) == 1
+        wait(lambda: run_state(again["id"]) == "COMPLETED", "the retried run to complete")
+    finally:
+        kill_all(pids | runner_pids())
