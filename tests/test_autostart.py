@@ -241,3 +241,30 @@ def test_the_dashboards_retry_starts_a_runner(autostart_env: dict[str, str], tmp
         wait(lambda: run_state(again["id"]) == "COMPLETED", "the retried run to complete")
     finally:
         kill_all(pids | runner_pids())
+
+
+def test_an_idle_runner_leaves_the_registry_before_its_last_look(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    """A run queued by a trigger that still saw the runner registered is taken by its last look, not
+    left PENDING behind a runner that is leaving; with nothing queued it leaves (and stays out)."""
+    from nbflow.core import workers
+    from nbflow.core.flows import register
+    from nbflow.core.runs import create_run
+    from nbflow.services.runner import Runner
+
+    store = open_store()
+    register(store, make_notebook(tmp_path, "hello", ["x = 1"]))
+    runner = Runner(store, slots=1, poll_interval=0.1, warm_kernels=0)
+    workers.register(store, runner.worker_id, [])
+    run_id = create_run(store, "hello").id
+    assert runner._leave_if_idle() is False  # the queued run was taken: it stays, registered again
+    assert runner.worker_id in workers.live_pids(store, 30)
+    runner.shutdown(120)  # lets the run finish
+    assert run_state(str(run_id)) == "COMPLETED"
+
+    idle = Runner(store, slots=1, poll_interval=0.1, warm_kernels=0)
+    workers.register(store, idle.worker_id, [])
+    try:
+        assert idle._leave_if_idle() is True
+        assert idle.worker_id not in workers.live_pids(store, 30)
+    finally:
+        idle.shutdown(0)
