@@ -28,6 +28,10 @@ MIN_LEASE_SECONDS = 0.5  # renewed every quarter lease: below this a runner woul
 MAX_LOG_LIMIT_BYTES = 10**12
 MAX_RETENTION_DAYS = 36_500  # a century; the cutoff (now - age) must stay a date
 MAX_API_THREADS = 64
+# An autostarted runner (nbflow.services.autostart) exits after this long with nothing queued or running.
+DEFAULT_AUTOSTART_IDLE = 600.0
+MIN_AUTOSTART_IDLE = 1.0
+MAX_AUTOSTART_IDLE = 7 * 86_400.0  # a week: it must end some day, it is nobody's service
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -52,6 +56,9 @@ class Settings:
     retention_days: float | None = None
     api_threads: int = 4
     debug: bool = False
+    # Run means run: a trigger from the CLI or Jupyter with no live runner starts one (nbflow.services.autostart).
+    autostart: bool = True
+    autostart_idle: float = DEFAULT_AUTOSTART_IDLE
 
     @property
     def runs_dir(self) -> Path:
@@ -75,7 +82,9 @@ def get_settings() -> Settings:
         secret_key=_text("NBFLOW_SECRET_KEY", checks.MAX_NAME_LENGTH * 5),
         kernel_zygote=_flag("NBFLOW_KERNEL_ZYGOTE", True), retention_days=retention,
         api_threads=_number("NBFLOW_API_THREADS", 4, minimum=1, maximum=MAX_API_THREADS, integer=True),
-        debug=_flag("NBFLOW_DEBUG", False),
+        debug=_flag("NBFLOW_DEBUG", False), autostart=_flag("NBFLOW_AUTOSTART", True),
+        autostart_idle=_number("NBFLOW_AUTOSTART_IDLE", DEFAULT_AUTOSTART_IDLE, minimum=MIN_AUTOSTART_IDLE,
+                               maximum=MAX_AUTOSTART_IDLE),
     )
 
 

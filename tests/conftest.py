@@ -23,6 +23,10 @@ NOTEBOOKS = ROOT / "notebooks"
 PG_URL = os.environ.get("NBFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]
 
+# Tests start the runners they need: no trigger (CLI, magic, dashboard, in this process or a child) may
+# leave a background runner behind (nbflow.services.autostart). Tests of autostart turn it on themselves.
+os.environ["NBFLOW_AUTOSTART"] = "0"
+
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:

@@ -113,6 +113,9 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
             wait: bool) -> None:
     """Queue a run of a flow (or notebook path) now; a worker (`nbflow worker`) executes it.
 
+    With no live runner for the store, one is started in the background (it exits after
+    NBFLOW_AUTOSTART_IDLE seconds idle; NBFLOW_AUTOSTART=0 turns this off).
+
     Parameters are checked before anything is queued, exactly as for `nbflow run`. With NBFLOW_API_URL
     set, the run is queued (and followed, with --wait) through that nbflow server's REST API instead of
     the local database, with the key in NBFLOW_API_KEY.
@@ -125,8 +128,13 @@ def trigger(flow: str, parameters: tuple[tuple[str, str], ...], kernel: str | No
     if get_settings().api_url:
         doc = _trigger_remote(flow, values, kernel, wait)
     else:
+        from nbflow.services.autostart import ensure_runner
+
         store = _store()
         run_ = create_run(store, flow, values, kernel=kernel, trigger="manual", allow_path=True)
+        note = ensure_runner(store)
+        if note:
+            click.echo(note, err=True)
         if wait:
             with _interruptible() as interrupted:
                 while True:
@@ -266,6 +274,7 @@ def show(run_id: str, as_json: bool, log_lines: int) -> None:
     RUN_ID may be a unique prefix of the id.
     """
     from nbflow.core.runs import find_run, history, logs, run_document
+    from nbflow.services.autostart import NOT_SERVED, is_served
 
     store = _store()
     with store.read() as session:
@@ -279,6 +288,8 @@ def show(run_id: str, as_json: bool, log_lines: int) -> None:
     click.echo(f"run       {doc['id']}")
     click.echo(f"flow      {doc['flow']} v{doc['flow_version']}   kernel {doc['kernel_name']}")
     click.echo(f"state     {doc['state']} ({doc['state_name']})   attempt {doc['attempt']} of {doc['max_attempts']}")
+    if doc["state"] == "PENDING" and not is_served(store):
+        click.echo(f"waiting   {NOT_SERVED}")
     click.echo(f"params    {json.dumps(doc['parameters'])}")
     click.echo(f"created   {doc['created_at']}")
     click.echo(f"started   {doc['started_at'] or '-'}")

@@ -20,6 +20,7 @@ from nbflow.cli.common import (
     handle_errors,
 )
 from nbflow.execution.startup import freeze_startup_objects
+from nbflow.settings import MAX_AUTOSTART_IDLE, MIN_AUTOSTART_IDLE
 
 
 def _runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,13 +62,13 @@ def _executor(name: str, dask_scheduler: str | None) -> Any:
     return DaskExecutor(dask_scheduler)
 
 
-def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float) -> None:
+def _run_runner(runner: Any, *, exit_when_idle: bool, grace: float, idle_exit: float | None = None) -> None:
     """Run ``runner`` in the foreground; SIGTERM and Ctrl-C drain it, a second Ctrl-C cancels at once."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: runner.request_stop())
     try:
-        runner.run(exit_when_idle=exit_when_idle, grace=grace)
+        runner.run(exit_when_idle=exit_when_idle, grace=grace, idle_exit=idle_exit)
     except KeyboardInterrupt:  # a second Ctrl-C while the runs in flight were given their grace period
         runner.shutdown(0)
 
@@ -83,9 +84,13 @@ def _say_containment(executor: Any) -> None:
 @cli.command()
 @_runner_options
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is queued or running (drain the queue).")
+@click.option("--idle-exit", type=_seconds(MIN_AUTOSTART_IDLE, MAX_AUTOSTART_IDLE), metavar="SECONDS",
+              help="Exit once nothing was queued or running for this long (what an autostarted runner does).")
+@click.option("--autostarted", is_flag=True, hidden=True,
+              help="Started by nbflow.services.autostart: its id says so (`autostart:...` in `nbflow workers`).")
 @handle_errors
 def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, labels: str, executor: str,
-           dask_scheduler: str | None, exit_when_idle: bool) -> None:
+           dask_scheduler: str | None, exit_when_idle: bool, idle_exit: float | None, autostarted: bool) -> None:
     """Execute queued runs (from `nbflow trigger`), SLOTS at a time, until stopped.
 
     Several workers, on one machine or many sharing a PostgreSQL database, never run the same run.
@@ -93,19 +98,21 @@ def worker(slots: int, poll_interval: float, grace: float, warm_kernels: int, la
     cancels them (CANCELLED). A second Ctrl-C cancels them at once.
     """
     from nbflow.core.workers import parse_labels
-    from nbflow.services.runner import Runner
+    from nbflow.services.runner import Runner, new_worker_id
 
     offered = parse_labels(labels)  # bad labels: exit 2 before anything is opened
     executor_ = _executor(executor, dask_scheduler)
     runner = Runner(_store(), slots=slots, poll_interval=poll_interval, labels=offered, executor=executor_,
-                    warm_kernels=warm_kernels if executor_ is None else 0)
+                    warm_kernels=warm_kernels if executor_ is None else 0,
+                    worker_id=new_worker_id("autostart" if autostarted else "worker"))
     click.echo(f"nbflow worker {runner.worker_id}: {slots} slot(s), {runner.pool.size} warm kernel(s)"
                + (f", labels {','.join(offered)}" if offered else "")
-               + (f", executor dask at {dask_scheduler}" if executor_ is not None else ""), err=True)
+               + (f", executor dask at {dask_scheduler}" if executor_ is not None else "")
+               + (f", exits after {idle_exit:g}s idle" if idle_exit is not None else ""), err=True)
     _say_containment(executor_)
     freeze_startup_objects()
     try:
-        _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace)
+        _run_runner(runner, exit_when_idle=exit_when_idle, grace=grace, idle_exit=idle_exit)
     finally:
         runner.executor.close()
 

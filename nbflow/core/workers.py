@@ -101,3 +101,11 @@ def list_workers(store: Store, lease_seconds: float) -> list[dict[str, Any]]:
     return [{"id": w.id, "host": w.host, "pid": w.pid, "labels": list(w.labels or []),
              "started_at": w.started_at.isoformat(), "last_seen_at": w.last_seen_at.isoformat(),
              "runs_held": held.get(w.id, 0), "leads": leads.get(w.id, [])} for w in rows]
+
+
+def live_pids(store: Store, lease_seconds: float) -> dict[str, int | None]:
+    """The live runners (seen within a lease): id -> pid. Whether anything serves the store
+    (nbflow.services.autostart, ``nbflow show``), without ``list_workers``' counts."""
+    cutoff = utcnow() - timedelta(seconds=lease_seconds)
+    with store.read() as session:
+        return dict(session.execute(select(Worker.id, Worker.pid).where(Worker.last_seen_at >= cutoff)).all())

@@ -265,7 +265,9 @@ class LocalBackend:
     def trigger(self, flow: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         from nbflow.core.runs import create_run
 
-        return self.run(create_run(self.store, flow, parameters or {}, trigger="manual").id)
+        run_id = create_run(self.store, flow, parameters or {}, trigger="manual").id
+        self._serve()
+        return self.run(run_id)
 
     def cancel(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         from nbflow.core.runs import request_cancel
@@ -275,7 +277,18 @@ class LocalBackend:
     def retry(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         from nbflow.core.runs import retry_run
 
-        return self.run(retry_run(self.store, run_id).id)
+        new_id = retry_run(self.store, run_id).id
+        self._serve()
+        return self.run(new_id)
+
+    def _serve(self) -> None:
+        """Run means run: with nothing serving the store, start a background runner
+        (nbflow.services.autostart) and say so in one line, in the cell's output or the dashboard's log."""
+        from nbflow.services.autostart import ensure_runner
+
+        note = ensure_runner(self.store)
+        if note:
+            print(note)
 
 
 class ServerError(NbflowError):

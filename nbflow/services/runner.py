@@ -192,6 +192,10 @@ class Runner:
         self.leadership = Leadership(store, REAPER, self.worker_id, self.lease_seconds)
         self._next_reap = 0.0  # on taking the role, reconcile what we find, then every half lease
         self.healthy = True  # whether the last step() reached the database
+        # Set (under the lock) when an idle runner leaves the registry before its last look at the queue:
+        # no beat may bring its row back after that (see ``_leave_if_idle``).
+        self._beat_lock = threading.Lock()
+        self._unlisted = False
         self._errors_logged: set[tuple[str, str, str]] = set()
         self.pool = KernelPool(store, warm_kernels)
         self.executor = executor or LocalExecutor(self.pool)  # where claimed runs execute (nbflow.execution.executors)
@@ -241,7 +245,7 @@ class Runner:
         while not self.stop.wait(delay):
             delay = self.lease_seconds / 4
             try:
-                with self.store.write() as session:
+                with self._beat_lock, self.store.write() as session:
                     held = self._supervised()
                     if held:
                         session.execute(
@@ -250,7 +254,8 @@ class Runner:
                                    Run.state.in_([states.S.PENDING, states.S.RUNNING, states.S.CANCELLING]))
                             .values(heartbeat_at=utcnow())
                         )
-                    workers.beat(session, self.worker_id, self.labels)
+                    if not self._unlisted:
+                        workers.beat(session, self.worker_id, self.labels)
             except Exception as exc:  # the next beat tries again
                 self._loop_error(exc, "renewing leases")
                 delay = backoff.next()
@@ -310,9 +315,11 @@ class Runner:
             self.healthy = self._attempt("claiming runs", self._claim) and self.healthy
         return len(self._threads)
 
-    def run(self, *, exit_when_idle: bool = False, grace: float = 30.0) -> None:
-        """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running),
-        then shut down gracefully. A database outage only slows the loop down (capped backoff)."""
+    def run(self, *, exit_when_idle: bool = False, grace: float = 30.0, idle_exit: float | None = None) -> None:
+        """Loop until asked to stop (or, with ``exit_when_idle``, until nothing is queued or running; with
+        ``idle_exit``, once nothing was for that many seconds: an autostarted runner goes away by itself),
+        then shut down gracefully. A database outage only slows the loop down (capped backoff), and does
+        not count as idle time."""
         self.store.listen(self.wake)
         try:  # a database that is down at start-up is waited for, like one that goes down later
             retrying(lambda: workers.register(self.store, self.worker_id, self.labels), self.store,
@@ -327,15 +334,29 @@ class Runner:
         listener.start()
         threading.Thread(target=self._renew_leases, name="nbflow-lease", daemon=True).start()
         backoff = Backoff(first=self.poll_interval, cap=max(self.poll_interval, 5.0))
+        idle_since: float | None = None
         try:
             while not self.draining.is_set():
                 self.wake.clear()  # before looking: a wake-up during step() is not lost
                 busy = self.step()
                 if busy == 0 and exit_when_idle and self.healthy:
                     break
+                if busy or not self.healthy:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                if idle_exit is not None and idle_since is not None:
+                    left = idle_since + idle_exit - time.monotonic()
+                    if left <= 0:
+                        if self._leave_if_idle():
+                            log.info("nothing queued or running for %gs: exiting", idle_exit)
+                            break
+                        idle_since = None
                 if self.healthy:
                     backoff.reset()
-                    self.wake.wait(self.poll_interval)
+                    wait = self.poll_interval if idle_since is None or idle_exit is None else min(
+                        self.poll_interval, max(left, 0.0))
+                    self.wake.wait(wait)
                 else:  # an outage: wake-ups cannot help until it is back
                     self.draining.wait(backoff.next())
         except KeyboardInterrupt:
@@ -343,6 +364,24 @@ class Runner:
         finally:
             self.store.unlisten(self.wake)
         self.shutdown(grace)
+
+    def _leave_if_idle(self) -> bool:
+        """Leave the registry, then look at the queue one last time: True if there is still nothing to do
+        (exit), else back in the registry. In this order, a trigger that found this runner registered had
+        queued its run before the last look, which takes it; one that queues later finds no runner and
+        starts one (nbflow.services.autostart). So no run is left waiting on a runner that is leaving."""
+        try:
+            with self._beat_lock:
+                self._unlisted = True
+            workers.unregister(self.store, self.worker_id)
+            if self.step() == 0 and self.healthy:
+                return True
+        except Exception as exc:  # the database is down: not idle, stay
+            self._loop_error(exc, "leaving the registry")
+        with self._beat_lock:
+            self._unlisted = False  # the next beat (a quarter lease) lists it again; register now for sure
+        self._attempt("registering the worker", lambda: workers.register(self.store, self.worker_id, self.labels))
+        return False
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (from a signal handler or another thread)."""
