@@ -34,12 +34,16 @@ $(BIN)/python:
 	  echo "make: could not create $(VENV) (on Debian/Ubuntu: apt-get install python3-venv)" >&2; \
 	  rm -rf $(VENV); exit 1; }
 
-# Installs, redone only when pyproject.toml is newer than the stamp.
+# Installs, redone only when pyproject.toml is newer than the stamp. A venv made before the distribution
+# was renamed nbflow-orchestrator still holds the old editable "nbflow": removed first, so that one
+# install owns the nbflow package (pip says "Skipping" where there is none).
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(PIP) uninstall -y -q nbflow
 	$(PIP) install -e .
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(PIP) uninstall -y -q nbflow
 	$(PIP) install -e '.[test]'
 	@touch $@
 
