@@ -221,7 +221,14 @@ def test_sigkilled_runner_run_is_recovered_and_retried(nbflow_env, tmp_path, com
         time.sleep(0.1)
     assert marker.exists(), "the first attempt never started"
     first.kill()  # SIGKILL: no chance to clean up
-    first.communicate(timeout=30)
+    first.wait(timeout=30)
+    # Not communicate(): it waits for every process that inherited the worker's pipes, not for the worker
+    # (the run's processes end on their own once their supervisor is gone, checked below, under load slowly).
+    first.stdout.close()
+    first.stderr.close()
+    deadline = time.monotonic() + 60
+    while kernels_left(run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert kernels_left(run_id) == [], "the killed worker's run kept executing"
     second = start(env, tmp_path, command, "--poll", "0.1", *port)
     try:
