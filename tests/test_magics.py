@@ -12,7 +12,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from helpers import make_notebook, nbflow
+from helpers import make_notebook, nbflow, serve_api
 from nbclient import NotebookClient
 from sqlalchemy import func, insert, select
 
@@ -336,18 +336,17 @@ def test_backend_listing_is_fast_with_100k_runs(sqlite_env: dict[str, str], tmp_
 
 def test_remote_backend_speaks_to_a_server(sqlite_env: dict[str, str], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """With NBFLOW_API_URL set the magics and widgets talk to the REST API (here the real app, in
-    process); what the API cannot do is one clear error, and the server's errors keep their code."""
-    from fastapi.testclient import TestClient
+    """With NBFLOW_API_URL set the magics and widgets talk to the REST API (here the real server on
+    loopback); what the API cannot do is one clear error, and the server's errors keep their code."""
 
-    from nbflow.api import create_app
     from nbflow.client import Client
     from nbflow.jupyter.backend import RemoteBackend, ServerError, get_backend
 
     monkeypatch.setenv("NBFLOW_NOTEBOOKS_ROOT", str(tmp_path))
     make_notebook(tmp_path, "a", ["print(n)"], parameters="n = 1")
-    with TestClient(create_app(open_store()), client=("127.0.0.1", 40000)) as http:
-        remote = RemoteBackend(Client("http://testserver", transport=http._transport))
+    server = serve_api(open_store())  # the real server: starlette's TestClient speaks httpx2, nbflow's Client httpx
+    try:
+        remote = RemoteBackend(Client(server.url))
         flow = remote.register("a.ipynb", options=FlowOptions(retries=1), cron="0 7 * * *", timezone="UTC")
         assert (flow["name"], flow["retries"], flow["schedules"][0]["spec"]) == ("a", 1, {"expr": "0 7 * * *"})
         assert flow["next_run_at"] == flow["schedules"][0]["next_fire_at"]
@@ -367,5 +366,7 @@ def test_remote_backend_speaks_to_a_server(sqlite_env: dict[str, str], tmp_path:
         assert (caught.value.code, caught.value.http_status) == ("flow_not_found", 404)
         with pytest.raises(NbflowError, match="registering a %%flow cell is not available"):
             remote.register_cell("c", "x = 1", directory=tmp_path)
+    finally:
+        server.stop()
     monkeypatch.setenv("NBFLOW_API_URL", "http://127.0.0.1:9")
     assert isinstance(get_backend(), RemoteBackend)

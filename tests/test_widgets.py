@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import at_once, make_notebook, until
+from helpers import at_once, make_notebook, serve_api, until
 from helpers import nbflow as nbflow_cli
 from sqlalchemy import String, Uuid, cast, event, func, insert, literal, literal_column, select
 
@@ -433,11 +433,9 @@ def test_bad_arguments_fail_at_once_and_start_nothing(env: Store) -> None:
 
 def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same widgets on a ``RemoteBackend`` (the real app, in process): the page label has the total
+    """The same widgets on a ``RemoteBackend`` (the real server on loopback): the page label has the total
     from ``GET /api/runs/count``, and the buttons act through the API."""
-    from fastapi.testclient import TestClient
 
-    from nbflow.api import create_app
     from nbflow.client import Client
     from nbflow.jupyter.backend import RemoteBackend
 
@@ -446,8 +444,9 @@ def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], 
     store = open_store()
     register(store, tmp_path / "etl.ipynb")
     first = create_run(store, "etl")
-    with TestClient(create_app(store), client=("127.0.0.1", 40000)) as http:
-        dash = dashboard(RemoteBackend(Client("http://testserver", transport=http._transport)), refresh=None)
+    server = serve_api(store)  # the real server: starlette's TestClient speaks httpx2, nbflow's Client httpx
+    try:
+        dash = dashboard(RemoteBackend(Client(server.url)), refresh=None)
         assert dash.runs.run_ids == [str(first.id)] and text(dash.runs.page_label).endswith(">runs 1-1 of 1</span>")
         dash.flows.rows.children[0].children[1].click()  # Run
         runs = runs_in_store(store)
@@ -455,6 +454,8 @@ def test_dashboard_on_a_server_through_the_rest_api(sqlite_env: dict[str, str], 
         dash.detail.cancel_button.click()
         assert state_of(store, str(runs[1].id)) == "CANCELLED"
         assert "nbflow-state-cancelled" in dash.detail.header.value
+    finally:
+        server.stop()
 
 
 # -- scale ------------------------------------------------------------------------------------------------
