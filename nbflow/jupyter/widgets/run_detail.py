@@ -87,7 +87,7 @@ def progress_text(run: dict[str, Any], cells: list[dict[str, Any]], roles: dict[
 
 
 def header_html(run: dict[str, Any], now: datetime, progress: str = "") -> str:
-    message = (f' <span class="nbflow-muted">{clipped(run["state_message"], 200)}</span>'
+    message = (f' <span class="nbflow-muted">{clipped(run["state_message"])}</span>'
                if run.get("state_message") else "")
     cells = [
         ("created", when(run.get("created_at"), now)), ("started", when(run.get("started_at"), now)),
@@ -110,7 +110,7 @@ def timeline_html(cells: list[dict[str, Any]], now: datetime, roles: dict[int, s
     its time so far, and says so when it already took longer than any finished cell)."""
     roles = roles or {}
     if not cells:
-        return '<span class="nbflow-muted">No cell has started yet.</span>'
+        return ""  # the header says "no cell has started yet"
     starts = [parse_time(c.get("started_at")) for c in cells]
     durations = [cell_seconds(c, now) for c in cells]
     timed = [(s, d) for s, d in zip(starts, durations, strict=True) if s is not None and d is not None]
