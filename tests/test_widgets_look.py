@@ -263,6 +263,10 @@ def test_a_status_line_lasts_while_what_it_says_is_true(env: Store) -> None:
     other = create_run(env, "etl")
     dash.open_run(str(other.id))
     assert detail.status.value == ""
+    # Said from outside an action (``watch``'s "refresh failed"): until the next render.
+    detail.say("refresh failed (retrying): cannot reach the nbflow server", error=True)
+    dash.refresh()
+    assert detail.status.value == ""
 
 
 # -- log view -------------------------------------------------------------------------------------------------------
