@@ -24,7 +24,6 @@ def mcp(key: str | None, scope: str | None) -> None:
     from nbflow.api.auth import Caller
     from nbflow.api.errors import Unauthorized
     from nbflow.core.keys import SCOPES, authenticate
-    from nbflow.mcp.server import build
     from nbflow.settings import get_settings
 
     store = _store()
@@ -38,4 +37,6 @@ def mcp(key: str | None, scope: str | None) -> None:
         caller = Caller(found.name, found.scope)
     if scope is not None and SCOPES.index(scope) < SCOPES.index(caller.scope):
         caller = Caller(caller.name, scope)
+    from nbflow.mcp.server import build  # the SDK: only once the key is known good
+
     build(store, local=caller).run("stdio")

@@ -9,9 +9,9 @@ output). The index alone is not trusted in the output notebook: after a failure 
 cells (an error banner at the top, an anchor before the failing cell), so there it is off.
 
 "What changed" compares the run with the flow's newest COMPLETED run created before it: the parameters
-that differ (by name), the version, and whether the failing cell's own source changed between the two
-versions. Every part is bounded (source, traceback, log lines), so a huge notebook or a long traceback
-never makes the answer huge.
+that differ (by name; the values each run executed with, its version's defaults filled in), the version,
+and whether the failing cell's own source changed between the two versions. Every part is bounded
+(source, traceback, log lines), so a huge notebook or a long traceback never makes the answer huge.
 """
 
 from __future__ import annotations
@@ -113,6 +113,14 @@ def last_completed(session: Session, run: Run) -> Run | None:
     ).scalar_one_or_none()
 
 
+def _effective(session: Session, run: Run) -> dict[str, Any]:
+    """The values a run executed with: the ones it was given, over its version's defaults (a run stores only
+    what its trigger passed, so a default that changed between versions is a change too)."""
+    spec = session.execute(select(FlowVersion.parameters).where(FlowVersion.id == run.flow_version_id)
+                           ).scalar_one_or_none() or {}
+    return {**{name: entry.get("default") for name, entry in spec.items()}, **(run.parameters or {})}
+
+
 def parameter_changes(now: dict[str, Any], then: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Name -> {"this": value, "then": value} for every parameter that differs (absent: null)."""
     return {name: {"this": now.get(name), "then": then.get(name)} for name in sorted(set(now) | set(then))
@@ -160,7 +168,7 @@ def diagnose(store: Store, run_id: str | uuid.UUID, *, log_lines: int = DEFAULT_
             elif cell is not None:
                 cell_changed = False  # the same version: the same source
             changes = {
-                "parameters": parameter_changes(run.parameters or {}, good.parameters or {}),
+                "parameters": parameter_changes(_effective(session, run), _effective(session, good)),
                 "version": None if good_doc is None or good_doc["flow_version"] == doc["flow_version"]
                 else {"this": doc["flow_version"], "then": good_doc["flow_version"]},
                 "failing_cell_changed": cell_changed,
