@@ -227,6 +227,8 @@ def test_the_tools_over_stdio_with_full_access_and_with_a_read_key(sqlite_env, t
             return runs[2]["id"]
 
     run_id = asyncio.run(full_access())
+    # a trigger with no live runner says so on stderr (autostart is off in tests); stdout is the protocol's
+    assert "no runner is serving this store" in (tmp_path / "mcp-stderr.txt").read_text()
     with store.write() as session:  # three long lines, as a cell's prints leave them
         session.add_all(Log(run_id=uuid.UUID(run_id), attempt=1, stream="stdout", text=f"{i}" * 100)
                         for i in range(3))

@@ -15,6 +15,7 @@ the request's scope), or, over stdio, the caller ``build`` was given.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -205,7 +206,7 @@ def refusal(exc: Exception) -> CallToolResult:
 
 
 class Tools:
-    """The tools of one store, for callers given by ``caller_of``."""
+    """The tools' work on one store, and who may do it: ``local`` over stdio, else each request's key."""
 
     def __init__(self, store: Store, local: Caller | None) -> None:
         self.store = store
@@ -259,9 +260,21 @@ class Tools:
             raise result
         if result.created:
             assert result.flow is not None and result.version is not None
+            self._ensure_runner()
             return {"run": new_run_document(result.run, result.flow, result.version), "created": True}
         with self.store.read() as session:
             return {"run": run_document(session, result.run), "created": False}
+
+    def _ensure_runner(self) -> None:
+        """Over stdio, run means run, as for ``nbflow trigger``: with no live runner for the store, start the
+        background one (``nbflow.services.autostart``; its note goes to stderr, stdout being the protocol's).
+        Over HTTP the serving process has its runner."""
+        if self.local is not None:
+            from nbflow.services.autostart import ensure_runner
+
+            note = ensure_runner(self.store)
+            if note:
+                print(note, file=sys.stderr, flush=True)
 
     def _schema_of(self, flow: str) -> dict[str, Any] | None:
         return next((f["parameters"] for f in self.flows()["flows"] if f["name"] == flow), None)
@@ -304,6 +317,7 @@ class Tools:
 
     def retry(self, run_id: str) -> dict[str, Any]:
         new = retry_run(self.store, run_id)
+        self._ensure_runner()
         with self.store.read() as session:
             return run_document(session, new)
 
