@@ -248,3 +248,49 @@ def test_the_tools_over_stdio_with_full_access_and_with_a_read_key(sqlite_env, t
     asyncio.run(read_only())
     bad = nbflow(sqlite_env, tmp_path, "mcp", "--key", "nbf_nobody")
     assert (bad.returncode, bad.stdout) == (2, "") and "not an active key of this store" in bad.stderr, bad.stderr
+
+
+def test_the_diagnosis_reads_the_cell_from_the_version_and_compares_with_the_last_good_run(nbflow_env, tmp_path):
+    """``nbflow.core.diagnose`` on both databases, without a kernel: a run whose output notebook was never
+    written (its cell is found in the version it ran), compared with the last COMPLETED run before it, with
+    the defaults it ran with filled in."""
+    from nbflow.core import diagnose, states
+    from nbflow.core.runs import create_run
+    from nbflow.errors import InvalidQuery
+
+    path = flow_notebook(tmp_path)
+    store = open_store()
+    register(store, path, name="report")
+    cell_id = nbformat.read(path, as_version=4).cells[1].id
+
+    def end(run_id: uuid.UUID, error: dict[str, Any] | None = None) -> None:
+        with store.write() as session:
+            run = states.lock_run(session, run_id)
+            states.transition(session, run, states.S.RUNNING)
+            if error is None:
+                states.finish(session, run)
+            else:
+                states.fail(session, run, error=error)
+
+    good = create_run(store, "report", {"n": 5})
+    end(good.id)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source = "x = 10 / n * scale  # v2"
+    nbformat.write(nb, path)
+    bad = create_run(store, "report", {"n": 0, "scale": 1.5})
+    end(bad.id, {"ename": "ZeroDivisionError", "evalue": "division by zero", "cell_index": 2, "cell_id": cell_id,
+                 "traceback": ["\x1b[0;31mZeroDivisionError\x1b[0m: division by zero"]})
+    later = create_run(store, "report", {"n": 9})  # COMPLETED after the failure: not what it is compared with
+    end(later.id)
+
+    why = diagnose.diagnose(store, str(bad.id))
+    assert why["failing_cell"] == {
+        "index": 2, "cell_id": cell_id, "source": "x = 10 / n * scale  # v2", "source_truncated": False,
+        "ename": "ZeroDivisionError", "evalue": "division by zero",
+        "traceback": "ZeroDivisionError: division by zero", "traceback_truncated": False}
+    assert why["last_completed"]["run_id"] == str(good.id)
+    assert why["changes"] == {"parameters": {"n": {"this": 0, "then": 5}, "scale": {"this": 1.5, "then": 1.0}},
+                              "version": {"this": 2, "then": 1}, "failing_cell_changed": True}
+    assert diagnose.diagnose(store, str(good.id))["changes"] is None  # nothing COMPLETED before the first
+    with pytest.raises(InvalidQuery, match="log_lines must be from 0 to 200, got 201"):
+        diagnose.diagnose(store, str(bad.id), log_lines=201)

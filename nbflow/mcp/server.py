@@ -15,6 +15,7 @@ the request's scope), or, over stdio, the caller ``build`` was given.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -329,7 +330,13 @@ def build(store: Store, *, local: Caller | None = None) -> MCPServer:
     """The MCP server of ``store``. ``local``: the caller of every request (stdio); None: each request's
     caller is the key ``nbflow.mcp.http`` authenticated."""
     tools = Tools(store, local)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     server: MCPServer = MCPServer("nbflow", version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
+    # MCPServer configures the root logger (logging.basicConfig with its own handler): not its to decide in
+    # nbflow serve's process, whose log lines must keep their format.
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
     @server.tool(annotations=READ_ONLY)
     def list_flows(ctx: Context) -> FlowsAnswer:
