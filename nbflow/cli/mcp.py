@@ -28,15 +28,13 @@ def mcp(key: str | None, scope: str | None) -> None:
 
     store = _store()
     key = key if key is not None else get_settings().api_key
-    caller = Caller("local", SCOPES[-1])
-    if key is not None:
-        found = authenticate(store, key)
-        if found is None:
-            raise Unauthorized("the API key given (--key or NBFLOW_API_KEY) is not an active key of this "
-                               "store: it is unknown, malformed or revoked")
-        caller = Caller(found.name, found.scope)
+    found = authenticate(store, key) if key is not None else None
+    if key is not None and found is None:
+        raise Unauthorized("the API key given (--key or NBFLOW_API_KEY) is not an active key of this store: it is "
+                           "unknown, malformed or revoked")
+    from nbflow.mcp.server import LOCAL_USER, build  # the SDK: only once the key is known good
+
+    caller = Caller(found.name, found.scope) if found is not None else Caller(LOCAL_USER, SCOPES[-1])
     if scope is not None and SCOPES.index(scope) < SCOPES.index(caller.scope):
         caller = Caller(caller.name, scope)
-    from nbflow.mcp.server import build  # the SDK: only once the key is known good
-
     build(store, local=caller).run("stdio")

@@ -52,6 +52,7 @@ from nbflow.store import Store
 from nbflow.store.models import FlowVersion
 from nbflow.version import __version__
 
+LOCAL_USER = "local user"  # the caller of `nbflow mcp` without a key (no key can have this name: a space)
 CALLER_KEY = "nbflow.caller"  # where nbflow.mcp.http leaves the request's Caller in the ASGI scope
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 60.0
@@ -223,7 +224,7 @@ class Tools:
     def allow(self, ctx: Context, tool: str, needed: str) -> None:
         caller = self.caller(ctx)
         if SCOPES.index(caller.scope) < SCOPES.index(needed):
-            who = f"API key {caller.name!r}" if caller.name != "local" else "this MCP server (--scope)"
+            who = "this MCP server (--scope)" if caller.name == LOCAL_USER else f"API key {caller.name!r}"
             raise Forbidden(f"{who} has scope {caller.scope!r}; {tool} needs {needed!r}")
 
     def call(self, ctx: Context, tool: str, needed: str, work: Callable[[], T]) -> T | CallToolResult:
