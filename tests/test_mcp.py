@@ -139,13 +139,13 @@ def test_an_agent_with_a_trigger_key_runs_a_flow_and_explains_its_failure_down_t
 
             # the REST API's messages, word for word
             for parameters in ({"n": "many"}, {"m": 1}):
-                rest = httpx.post(f"{url}/api/flows/report/runs", json={"parameters": parameters},
+                rest = httpx.post(f"{url}/api/flows/report/runs", json={"parameters": parameters}, timeout=60,
                                   headers={"Authorization": f"Bearer {agent}"})
                 error = await refused(mcp, "trigger_run", flow="report", parameters=parameters)
                 assert rest.status_code == 422 and (error["code"], error["message"]) == (
                     rest.json()["error"]["code"], rest.json()["error"]["message"]), (rest.text, error)
             missing = str(uuid.uuid4())
-            rest = httpx.get(f"{url}/api/runs/{missing}", headers={"Authorization": f"Bearer {agent}"})
+            rest = httpx.get(f"{url}/api/runs/{missing}", headers={"Authorization": f"Bearer {agent}"}, timeout=60)
             error = await refused(mcp, "get_run", run_id=missing)
             assert rest.status_code == 404 and error == rest.json()["error"]
 
@@ -164,14 +164,18 @@ def test_an_agent_with_a_trigger_key_runs_a_flow_and_explains_its_failure_down_t
         answer = httpx.post(f"{url}/mcp", content=nan, timeout=60, headers={
             "Authorization": f"Bearer {agent}", "Content-Type": "application/json",
             "Accept": "application/json, text/event-stream"})
-        rest = httpx.post(f"{url}/api/flows/report/runs", content='{"parameters": {"scale": NaN}}',
+        rest = httpx.post(f"{url}/api/flows/report/runs", content='{"parameters": {"scale": NaN}}', timeout=60,
                           headers={"Authorization": f"Bearer {agent}", "Content-Type": "application/json"})
         result = answer.json()["result"]
         assert result["isError"] and result["structuredContent"]["error"]["message"] == \
             rest.json()["error"]["message"] == "parameter 'scale' must be a finite number, got nan", answer.text
+        # the API's body limit covers /mcp too
+        answer = httpx.post(f"{url}/mcp", content=b"[" * (2 << 20), timeout=60, headers={
+            "Authorization": f"Bearer {agent}", "Content-Type": "application/json"})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (413, "payload_too_large")
         # no key, a bad key: 401 before any MCP, in the API's error shape
         for headers in ({}, {"Authorization": "Bearer nbf_not-a-key"}):
-            answer = httpx.post(f"{url}/mcp", content=nan, headers=headers)
+            answer = httpx.post(f"{url}/mcp", content=nan, headers=headers, timeout=60)
             assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", answer.text
             assert answer.json()["error"]["code"] == "unauthorized"
     finally:
