@@ -147,8 +147,8 @@ class FlowsTable(widgets.VBox):
         run = self.backend.trigger(name, values)
         if self.form_flow == name:
             self.close_form()
+        self._on_started(run)  # opens the run, a new action: the line below is about it
         self._say(f"started run {run['id'][:8]} of {name}", False)
-        self._on_started(run)
 
     def _chart(self, index: int) -> None:
         if self._on_chart is not None:
