@@ -9,7 +9,6 @@ import html
 import re
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,7 @@ def flow_row(dash: Dashboard, name: str) -> Any:
     return dash.flows.rows.children[dash.flows.names.index(name)]
 
 
-@pytest.fixture
-def env(nbflow_env: dict[str, str], tmp_path: Path) -> Iterator[Store]:
+def two_flows(tmp_path: Path) -> Store:
     """``typed`` (a parameter of every type), ``plain`` (none)."""
     make_notebook(tmp_path, "typed", ["import nbflow\nnbflow.record('rows', days * 10)"], parameters=(
         'region = "EU"  # where\ndays = 7\nhuge = 1152921504606846976\nrate = 0.5\nfull = True\ntags = ["a", "b"]\n'
@@ -73,7 +71,18 @@ def env(nbflow_env: dict[str, str], tmp_path: Path) -> Iterator[Store]:
     store = open_store()
     register(store, tmp_path / "typed.ipynb")
     register(store, tmp_path / "plain.ipynb")
-    yield store
+    return store
+
+
+@pytest.fixture
+def env(nbflow_env: dict[str, str], tmp_path: Path) -> Store:
+    return two_flows(tmp_path)
+
+
+@pytest.fixture
+def sqlite_flows(sqlite_env: dict[str, str], tmp_path: Path) -> Store:
+    """``env`` on SQLite only, for what does not depend on the database (a kernel's cost, once)."""
+    return two_flows(tmp_path)
 
 
 # -- the queue line and the "no runner" warning ---------------------------------------------------------
@@ -291,7 +300,7 @@ def run_all(env: dict[str, str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_flow_view_charts_duration_and_a_chosen_result_of_real_runs(nbflow_env: dict[str, str],
+def test_flow_view_charts_duration_and_a_chosen_result_of_real_runs(sqlite_env: dict[str, str],
                                                                       tmp_path: Path) -> None:
     make_notebook(tmp_path, "metrics", [
         "import nbflow\nnbflow.record('rows', days * 10)\nnbflow.record('score', days / 4)\n"
@@ -300,7 +309,7 @@ def test_flow_view_charts_duration_and_a_chosen_result_of_real_runs(nbflow_env: 
     store = open_store()
     register(store, tmp_path / "metrics.ipynb")
     ids = [str(create_run(store, "metrics", {"days": d}).id) for d in (1, 2, 3)]
-    run_all(nbflow_env, tmp_path)
+    run_all(sqlite_env, tmp_path)
     dash = dashboard(refresh=None)
     assert dash.flow_view.layout.display == "none"
     chart = flow_row(dash, "metrics").children[3]
@@ -341,13 +350,13 @@ def test_dashboard_and_watch_add_an_html_snapshot_to_their_display_data(env: Sto
 
 
 @pytest.mark.slow
-def test_an_exported_notebook_shows_the_snapshot_not_a_repr(env: Store, tmp_path: Path) -> None:
+def test_an_exported_notebook_shows_the_snapshot_not_a_repr(sqlite_flows: Store, tmp_path: Path) -> None:
     """Executed in a real kernel (nbclient), exported by nbconvert without the widget state, as a notebook
     saved without it or shared on a site that cannot run widgets is shown."""
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    run = create_run(env, "plain")
+    run = create_run(sqlite_flows, "plain")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import nbflow\nnbflow.dashboard(refresh=None)"),
                 nbformat.v4.new_code_cell(f"nbflow.watch({str(run.id)!r}, refresh=None)")]
