@@ -122,7 +122,9 @@ def test_dashboard_in_voila_cancels_and_runs_from_chromium(voila: str, tmp_path:
             page.wait_for_selector(".nbflow-run-header .nbflow-state-cancelled", timeout=30_000)
 
             # Run the flow from the flows table: a new PENDING run appears, in the store and on the page.
+            # etl has a parameter: Run opens the form, preset with the default; its Run starts the run.
             page.click(".nbflow-flow-row button.nbflow-run-flow")
+            page.click(".nbflow-run-form button.nbflow-submit-run")
             until(lambda: len(runs(store)) == 2, 30, "a second run in the store")
             new = runs(store)[1]
             assert new.state == "PENDING" and new.trigger == "manual"

@@ -109,3 +109,4 @@ def live_pids(store: Store, lease_seconds: float) -> dict[str, int | None]:
     cutoff = utcnow() - timedelta(seconds=lease_seconds)
     with store.read() as session:
         return dict(session.execute(select(Worker.id, Worker.pid).where(Worker.last_seen_at >= cutoff)).all())
+
