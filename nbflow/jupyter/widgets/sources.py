@@ -17,6 +17,17 @@ def output_notebook(run: dict[str, Any]) -> Any:
     return diagnose.read_notebook(run.get("output_path"))
 
 
+def _version_notebook(backend: Any, run: dict[str, Any]) -> Any:
+    """The notebook of the flow version the run executed, or None when it is gone (deleted since) or a
+    remote backend cannot tell."""
+    from nbflow.errors import NbflowError
+
+    try:
+        return diagnose.parse_notebook_text(backend.flow_source(run["flow"], run["flow_version"]))
+    except NbflowError:
+        return None
+
+
 def cell_roles(backend: Any, run: dict[str, Any]) -> dict[int, str]:
     """Which executed cells (by index) are not the flow's own code: ``parameters`` (the cell tagged so, the
     defaults) and ``injected`` (the cell papermill adds with the run's parameters). Progress counts the
@@ -46,15 +57,8 @@ def failing_cell_source(backend: Any, run: dict[str, Any]) -> str | None:
     """The source of the cell ``run['error']`` names, or None if no cell or no notebook is known
     (``nbflow.core.diagnose.failing_cell_source``, with the version's notebook from ``backend``, which may
     be remote)."""
-    from nbflow.errors import NbflowError
-
-    def version_notebook() -> Any:
-        try:
-            return diagnose.parse_notebook_text(backend.flow_source(run["flow"], run["flow_version"]))
-        except NbflowError:  # the flow or version was deleted since, or a remote backend cannot tell
-            return None
-
-    return diagnose.failing_cell_source(run.get("error"), run.get("output_path"), version_notebook)
+    return diagnose.failing_cell_source(run.get("error"), run.get("output_path"),
+                                        lambda: _version_notebook(backend, run))
 
 
 def notebook_html(run: dict[str, Any]) -> str | None:
