@@ -47,7 +47,8 @@ def explain(exc: ApiError) -> str:
     """The one line a front-end (the CLI, the magics) shows for ``exc``: the server's message, and for a
     missing or refused key, where this client took its key from."""
     if exc.status == 401:
-        return f"{exc.message} (set NBFLOW_API_KEY to a key of that server: `nbflow keys create NAME --scope SCOPE` there)"
+        return (f"{exc.message} (set NBFLOW_API_KEY to a key of that server: `nbflow keys create NAME --scope SCOPE` "
+                "there)")
     return exc.message
 
 
