@@ -110,6 +110,8 @@ def test_writing_commands_act_on_the_server(remote: Remote) -> None:
         "flow hello v1 registered from ")
     queued = remote.ok("trigger", "hello", "-p", "name", "Bo")
     run_id = queued.split()[1]
+    assert (f"waiting   no runner is serving the store of the nbflow server at {remote.url}: start one there\n"
+            in remote.ok("show", run_id))  # this server has no runner (`nbflow serve` has one)
     assert remote.ok("cancel", run_id[:8]) == f"run {run_id} CANCELLED\n"
     with store.read() as session:
         assert find_run(session, run_id).state == "CANCELLED"

@@ -96,7 +96,10 @@ def hooks_revoke(webhook_id: int) -> None:
     from nbflow.services.webhooks import revoke_webhook
 
     with _remote() as nb:
-        nb.revoke_webhook(webhook_id) if nb is not None else revoke_webhook(_store(), webhook_id)
+        if nb is not None:
+            nb.revoke_webhook(webhook_id)
+        else:
+            revoke_webhook(_store(), webhook_id)
     click.echo(f"webhook {webhook_id} revoked")
 
 
@@ -156,5 +159,8 @@ def notify_remove(notification_id: int) -> None:
     from nbflow.services.notify import remove_notification
 
     with _remote() as nb:
-        nb.remove_notification(notification_id) if nb is not None else remove_notification(_store(), notification_id)
+        if nb is not None:
+            nb.remove_notification(notification_id)
+        else:
+            remove_notification(_store(), notification_id)
     click.echo(f"notification {notification_id} removed")

@@ -68,7 +68,10 @@ def keys_revoke(name: str) -> None:
     from nbflow.core.keys import revoke_key
 
     with _remote() as nb:
-        nb.revoke_key(name) if nb is not None else revoke_key(_store(), name)
+        if nb is not None:
+            nb.revoke_key(name)
+        else:
+            revoke_key(_store(), name)
     click.echo(f"key {name} revoked")
 
 
@@ -96,7 +99,10 @@ def secrets_set(name: str) -> None:
         value = sys.stdin.read()
         value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
     with _remote() as nb:
-        nb.set_secret(name, value) if nb is not None else set_secret(_store(), name, value)
+        if nb is not None:
+            nb.set_secret(name, value)
+        else:
+            set_secret(_store(), name, value)
     click.echo(f"secret {name} stored")
 
 
@@ -126,5 +132,8 @@ def secrets_remove(name: str) -> None:
     from nbflow.core.secrets import delete_secret
 
     with _remote() as nb:
-        nb.remove_secret(name) if nb is not None else delete_secret(_store(), name)
+        if nb is not None:
+            nb.remove_secret(name)
+        else:
+            delete_secret(_store(), name)
     click.echo(f"secret {name} removed")
