@@ -12,6 +12,7 @@ from pydantic import Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from nbflow.api.auth import READ
+from nbflow.api.errors import documented
 from nbflow.api.routes import store_of
 from nbflow.api.schemas import API_VERSION, Document, Health, Time
 from nbflow.version import __version__
@@ -53,7 +54,7 @@ class WorkerList(Document):
     workers: list[WorkerDocument] = Field(description="Seen within a lease (NBFLOW_LEASE_SECONDS), oldest first.")
 
 
-@router.get("/workers", dependencies=[READ], response_model=WorkerList,
+@router.get("/workers", dependencies=[READ], response_model=WorkerList, responses=documented(400, 401, 403, 503),
             summary="The live runners (worker and serve processes) of the server's store")
 def workers(request: Request) -> dict[str, Any]:
     from nbflow.core.workers import list_workers
