@@ -43,6 +43,15 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
+def explain(exc: ApiError) -> str:
+    """The one line a front-end (the CLI, the magics) shows for ``exc``: the server's message, and for a
+    missing or refused key, where this client took its key from."""
+    if exc.status == 401:
+        return (f"{exc.message} (set NBFLOW_API_KEY to a key of that server: `nbflow keys create NAME --scope SCOPE` "
+                "there)")
+    return exc.message
+
+
 class IncompatibleServer(ApiError):
     """The server speaks another major version of the API than this client."""
 
@@ -206,10 +215,12 @@ class Client:
     def cells(self, run_id: str) -> list[dict[str, Any]]:
         return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/cells"))["cells"]
 
-    def logs(self, run_id: str, *, after: str | int | None = None, limit: int | None = None) -> dict[str, Any]:
-        """``{"logs": [...], "next_after": ...}``; pass ``next_after`` back as ``after`` to tail."""
+    def logs(self, run_id: str, *, after: str | int | None = None, limit: int | None = None,
+             tail: bool = False) -> dict[str, Any]:
+        """``{"logs": [...], "next_after": ...}``; pass ``next_after`` back as ``after`` to follow the run.
+        ``tail=True``: the last ``limit`` lines (the newest), not the first."""
         return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/logs",
-                                   params=_params(after=after, limit=limit)))
+                                   params=_params(after=after, limit=limit, tail="true" if tail else None)))
 
     def result(self, run_id: str) -> dict[str, Any]:
         return self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/result"))["result"]
@@ -250,6 +261,42 @@ class Client:
 
     def remove_schedule(self, flow: str, name: str = "default") -> None:
         self._call(_Request("DELETE", f"/api/schedules/{_segment(flow)}/{_segment(name)}"))
+
+    # -- workers -------------------------------------------------------------------------------------
+    def workers(self) -> list[dict[str, Any]]:
+        """The server's live runners (``nbflow workers``): whether a queued run will be taken."""
+        return self._call(_Request("GET", "/api/workers"))["workers"]
+
+    # -- secrets, webhooks, notifications (admin) ---------------------------------------------------
+    def secrets(self) -> list[dict[str, Any]]:
+        """Secret names and times; never a value."""
+        return self._call(_Request("GET", "/api/secrets"))["secrets"]
+
+    def set_secret(self, name: str, value: str) -> None:
+        self._call(_Request("PUT", f"/api/secrets/{_segment(name)}", json={"value": value}))
+
+    def remove_secret(self, name: str) -> None:
+        self._call(_Request("DELETE", f"/api/secrets/{_segment(name)}"))
+
+    def create_webhook(self, flow: str, mapping: dict[str, str] | None = None) -> dict[str, Any]:
+        """The webhook, with its ``token`` and ``path``, which the server shows this once only."""
+        return self._call(_Request("POST", f"/api/flows/{_segment(flow)}/webhooks", json={"mapping": mapping or {}}))
+
+    def webhooks(self, flow: str | None = None) -> list[dict[str, Any]]:
+        return self._call(_Request("GET", "/api/webhooks", params=_params(flow=flow)))["webhooks"]
+
+    def revoke_webhook(self, webhook_id: int) -> None:
+        self._call(_Request("DELETE", f"/api/webhooks/{_segment(webhook_id)}"))
+
+    def add_notification(self, flow: str, url: str, on: list[str]) -> dict[str, Any]:
+        return self._call(_Request("POST", f"/api/flows/{_segment(flow)}/notifications",
+                                   json={"url": url, "on": on}))
+
+    def notifications(self, flow: str | None = None) -> list[dict[str, Any]]:
+        return self._call(_Request("GET", "/api/notifications", params=_params(flow=flow)))["notifications"]
+
+    def remove_notification(self, notification_id: int) -> None:
+        self._call(_Request("DELETE", f"/api/notifications/{_segment(notification_id)}"))
 
     # -- API keys (admin) ----------------------------------------------------------------------------
     def list_keys(self) -> list[dict[str, Any]]:
@@ -331,8 +378,10 @@ class AsyncClient:
     async def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int:
         return (await self._call(_count_runs(flow, state)))["count"]
 
-    async def logs(self, run_id: str, *, after: str | int | None = None) -> dict[str, Any]:
-        return await self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/logs", params=_params(after=after)))
+    async def logs(self, run_id: str, *, after: str | int | None = None, limit: int | None = None,
+                   tail: bool = False) -> dict[str, Any]:
+        return await self._call(_Request("GET", f"/api/runs/{_segment(run_id)}/logs", params=_params(
+            after=after, limit=limit, tail="true" if tail else None)))
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
         return await self._call(_Request("POST", f"/api/runs/{_segment(run_id)}/cancel"))

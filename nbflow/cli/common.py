@@ -4,12 +4,13 @@ check, and the output helpers (tables, ages, JSON)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -162,9 +163,53 @@ def _store() -> Any:
     store = open_store()
     ctx = click.get_current_context(silent=True)
     command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+    _say_local(store)
     if command and command not in READ_COMMANDS:
         _check_room(store, command)
     return store
+
+
+# -- NBFLOW_API_URL: the commands on flows, runs, schedules, workers, keys, secrets, webhooks and
+# notifications go through that server (``_remote``); the others work on the local store and say so once.
+
+# What to use instead, for the local commands whose work has a counterpart on a server.
+LOCAL_HINTS = {"run": "`nbflow trigger FLOW --wait` runs a flow on the server"}
+
+
+def _say_local(store: Any) -> None:
+    """With NBFLOW_API_URL set, one line on stderr, once per command, that this command works on the local
+    store: a user who pointed nbflow at a server must not mistake the local database for the server's."""
+    from nbflow.settings import get_settings
+    from nbflow.store.retry import redact
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not get_settings().api_url or ctx.meta.get("nbflow.local_note"):
+        return
+    ctx.meta["nbflow.local_note"] = True
+    command = " ".join(ctx.command_path.split()[1:])
+    hint = LOCAL_HINTS.get(command)
+    click.echo(f"nbflow: note: `nbflow {command}` works on the local store ({redact(store.url)}); NBFLOW_API_URL "
+               "is ignored" + (f" ({hint})" if hint else ""), err=True)
+
+
+@contextlib.contextmanager
+def _remote() -> Iterator[Any]:
+    """``with _remote() as nb``: ``nb`` is an ``nbflow.client.Client`` on NBFLOW_API_URL (key NBFLOW_API_KEY),
+    or None when it is unset and the command works on the local store. Whatever the server answers wrong (no
+    answer, a missing key or scope, an unknown run) is one ``nbflow: error:`` line, exit 2, as locally."""
+    from nbflow.settings import get_settings
+
+    settings = get_settings()
+    if not settings.api_url:
+        yield None
+        return
+    from nbflow.client import ApiError, Client, explain
+
+    try:
+        with Client(settings.api_url, settings.api_key) as nb:
+            yield nb
+    except ApiError as exc:
+        _fail(explain(exc))
 
 
 def _check_room(store: Any, command: str) -> None:
@@ -220,6 +265,10 @@ def cli() -> None:
 
     State lives in NBFLOW_HOME (default ./.nbflow), in SQLite unless NBFLOW_DATABASE_URL names
     another database (e.g. postgresql+psycopg://user@host/db).
+
+    With NBFLOW_API_URL set (key in NBFLOW_API_KEY), the commands on flows, runs, schedules, workers,
+    keys, secrets, hooks and notifications go through that nbflow server; the others (run, serve, worker,
+    scheduler, limits, db) work on the local store and say so in one line on stderr.
     """
 
 

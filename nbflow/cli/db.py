@@ -6,6 +6,7 @@ import click
 
 from nbflow.cli.common import (
     _emit_json,
+    _say_local,
     _store,
     cli,
     handle_errors,
@@ -26,6 +27,7 @@ def upgrade() -> None:
 
     settings = get_settings()
     store = Store(settings.database_url, home=settings.home)
+    _say_local(store)
     store.ensure_schema()
     click.echo(f"database at revision {store.current_revision()}")
 

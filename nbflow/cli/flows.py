@@ -13,6 +13,7 @@ from nbflow.cli.common import (
     _emit_json,
     _fail,
     _Float,
+    _remote,
     _seconds,
     _store,
     _table,
@@ -68,7 +69,11 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
              collision: str | None, memory_limit: str | None,
              cron: str | None, timezone: str, after: tuple[str, ...], after_on: str | None,
              on_file: tuple[str, ...], file_param: str | None, as_json: bool) -> None:
-    """Register a notebook as a named flow, or update it. A changed notebook makes a new version."""
+    """Register a notebook as a named flow, or update it. A changed notebook makes a new version.
+
+    With NBFLOW_API_URL set, NOTEBOOK is a path on the server, under its notebooks root
+    (NBFLOW_NOTEBOOKS_ROOT), and the key needs scope admin; --after and --on-file are local only.
+    """
     from nbflow.core.flows import FlowOptions
     from nbflow.core.flows import register as do_register
     from nbflow.services import events
@@ -82,35 +87,64 @@ def register(notebook: str, name: str | None, retries: int | None, retry_delay: 
         _fail("--after-on needs --after FLOW")
     if file_param is not None and not on_file:
         _fail("--file-param needs --on-file GLOB")
-    store = _store()
-    patterns = events.check_register(  # unknown flows, cycles, bad globs, a missing parameter: nothing written
-        store, notebook, name=name, kernel=kernel, after=after, on=after_on or "completed", patterns=on_file,
-        parameter=file_param or "path") if after or on_file else []
     options = FlowOptions(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
                           timeout=timeout, cell_timeout=cell_timeout, kernel_name=kernel,
                           tags=tags or None, concurrency_limit=concurrency_limit, collision=collision,
                           labels=labels or None, memory_limit=memory_limit)
-    flow, version = do_register(store, notebook, name=name, options=options)
-    sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
-    if after:
-        events.set_dependencies(store, flow.name, after, after_on or "completed")
-    if on_file:
-        events.set_file_triggers(store, flow.name, patterns, file_param or "path")
-    doc = _flow_doc(store, flow.name)
+    with _remote() as nb:
+        if nb is not None:
+            doc, schedule = _register_remote(nb, notebook, name, options, cron, timezone, bool(after or on_file))
+        else:
+            store = _store()
+            patterns = events.check_register(  # unknown flows, cycles, bad globs, a missing parameter: nothing
+                store, notebook, name=name, kernel=kernel, after=after, on=after_on or "completed",
+                patterns=on_file, parameter=file_param or "path") if after or on_file else []
+            flow, _version = do_register(store, notebook, name=name, options=options)
+            sched = add_schedule(store, flow.name, cron=cron, timezone=timezone) if cron is not None else None
+            if after:
+                events.set_dependencies(store, flow.name, after, after_on or "completed")
+            if on_file:
+                events.set_file_triggers(store, flow.name, patterns, file_param or "path")
+            doc = _flow_doc(store, flow.name)
+            schedule = sched.next_fire_at.isoformat() if sched is not None else None
     if as_json:
         _emit_json(doc)
     else:
         params = ", ".join(doc["parameters"]) or "none"
-        click.echo(f"flow {flow.name} v{version.version} registered from {flow.source_path} "
+        click.echo(f"flow {doc['name']} v{doc['version']} registered from {doc['source_path']} "
                    f"(parameters: {params})")
-        if sched is not None:
-            click.echo(f"schedule default: cron '{sched.spec['expr']}' ({timezone}), "
-                       f"next at {sched.next_fire_at:%Y-%m-%d %H:%M} UTC")
+        if schedule is not None:
+            from datetime import datetime
+
+            click.echo(f"schedule default: cron '{cron}' ({timezone}), "
+                       f"next at {datetime.fromisoformat(schedule):%Y-%m-%d %H:%M} UTC")
         if doc["after"]:
             click.echo("runs after: " + ", ".join(f"{d['flow']} ({d['on']})" for d in doc["after"]))
         for t in doc["file_triggers"]:
             click.echo(f"runs on each new file {t['pattern']} (parameter {t['parameter']})"
                        + ("" if t["active"] else ", paused"))
+
+
+def _register_remote(nb: Any, notebook: str, name: str | None, options: Any, cron: str | None, timezone: str,
+                     events: bool) -> tuple[dict[str, Any], str | None]:
+    """``register`` through the server: its flow document, and the next fire time of its --schedule. The
+    options are checked here first, so a bad one is the same line as locally and nothing is sent."""
+    import dataclasses
+
+    if events:
+        _fail("--after and --on-file cannot be sent to an nbflow server (NBFLOW_API_URL is set): its API has no "
+              "pipelines or file triggers; unset NBFLOW_API_URL to register on the local store")
+    options.validate()
+    memory = options.memory_limit_bytes()
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
+                if v is not None and k != "memory_limit"}
+    doc = nb.register(notebook, name, **settings, **({"memory_limit": memory} if memory else {}))
+    if memory == 0:  # 0 removes the limit: a PATCH to null does, where register would keep it
+        doc = nb.update_flow(doc["name"], memory_limit=None)
+    schedule = nb.add_schedule(doc["name"], cron=cron, timezone=timezone) if cron is not None else None
+    if schedule is not None:
+        doc = nb.flow(doc["name"])
+    return doc, schedule["next_fire_at"] if schedule is not None else None
 
 
 def _flow_doc(store: Any, name: str) -> dict[str, Any]:
@@ -130,9 +164,13 @@ def flows(as_json: bool) -> None:
     from nbflow.core.flows import flow_documents
     from nbflow.store.models import Flow
 
-    store = _store()
-    with store.read() as session:
-        docs = flow_documents(session, list(session.execute(select(Flow).order_by(Flow.name)).scalars()))
+    with _remote() as nb:
+        if nb is not None:
+            docs = nb.flows()
+        else:
+            store = _store()
+            with store.read() as session:
+                docs = flow_documents(session, list(session.execute(select(Flow).order_by(Flow.name)).scalars()))
     if as_json:
         _emit_json({"flows": docs})
         return

@@ -8,6 +8,7 @@ from nbflow import checks
 from nbflow.cli.common import (
     _ago,
     _emit_json,
+    _remote,
     _store,
     _table,
     cli,
@@ -48,7 +49,14 @@ def hooks_create(flow: str, maps: tuple[str, ...], as_json: bool) -> None:
     from nbflow.services.webhooks import create_webhook
     from nbflow.settings import get_settings
 
-    token, doc = create_webhook(_store(), flow, _parse_maps(maps))
+    mapping = _parse_maps(maps)
+    with _remote() as nb:
+        if nb is not None:
+            doc = nb.create_webhook(flow, mapping)
+            token = doc.pop("token")
+            doc.pop("path")
+        else:
+            token, doc = create_webhook(_store(), flow, mapping)
     path = f"/api/hooks/{token}"
     api_url = get_settings().api_url
     url = f"{api_url.rstrip('/')}{path}" if api_url else path
@@ -68,7 +76,8 @@ def hooks_list(flow_name: str | None, as_json: bool) -> None:
     """List webhooks (their tokens are never shown again)."""
     from nbflow.services.webhooks import list_webhooks
 
-    docs = list_webhooks(_store(), flow_name)
+    with _remote() as nb:
+        docs = nb.webhooks(flow_name) if nb is not None else list_webhooks(_store(), flow_name)
     if as_json:
         _emit_json({"webhooks": docs})
     elif not docs:
@@ -86,7 +95,11 @@ def hooks_revoke(webhook_id: int) -> None:
     """Revoke webhook ID: its URL answers 404 at once."""
     from nbflow.services.webhooks import revoke_webhook
 
-    revoke_webhook(_store(), webhook_id)
+    with _remote() as nb:
+        if nb is not None:
+            nb.revoke_webhook(webhook_id)
+        else:
+            revoke_webhook(_store(), webhook_id)
     click.echo(f"webhook {webhook_id} revoked")
 
 
@@ -108,9 +121,11 @@ def notify() -> None:
 @handle_errors
 def notify_add(flow: str, url: str, on: str, as_json: bool) -> None:
     """Notify URL (http(s), or secret:NAME to read it from a secret) when a run of FLOW ends in STATES."""
-    from nbflow.services.notify import add_notification
+    from nbflow.services.notify import add_notification, check_states
 
-    doc = add_notification(_store(), flow, url, on)
+    with _remote() as nb:
+        doc = nb.add_notification(flow, url, check_states(on)) if nb is not None else \
+            add_notification(_store(), flow, url, on)
     if as_json:
         _emit_json(doc)
     else:
@@ -125,7 +140,8 @@ def notify_list(flow_name: str | None, as_json: bool) -> None:
     """List notifications."""
     from nbflow.services.notify import list_notifications
 
-    docs = list_notifications(_store(), flow_name)
+    with _remote() as nb:
+        docs = nb.notifications(flow_name) if nb is not None else list_notifications(_store(), flow_name)
     if as_json:
         _emit_json({"notifications": docs})
     elif not docs:
@@ -142,5 +158,9 @@ def notify_remove(notification_id: int) -> None:
     """Delete notification ID (and its pending deliveries)."""
     from nbflow.services.notify import remove_notification
 
-    remove_notification(_store(), notification_id)
+    with _remote() as nb:
+        if nb is not None:
+            nb.remove_notification(notification_id)
+        else:
+            remove_notification(_store(), notification_id)
     click.echo(f"notification {notification_id} removed")

@@ -9,6 +9,7 @@ import click
 from nbflow.cli.common import (
     _ago,
     _emit_json,
+    _remote,
     _store,
     _table,
     cli,
@@ -36,7 +37,8 @@ def keys_create(name: str, scope: str) -> None:
     """Create the key NAME and print it, alone, on stdout: `KEY=$(nbflow keys create ci --scope trigger)`."""
     from nbflow.core.keys import create_key
 
-    click.echo(create_key(_store(), name, scope))
+    with _remote() as nb:
+        click.echo(nb.create_key(name, scope)["key"] if nb is not None else create_key(_store(), name, scope))
     click.echo(f"nbflow: key {name!r} ({scope}) created; it is shown only this once", err=True)
 
 
@@ -47,7 +49,8 @@ def keys_list(as_json: bool) -> None:
     """List keys (active and revoked); never the keys themselves."""
     from nbflow.core.keys import list_keys
 
-    docs = list_keys(_store())
+    with _remote() as nb:
+        docs = nb.list_keys() if nb is not None else list_keys(_store())
     if as_json:
         _emit_json({"keys": docs})
     elif not docs:
@@ -64,7 +67,11 @@ def keys_revoke(name: str) -> None:
     """Revoke the key NAME: requests with it are refused (401) at once."""
     from nbflow.core.keys import revoke_key
 
-    revoke_key(_store(), name)
+    with _remote() as nb:
+        if nb is not None:
+            nb.revoke_key(name)
+        else:
+            revoke_key(_store(), name)
     click.echo(f"key {name} revoked")
 
 
@@ -91,7 +98,11 @@ def secrets_set(name: str) -> None:
     else:
         value = sys.stdin.read()
         value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
-    set_secret(_store(), name, value)
+    with _remote() as nb:
+        if nb is not None:
+            nb.set_secret(name, value)
+        else:
+            set_secret(_store(), name, value)
     click.echo(f"secret {name} stored")
 
 
@@ -102,7 +113,8 @@ def secrets_list(as_json: bool) -> None:
     """List secret names and when they were set; never values."""
     from nbflow.core.secrets import list_secrets
 
-    docs = list_secrets(_store())
+    with _remote() as nb:
+        docs = nb.secrets() if nb is not None else list_secrets(_store())
     if as_json:
         _emit_json({"secrets": docs})
     elif not docs:
@@ -119,5 +131,9 @@ def secrets_remove(name: str) -> None:
     """Delete the secret NAME."""
     from nbflow.core.secrets import delete_secret
 
-    delete_secret(_store(), name)
+    with _remote() as nb:
+        if nb is not None:
+            nb.remove_secret(name)
+        else:
+            delete_secret(_store(), name)
     click.echo(f"secret {name} removed")

@@ -22,6 +22,7 @@ from nbflow.cli.common import (
     _error_line,
     _fail,
     _one_line,
+    _remote,
     _store,
     _strip_ansi,
     _table,
@@ -177,7 +178,6 @@ def _interruptible() -> Iterator[threading.Event]:
 def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait: bool) -> dict[str, Any]:
     """``trigger`` through the REST API (nbflow.client): the server checks the parameters as the local
     path does (strings are converted to each parameter's type), and its errors become one line, exit 2."""
-    from nbflow.client import ApiError, Client
     from nbflow.core.runs import looks_like_path
 
     if kernel is not None:
@@ -186,13 +186,10 @@ def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait:
     if looks_like_path(flow):
         _fail(f"{flow!r} is a notebook path, but NBFLOW_API_URL is set: the server triggers registered flows "
               "by name (register it there first, or unset NBFLOW_API_URL to run it locally)")
-    try:
-        with Client() as nb:
-            doc = nb.trigger(flow, values)
-            if wait:
-                doc = nb.wait(doc["id"], poll=0.25)
-    except ApiError as exc:
-        _fail(exc.message)
+    with _remote() as nb:
+        doc = nb.trigger(flow, values)
+        if wait:
+            doc = nb.wait(doc["id"], poll=0.25)
     doc.pop("history", None)  # GET /api/runs/{id} adds it; keep the document `trigger` prints locally
     return doc
 
@@ -204,13 +201,17 @@ def _trigger_remote(flow: str, values: dict[str, str], kernel: str | None, wait:
 def cancel(run_id: str, as_json: bool) -> None:
     """Cancel a run. A queued run ends CANCELLED at once; a running one turns CANCELLING and the
     process running it (a worker or `nbflow run`) interrupts it, then kills its kernel: it ends
-    CANCELLED within seconds. RUN_ID may be a unique prefix."""
+    CANCELLED within seconds. RUN_ID may be a unique prefix. Through the server of NBFLOW_API_URL when set."""
     from nbflow.core.runs import request_cancel, run_document
 
-    store = _store()
-    run_ = request_cancel(store, run_id)
-    with store.read() as session:
-        doc = run_document(session, session.get(type(run_), run_.id))
+    with _remote() as nb:
+        if nb is not None:
+            doc = nb.cancel(run_id)
+        else:
+            store = _store()
+            run_ = request_cancel(store, run_id)
+            with store.read() as session:
+                doc = run_document(session, session.get(type(run_), run_.id))
     if as_json:
         _emit_json(doc)
     else:
@@ -226,14 +227,18 @@ def retry(run_id: str, as_json: bool) -> None:
     (the new run's parent is RUN_ID). A run that has not ended is refused: cancel it first."""
     from nbflow.core.runs import retry_run, run_document
 
-    store = _store()
-    run_ = retry_run(store, run_id)
-    with store.read() as session:
-        doc = run_document(session, session.get(type(run_), run_.id))
+    with _remote() as nb:
+        if nb is not None:
+            doc = nb.retry(run_id)
+        else:
+            store = _store()
+            run_ = retry_run(store, run_id)
+            with store.read() as session:
+                doc = run_document(session, session.get(type(run_), run_.id))
     if as_json:
         _emit_json(doc)
     else:
-        click.echo(f"run {doc['id']} {doc['state']} (retry of {run_.parent_run_id})")
+        click.echo(f"run {doc['id']} {doc['state']} (retry of {doc['parent_run_id']})")
 
 
 @cli.command()
@@ -244,12 +249,18 @@ def retry(run_id: str, as_json: bool) -> None:
 @handle_errors
 def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) -> None:
     """Run history, newest first."""
+    import itertools
+
     from nbflow.core.runs import list_runs, run_document
 
-    store = _store()
-    with store.read() as session:
-        docs = [run_document(session, r, cells=False)
-                for r in list_runs(session, flow=flow_name, state=state, limit=limit)]
+    with _remote() as nb:
+        if nb is not None:
+            docs = list(itertools.islice(nb.runs(flow=flow_name, state=state, page_size=limit), limit))
+        else:
+            store = _store()
+            with store.read() as session:
+                docs = [run_document(session, r, cells=False)
+                        for r in list_runs(session, flow=flow_name, state=state, limit=limit)]
     if as_json:
         _emit_json({"runs": docs})
         return
@@ -271,25 +282,41 @@ def runs(flow_name: str | None, state: str | None, limit: int, as_json: bool) ->
 def show(run_id: str, as_json: bool, log_lines: int) -> None:
     """Show a run: state and history, per-cell table, error, results, output path, last logs.
 
-    RUN_ID may be a unique prefix of the id.
+    RUN_ID may be a unique prefix of the id. Through a server (NBFLOW_API_URL), at most
+    5000 log lines.
     """
     from nbflow.core.runs import find_run, history, logs, run_document
     from nbflow.services.autostart import NOT_SERVED, is_served
 
-    store = _store()
-    with store.read() as session:
-        run_ = find_run(session, run_id)
-        doc = run_document(session, run_)
-        events = history(session, run_)
-        tail = logs(session, run_, limit=log_lines) if log_lines else []
-    if as_json:
-        _emit_json(doc)
-        return
+    waiting = None
+    with _remote() as nb:
+        if nb is not None:
+            doc = nb.run(run_id)
+            events = doc.pop("history")
+            if as_json:
+                _emit_json(doc)
+                return
+            tail = nb.logs(doc["id"], limit=min(log_lines, checks.MAX_LOG_LINES), tail=True)["logs"] \
+                if log_lines else []
+            if doc["state"] == "PENDING" and not nb.workers():
+                waiting = f"no runner is serving the store of the nbflow server at {nb.url}: start one there"
+        else:
+            store = _store()
+            with store.read() as session:
+                run_ = find_run(session, run_id)
+                doc = run_document(session, run_)
+                events = history(session, run_)
+                tail = logs(session, run_, limit=log_lines) if log_lines else []
+            if as_json:
+                _emit_json(doc)
+                return
+            if doc["state"] == "PENDING" and not is_served(store):
+                waiting = NOT_SERVED
     click.echo(f"run       {doc['id']}")
     click.echo(f"flow      {doc['flow']} v{doc['flow_version']}   kernel {doc['kernel_name']}")
     click.echo(f"state     {doc['state']} ({doc['state_name']})   attempt {doc['attempt']} of {doc['max_attempts']}")
-    if doc["state"] == "PENDING" and not is_served(store):
-        click.echo(f"waiting   {NOT_SERVED}")
+    if waiting:
+        click.echo(f"waiting   {waiting}")
     click.echo(f"params    {json.dumps(doc['parameters'])}")
     click.echo(f"created   {doc['created_at']}")
     click.echo(f"started   {doc['started_at'] or '-'}")

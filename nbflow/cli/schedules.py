@@ -11,6 +11,7 @@ import click
 from nbflow.cli.common import (
     MAX_POLL_SECONDS,
     _emit_json,
+    _remote,
     _seconds,
     _store,
     _table,
@@ -57,11 +58,19 @@ def schedule_add(flow: str, cron: str | None, interval: str | None, at: str | No
     from nbflow.core.runs import parse_cli_parameters
     from nbflow.services import scheduler
 
-    sched = scheduler.add_schedule(
-        _store(), flow, name=name, cron=cron, interval=interval, at=at, timezone=timezone,
-        parameters=parse_cli_parameters(parameters), catch_up=catch_up, max_lateness=max_lateness,
-    )
-    doc = scheduler.schedule_document(sched, flow)
+    values = parse_cli_parameters(parameters)
+    with _remote() as nb:
+        if nb is not None:
+            definition = {"name": name, "cron": cron, "interval": interval, "at": at, "catch_up": catch_up,
+                          "max_lateness": max_lateness}
+            doc = nb.add_schedule(flow, timezone=timezone, parameters=values,
+                                  **{k: v for k, v in definition.items() if v is not None})
+        else:
+            sched = scheduler.add_schedule(
+                _store(), flow, name=name, cron=cron, interval=interval, at=at, timezone=timezone,
+                parameters=values, catch_up=catch_up, max_lateness=max_lateness,
+            )
+            doc = scheduler.schedule_document(sched, flow)
     if as_json:
         _emit_json(doc)
     else:
@@ -76,7 +85,8 @@ def schedule_list(flow_name: str | None, as_json: bool) -> None:
     """List schedules and their next fire time (UTC)."""
     from nbflow.services import scheduler
 
-    docs = scheduler.list_schedules(_store(), flow_name)
+    with _remote() as nb:
+        docs = nb.schedules(flow_name) if nb is not None else scheduler.list_schedules(_store(), flow_name)
     if as_json:
         _emit_json({"schedules": docs})
         return
@@ -98,13 +108,17 @@ def _schedule_change(action: str) -> Callable[..., Any]:
     def command(flow: str, name: str) -> None:
         from nbflow.services import scheduler
 
-        store = _store()
-        getattr(scheduler, action)(store, flow, name)
-        if action == "remove":
-            click.echo(f"schedule {flow}/{name} removed")
-            return
-        docs = [d for d in scheduler.list_schedules(store, flow) if d["name"] == name]
-        click.echo(_schedule_line(docs[0]))
+        with _remote() as nb:
+            if nb is not None and action == "remove":
+                nb.remove_schedule(flow, name)
+            elif nb is not None:
+                doc = nb.set_schedule_active(flow, name, action == "resume")
+            else:
+                store = _store()
+                getattr(scheduler, action)(store, flow, name)
+                if action != "remove":
+                    doc = next(d for d in scheduler.list_schedules(store, flow) if d["name"] == name)
+        click.echo(f"schedule {flow}/{name} removed" if action == "remove" else _schedule_line(doc))
 
     return command
 

@@ -13,6 +13,7 @@ from nbflow.cli.common import (
     MAX_WARM_KERNELS,
     _ago,
     _emit_json,
+    _remote,
     _seconds,
     _store,
     _table,
@@ -194,7 +195,8 @@ def workers_cmd(as_json: bool) -> None:
     from nbflow.core.workers import list_workers
     from nbflow.settings import get_settings
 
-    docs = list_workers(_store(), get_settings().lease_seconds)
+    with _remote() as nb:
+        docs = nb.workers() if nb is not None else list_workers(_store(), get_settings().lease_seconds)
     if as_json:
         _emit_json({"workers": docs})
         return

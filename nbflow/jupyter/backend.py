@@ -322,12 +322,12 @@ def _remote(method: Any) -> Any:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from nbflow.client import ApiError
+        from nbflow.client import ApiError, explain
 
         try:
             return method(*args, **kwargs)
         except ApiError as exc:
-            raise ServerError(exc.message, exc.code, exc.status) from None
+            raise ServerError(explain(exc), exc.code, exc.status) from None
 
     return wrapper
 
@@ -382,7 +382,7 @@ class RemoteBackend:
 
     @_remote
     def logs(self, run_id: str, after: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        return self.client.logs(run_id, after=after, limit=limit)["logs"]
+        return self.client.logs(run_id, after=after, limit=limit, tail=after is None)["logs"]
 
     @_remote
     def trigger(self, flow: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -422,7 +422,10 @@ class RemoteBackend:
     def register_cell(self, name: str, code: str, *, directory: str | Path, kernel: str = "python3",
                       options: FlowOptions | None = None, cron: str | None = None, timezone: str = "UTC",
                       schedule_parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-        raise self._unsupported("registering a %%flow cell")
+        raise NbflowError(f"registering a %%flow cell is not available through the nbflow server at {self.client.url} "
+                          "(its API registers notebook files, not cells): save the code as a notebook under the "
+                          "server's notebooks root and `%flow register` it, or unset NBFLOW_API_URL to work on the "
+                          "local store; `%%flow --dry-run` runs here")
 
     @_remote
     def schedule(self, flow: str, *, name: str | None = None, cron: str | None = None,

@@ -243,7 +243,9 @@ class FlowMagics(Magics):
         backend = self._backend()
         try:
             before = backend.flow(args.name).get("version")
-        except FlowNotFound:
+        except NbflowError as exc:  # a server answers FlowNotFound as an error with its code
+            if exc.code != FlowNotFound.code:
+                raise
             before = None
         flow = backend.register_cell(args.name, cell, directory=directory, kernel=args.kernel, options=options,
                                      cron=args.schedule, timezone=args.tz,

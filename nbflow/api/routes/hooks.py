@@ -62,6 +62,12 @@ def delete_webhook(webhook_id: RowId, request: Request) -> Response:
     return Response(status_code=204)
 
 
+@router.get("/notifications", dependencies=[ADMIN], summary="Outbound notifications, of every flow or of one",
+            response_model=NotificationList, responses=documented(404))
+def all_notifications(request: Request, flow: str | None = None) -> dict[str, Any]:
+    return {"notifications": list_notifications(store_of(request), flow)}
+
+
 @router.get("/flows/{name}/notifications", dependencies=[ADMIN], summary="A flow's outbound notifications",
             response_model=NotificationList, responses=documented(404))
 def notifications(name: str, request: Request) -> dict[str, Any]:

@@ -138,12 +138,15 @@ def run_logs(
         max_length=100, description="a line's id, or an ISO 8601 time with its offset: only later lines",
         json_schema_extra=AFTER_SCHEMA)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 1000,
+    tail: Annotated[bool, Query(description="Without after: the last `limit` lines, not the first")] = False,
 ) -> dict[str, Any]:
-    """To follow a run, call again with ``after`` = the ``next_after`` of the previous answer."""
+    """To follow a run, call again with ``after`` = the ``next_after`` of the previous answer. ``tail``
+    starts from the newest lines (what ``nbflow show`` and ``%flow show`` print); once a client follows
+    with ``after``, the lines after it come in order, so ``tail`` is ignored there."""
     since = _parse_after(after)
     with store_of(request).read() as session:
         found = find_run(session, run_id)
-        lines = logs(session, found, after=since if since is not None else 0, limit=limit)
+        lines = logs(session, found, after=since if since is not None else None if tail else 0, limit=limit)
         return {"run_id": str(found.id), "state": found.state, "logs": lines,
                 "next_after": str(lines[-1]["id"]) if lines else after}
 
