@@ -267,6 +267,10 @@ class Client:
         """The server's live runners (``nbflow workers``): whether a queued run will be taken."""
         return self._call(_Request("GET", "/api/workers"))["workers"]
 
+    def queue(self) -> dict[str, Any]:
+        """Runs pending and running, and live runners: ``{"pending", "running", "runners"}``."""
+        return self._call(_Request("GET", "/api/queue"))
+
     # -- secrets, webhooks, notifications (admin) ---------------------------------------------------
     def secrets(self) -> list[dict[str, Any]]:
         """Secret names and times; never a value."""

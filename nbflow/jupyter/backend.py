@@ -447,9 +447,7 @@ class RemoteBackend:
     def queue(self) -> dict[str, Any]:
         """The server's queue (``GET /api/queue``). Its runs are run by its runners, never by one started
         here: with runs waiting and none live, the note says where one must be started."""
-        from nbflow.client import _Request  # the client has no method for this route (yet)
-
-        summary: dict[str, Any] = self.client._call(_Request("GET", "/api/queue"))
+        summary: dict[str, Any] = self.client.queue()
         waiting = summary["pending"]
         summary["note"] = (f"{waiting} run{'s' if waiting != 1 else ''} waiting: no runner serves the nbflow "
                            f"server at {self.client.url}; start `nbflow serve` (it runs one) or `nbflow worker` "
