@@ -17,7 +17,7 @@ from nbflow.core.states import StateType
 from nbflow.errors import NbflowError
 
 # The REST API's version (``GET /api/health``); a client refuses a server of another major version.
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 
 class Refused(ValueError):
