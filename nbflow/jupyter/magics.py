@@ -126,8 +126,10 @@ def _describe_schedule(flow: dict[str, Any]) -> str:
 
 def _show_run_started(run: dict[str, Any]) -> None:
     """A text line always (any front-end, and logs); the live widget where ipywidgets can render."""
+    # Who runs it was said already, when it matters: the trigger's one line when it started a runner, or
+    # that none serves the store.
     print(f"run {run['id']} {run['state']} (flow {run['flow']} v{run['flow_version']}, "
-          f"parameters {json.dumps(run['parameters'])}); a worker (`nbflow serve` or `nbflow worker`) executes it")
+          f"parameters {json.dumps(run['parameters'])})")
     try:
         from nbflow.jupyter.widgets import watch
     except ImportError:
