@@ -1,23 +1,41 @@
-"""End to end in a real browser: a notebook calling ``nbflow.dashboard()`` served by Voila, opened in
-Debian's headless Chromium through Playwright. The clicks run the widgets' callbacks in Voila's kernel,
-which writes to this test's store; the test reads the store to see that they did.
+"""End to end in a real browser (Debian's headless Chromium through Playwright): what a person sees.
+
+- JupyterLab, light and dark theme: a fresh folder holding a notebook made of the README's "In Jupyter" code
+  blocks, exactly as the README has them; Run all from the menu. Nothing else is started by the test: the runs
+  complete because Run starts a background runner (nbflow.services.autostart). The dashboard shows them
+  COMPLETED, the store agrees, its Run button runs the flow again, and every piece of text in the dashboard
+  meets WCAG AA contrast against its background in that theme.
+- Voila: a PENDING run is cancelled and a flow run from the dashboard's buttons; the live log follows the
+  newest line, stays where the user scrolled to, and follows again on request; code, logs and tracebacks are
+  monospace and single-spaced whatever Voila's own CSS says.
 
 Chromium is a system package (``.ci/run`` installs it); Playwright never downloads a browser here. A
-missing ``/usr/bin/chromium`` fails this test: it is never skipped.
+missing ``/usr/bin/chromium`` fails these tests: they are never skipped. Each server's processes, and the
+runners they start, are stopped in the teardown (browser_support.Processes). A failing test leaves
+``failure.png`` in its tmp_path.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import nbformat
 import pytest
+from browser_support import (
+    DARK,
+    LIGHT,
+    Processes,
+    chromium,
+    contrast_failures,
+    lab_open_and_run_all,
+    readme_jupyter_cells,
+    screenshot_on_failure,
+    type_problems,
+    wait_for_output,
+    write_notebook,
+)
 from helpers import make_notebook, until
 from sqlalchemy import select
 
@@ -26,19 +44,10 @@ from nbflow.core.runs import create_run
 from nbflow.store import Store, open_store
 from nbflow.store.models import Run
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
-
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD_TEXT = ".nbflow-dashboard, .nbflow-watch"
 
 
 def runs(store: Store) -> list[Run]:
@@ -46,92 +55,62 @@ def runs(store: Store) -> list[Run]:
         return list(session.execute(select(Run).order_by(Run.created_at)).scalars())
 
 
-@pytest.fixture
-def voila(sqlite_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    """Voila serving a notebook that shows the dashboard; its kernel uses this test's nbflow instance
-    (``sqlite_env`` puts NBFLOW_HOME / NBFLOW_DATABASE_URL in the environment it is started with)."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells.append(nbformat.v4.new_code_cell("import nbflow\nnbflow.dashboard(refresh=0.5)"))
-    path = tmp_path / "dashboard.ipynb"
-    nbformat.write(nb, path)
-    port = free_port()
-    env = {**sqlite_env, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_PLATFORM_DIRS": "1"}
-    log = open(tmp_path / "voila.log", "w")  # noqa: SIM115 - closed in the teardown below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "voila", str(path), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-         f"--Voila.connection_dir_root={tmp_path}"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/"
+def count(page: Any, selector: str) -> int:
+    return page.locator(selector).count()
 
-    def up() -> bool:
-        assert proc.poll() is None, f"voila exited: {(tmp_path / 'voila.log').read_text()[-3000:]}"
-        try:  # a connection, not a page: opening the page would start a kernel for nobody
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
+@pytest.mark.parametrize("theme", [LIGHT, DARK])
+def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: Path) -> None:
+    """A new user's path: the README's cells in a fresh folder, Run all, the runs complete with nothing
+    started by hand; then a Run from the dashboard; every text readable in this theme."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_notebook(project / "example.ipynb", readme_jupyter_cells(ROOT / "README.md"))
+    # The default store of the folder (./.nbflow), as a new user has it: no NBFLOW_* from this test run.
+    database = f"sqlite:///{project / '.nbflow' / 'nbflow.db'}"
+    processes = Processes(tmp_path)
+    processes.stores.append((database, project / ".nbflow"))
+    env = processes.env({k: v for k, v in os.environ.items() if not k.startswith("NBFLOW_")})
     try:
-        until(up, 60, "voila to listen", every=0.1)
-        yield url
+        lab = processes.lab(project, env, theme)
+        with chromium(tmp_path) as browser:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            with screenshot_on_failure(page, tmp_path / "failure.png"):
+                lab_open_and_run_all(page, lab.format(path="example.ipynb"))
+                wait_for_output(page, ".nbflow-dashboard")
+                page.locator(".nbflow-dashboard").scroll_into_view_if_needed()
+
+                # The README queues two runs (the %%flow --run and the %flow run): both COMPLETED on screen.
+                page.wait_for_function(
+                    "() => document.querySelectorAll('.nbflow-dashboard .nbflow-run-row .nbflow-state-completed')"
+                    ".length === 2", timeout=90_000)
+                store = Store(database)
+                done = runs(store)
+                assert [(r.state, r.result.get("rows")) for r in done] == [("COMPLETED", 42 * 7), ("COMPLETED", 42 * 3)]
+                assert all(r.worker_id and r.worker_id.startswith("autostart") for r in done), \
+                    [r.worker_id for r in done]
+
+                # The flow's Run button: the parameter form first when the dashboard has one (days=2 there).
+                page.click(".nbflow-dashboard .nbflow-flow-row:has-text('clean_sales') button.nbflow-run-flow")
+                form = ".nbflow-dashboard .nbflow-parameter-form:visible"
+                until(lambda: len(runs(store)) == 3 or count(page, form) > 0, 30, "a run or a parameter form")
+                days = 7
+                if count(page, form):
+                    days = 2
+                    page.locator(f"{form} .nbflow-param-days input").fill(str(days))
+                    page.click(f"{form} button.nbflow-submit-run")
+                until(lambda: len(runs(store)) == 3, 30, "the dashboard's run in the store")
+                new = runs(store)[2]
+                page.wait_for_function(
+                    """(id) => [...document.querySelectorAll('.nbflow-dashboard .nbflow-run-header')].some(
+                        h => h.textContent.includes(id) && h.querySelector('.nbflow-state-completed'))""",
+                    arg=str(new.id), timeout=90_000)
+                new = runs(store)[2]
+                assert (new.state, new.trigger, new.result.get("rows")) == ("COMPLETED", "manual", 42 * days)
+                store.dispose()
+
+                page.locator(".nbflow-dashboard").scroll_into_view_if_needed()
+                failures = contrast_failures(page, DASHBOARD_TEXT)
+                assert not failures, f"text below WCAG AA contrast in {theme}:\n" + "\n".join(failures)
     finally:
-        # Voila and the kernels it started are in the session this test created: stop that group only.
-        with_group = [signal.SIGTERM, signal.SIGKILL]
-        for sig in with_group:
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(10)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
-
-
-def test_dashboard_in_voila_cancels_and_runs_from_chromium(voila: str, tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; .ci/run "
-                    "does it)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    store = open_store()
-    make_notebook(tmp_path, "etl", ["x = 1"], parameters="days = 7")
-    register(store, tmp_path / "etl.ipynb")
-    pending = create_run(store, "etl", {"days": 3})
-    screenshot = tmp_path / "dashboard.png"
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                    env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
-                                         "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")})
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        try:
-            page.goto(voila, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector(".nbflow-runs-table button.nbflow-open-run", timeout=60_000)
-            assert page.locator(".nbflow-run-row").count() == 1
-            assert page.locator(".nbflow-run-row .nbflow-state-pending").count() == 1
-
-            # Open the PENDING run and cancel it: the kernel writes CANCELLED to the store.
-            page.click(f"button.nbflow-open-run:has-text('{str(pending.id)[:8]}')")
-            page.wait_for_selector("button.nbflow-cancel:not([disabled])", timeout=30_000)
-            page.click("button.nbflow-cancel")
-            until(lambda: runs(store)[0].state == "CANCELLED", 30, "the run to be CANCELLED in the store")
-            page.wait_for_selector(".nbflow-run-header .nbflow-state-cancelled", timeout=30_000)
-
-            # Run the flow from the flows table: a new PENDING run appears, in the store and on the page.
-            page.click(".nbflow-flow-row button.nbflow-run-flow")
-            until(lambda: len(runs(store)) == 2, 30, "a second run in the store")
-            new = runs(store)[1]
-            assert new.state == "PENDING" and new.trigger == "manual"
-            page.wait_for_selector(".nbflow-run-row >> nth=1", timeout=30_000)
-            page.wait_for_selector(f".nbflow-run-header:has-text('{new.id}')", timeout=30_000)
-            page.screenshot(path=str(screenshot), full_page=True)
-        except BaseException:
-            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
-    assert screenshot.stat().st_size > 10_000
+        processes.stop()
