@@ -273,7 +273,10 @@ CONTRAST_JS = """
     return [0, 1, 2].map(i => top[i] * top[3] + below[i] * (1 - top[3])).concat([1]);
   };
   const lum = (c) => {
-    const [r, g, b] = c.slice(0, 3).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    const [r, g, b] = c.slice(0, 3).map(v => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
     return 0.2126 * r + 0.7152 * g + 0.0722 * b;
   };
   const hex = (c) => '#' + c.slice(0, 3).map(v => Math.round(v).toString(16).padStart(2, '0')).join('');
@@ -344,12 +347,12 @@ def contrast_failures(page: Any, roots: str = ".nbflow-dashboard") -> list[str]:
 TYPE_JS = """
 (selectors) => {
   const ctx = document.createElement('canvas').getContext('2d');
-  const problems = [];
-  let checked = 0;
+  const problems = [], checked = [];
   for (const sel of selectors) {
+    checked.push(0);
     for (const el of document.querySelectorAll(sel)) {
       if (!el.checkVisibility() || !el.textContent.trim()) continue;
-      checked++;
+      checked[checked.length - 1]++;
       const what = `${sel} "${el.textContent.trim().slice(0, 30)}"`;
       const fonts = new Set();
       const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
@@ -360,7 +363,8 @@ TYPE_JS = """
         ctx.font = `${s.fontStyle} ${s.fontWeight} ${s.fontSize} ${s.fontFamily}`;
         const narrow = ctx.measureText('iiiiiiiiii').width, wide = ctx.measureText('MMMMMMMMMM').width;
         if (Math.abs(narrow - wide) > 0.5) {
-          problems.push(`${what}: proportional font ${s.fontFamily} (10 i ${narrow.toFixed(1)}px, 10 M ${wide.toFixed(1)}px)`);
+          problems.push(`${what}: proportional font ${s.fontFamily} `
+                        + `(10 i ${narrow.toFixed(1)}px, 10 M ${wide.toFixed(1)}px)`);
           break;
         }
       }
@@ -381,7 +385,7 @@ TYPE_JS = """
 """
 
 
-def type_problems(page: Any, selectors: list[str]) -> tuple[int, list[str]]:
-    """How many code elements were checked, and which are proportional or more than single-spaced."""
+def type_problems(page: Any, selectors: list[str]) -> tuple[list[int], list[str]]:
+    """How many visible elements each selector matched, and which are proportional or more than single-spaced."""
     found = page.evaluate(TYPE_JS, selectors)
     return found["checked"], found["problems"]

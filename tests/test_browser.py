@@ -17,7 +17,6 @@ runners they start, are stopped in the teardown (browser_support.Processes). A f
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -114,3 +113,153 @@ def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: 
                 assert not failures, f"text below WCAG AA contrast in {theme}:\n" + "\n".join(failures)
     finally:
         processes.stop()
+
+
+# The flow whose log the Voila test watches: a line every 0.2 s until the test creates the file GO, then a
+# failure (a traceback to look at). Bounded, so that a test that died early leaves no endless run.
+TAIL_CELLS = [
+    "import pathlib, time\ngo = pathlib.Path(GO)\ni = 0\n"
+    "while not go.exists() and i < 3000:\n    i += 1\n    print(f'line {i} of the live log', flush=True)\n"
+    "    time.sleep(0.2)",
+    "raise RuntimeError(f'stopped after {i} lines')",
+]
+# Samples the log's scroll container after every change to the run detail and every scroll, once laid out:
+# what a person sees between two refreshes is the last sample before the next lines arrive.
+SAMPLER_JS = """
+() => {
+  window.nbflowSamples = [];
+  const sample = () => {
+    const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');
+    if (!s) return;
+    window.nbflowSamples.push({lines: s.querySelectorAll('.nbflow-log-line').length, top: s.scrollTop,
+                               bottom: s.scrollHeight - s.clientHeight,
+                               overflow: s.scrollHeight > s.clientHeight + 20});
+  };
+  const later = () => requestAnimationFrame(() => requestAnimationFrame(sample));
+  new MutationObserver(later).observe(document.querySelector('.nbflow-run-detail'),
+                                      {childList: true, subtree: true, characterData: true});
+  document.addEventListener('scroll', later, true);
+}
+"""
+LINES_JS = "() => document.querySelectorAll('.nbflow-run-detail .nbflow-log-scroll .nbflow-log-line').length"
+# The code a person reads in the dashboard: parameters, logs, a failing cell's source, its traceback.
+CODE = [".nbflow-run-header .nbflow-mono", ".nbflow-log-scroll", ".nbflow-log-line", ".nbflow-failing-source",
+        ".nbflow-run-error details pre"]
+
+
+def settled(samples: list[dict[str, Any]], since: int) -> list[dict[str, Any]]:
+    """The last sample of each line count after index ``since`` but the newest count (still settling)."""
+    last: dict[int, dict[str, Any]] = {}
+    for s in samples[since:]:
+        last[s["lines"]] = s
+    return [last[n] for n in sorted(last)[:-1] if last[n]["overflow"]]
+
+
+def more_lines(page: Any, than: int) -> int:
+    page.wait_for_function(f"() => ({LINES_JS})() >= {than}", timeout=30_000)
+    return page.evaluate(LINES_JS)
+
+
+def run_from_dashboard(page: Any, store: Store, flow: str, values: dict[str, str]) -> Run:
+    """Press the flow's Run button; fill and submit the parameter form when one opens; the new run."""
+    before = len(runs(store))
+    page.click(f".nbflow-dashboard .nbflow-flow-row:has-text('{flow}') button.nbflow-run-flow")
+    form = ".nbflow-dashboard .nbflow-parameter-form:visible"
+    until(lambda: len(runs(store)) > before or count(page, form) > 0, 30, f"a run of {flow} or its form")
+    if count(page, form) and len(runs(store)) == before:
+        for name, value in values.items():
+            page.locator(f"{form} .nbflow-param-{name} input").fill(value)
+        page.click(f"{form} button.nbflow-submit-run")
+    until(lambda: len(runs(store)) > before, 30, f"the dashboard's run of {flow} in the store")
+    return runs(store)[-1]
+
+
+def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
+        sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    store = open_store()
+    make_notebook(tmp_path, "etl", ["x = days * 2"], parameters="days = 7")
+    register(store, tmp_path / "etl.ipynb")
+    go = tmp_path / "go"
+    make_notebook(tmp_path, "tail", TAIL_CELLS, parameters=f"GO = {str(go)!r}")
+    register(store, tmp_path / "tail.ipynb")
+    pending = create_run(store, "etl", {"days": 3})
+    dashboard = write_notebook(tmp_path / "dashboard.ipynb", ["import nbflow\nnbflow.dashboard(refresh=0.5)"])
+    processes = Processes(tmp_path)
+    processes.stores.append((sqlite_env["NBFLOW_DATABASE_URL"], Path(sqlite_env["NBFLOW_HOME"])))
+    try:
+        url = processes.voila(dashboard, processes.env(sqlite_env))
+        with chromium(tmp_path) as browser:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            with screenshot_on_failure(page, tmp_path / "failure.png"):
+                page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+                page.wait_for_selector(".nbflow-runs-table button.nbflow-open-run", timeout=60_000)
+                assert count(page, ".nbflow-run-row") == 1
+                assert count(page, ".nbflow-run-row .nbflow-state-pending") == 1
+
+                # Open the PENDING run and cancel it: the kernel writes CANCELLED to the store.
+                page.click(f"button.nbflow-open-run:has-text('{str(pending.id)[:8]}')")
+                page.wait_for_selector("button.nbflow-cancel:not([disabled])", timeout=30_000)
+                page.click("button.nbflow-cancel")
+                until(lambda: runs(store)[0].state == "CANCELLED", 30, "the run to be CANCELLED in the store")
+                page.wait_for_selector(".nbflow-run-header .nbflow-state-cancelled", timeout=30_000)
+
+                # Run a flow from the flows table: nothing serves the store, so the Run starts a runner; the
+                # run is shown, and completes.
+                new = run_from_dashboard(page, store, "etl", {"days": "3"})
+                assert new.trigger == "manual"
+                page.wait_for_selector(".nbflow-run-row >> nth=1", timeout=30_000)
+                page.wait_for_selector(f".nbflow-run-header:has-text('{new.id}') .nbflow-state-completed",
+                                       timeout=60_000)
+                assert runs(store)[1].state == "COMPLETED"
+
+                # The live log follows the newest line...
+                tail = run_from_dashboard(page, store, "tail", {})
+                page.wait_for_selector(f".nbflow-run-header:has-text('{tail.id}') .nbflow-state-running",
+                                       timeout=60_000)
+                page.wait_for_selector(".nbflow-run-detail .nbflow-log-scroll .nbflow-log-line", timeout=30_000)
+                page.evaluate(SAMPLER_JS)
+                page.wait_for_function(
+                    "() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');"
+                    " return s.scrollHeight > s.clientHeight + 40; }", timeout=60_000)
+                mark = len(page.evaluate("window.nbflowSamples"))
+                more_lines(page, page.evaluate(LINES_JS) + 6)
+                seen = settled(page.evaluate("window.nbflowSamples"), mark)
+                assert len(seen) >= 2 and all(s["bottom"] - s["top"] <= 2 for s in seen), \
+                    f"the log did not follow its newest line: {seen}"
+
+                # ... stays where the user scrolled to while lines keep arriving...
+                scroller = page.locator(".nbflow-run-detail .nbflow-log-scroll")
+                scroller.hover()
+                page.mouse.wheel(0, -120)
+                page.wait_for_function(
+                    "() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');"
+                    " return s.scrollHeight - s.clientHeight - s.scrollTop > 40; }", timeout=10_000)
+                place = scroller.evaluate("s => s.scrollTop")
+                mark = len(page.evaluate("window.nbflowSamples"))
+                more_lines(page, page.evaluate(LINES_JS) + 6)
+                moved = [s for s in page.evaluate("window.nbflowSamples")[mark:] if abs(s["top"] - place) > 1]
+                assert not moved and abs(scroller.evaluate("s => s.scrollTop") - place) <= 1, \
+                    f"the log moved away from where the user scrolled to ({place}px): {moved[:5]}"
+
+                # ... and follows again on request.
+                page.click(".nbflow-run-detail .nbflow-log-follow")
+                mark = len(page.evaluate("window.nbflowSamples"))
+                more_lines(page, page.evaluate(LINES_JS) + 6)
+                seen = settled(page.evaluate("window.nbflowSamples"), mark)
+                assert seen and all(s["bottom"] - s["top"] <= 2 for s in seen), \
+                    f"the log did not follow again after Follow: {seen}"
+
+                # The run fails: its source and traceback, like its log and parameters, read as code.
+                go.touch()
+                page.wait_for_selector(f".nbflow-run-header:has-text('{tail.id}') .nbflow-state-failed",
+                                       timeout=60_000)
+                page.click(".nbflow-run-error details summary")
+                checked, problems = type_problems(page, CODE)
+                missing = [sel for sel, n in zip(CODE, checked, strict=True) if not n]
+                assert not missing and not problems, \
+                    f"code not shown as code in Voila: missing {missing}; " + "\n".join(problems)
+                page.screenshot(path=str(tmp_path / "voila.png"), full_page=True)
+    finally:
+        processes.stop()
+    assert runs(store)[2].state == "FAILED"
+    assert (tmp_path / "voila.png").stat().st_size > 10_000
