@@ -269,7 +269,7 @@ def test_detail_of_a_real_failed_run(env: Store, nbflow_env: dict[str, str], tmp
     assert "ValueError: boom y</b> in cell 4" in detail.error.value
     # The failing cell's own source, although papermill's error banners shifted the output's cells.
     assert f'<pre class="nbflow-mono nbflow-failing-source">{html.escape(failing)}</pre>' in detail.error.value
-    assert "halfway there\n" in detail.logs.value
+    assert "halfway there\n" in detail.logs.text()
     assert "seen" in detail.results.value and "42" in detail.results.value
     assert str(run.output_path) in detail.notebook.value
     assert not detail.notebook_button.disabled and detail.cancel_button.disabled

@@ -16,7 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from nbflow.errors import NbflowError
-from nbflow.jupyter.widgets.badges import badge, esc, parameters_text, parse_time, seconds, when
+from nbflow.jupyter.widgets.badges import badge, clipped, esc, parameters_text, run_duration, when
 
 STATES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING", "CANCELLED", "CRASHED")
 ALL = ""
@@ -32,15 +32,6 @@ class RunsPage:
     flow_names: tuple[str, ...] = field(default=())
 
 
-def run_duration(run: dict[str, Any], now: datetime) -> str:
-    if run.get("duration") is not None:
-        return seconds(run["duration"])
-    started = parse_time(run.get("started_at"))
-    if started is not None and run.get("ended_at") is None:
-        return seconds((now - started).total_seconds()) + "…"
-    return "-"
-
-
 def row_html(run: dict[str, Any], now: datetime) -> str:
     params = parameters_text(run.get("parameters"))
     return (
@@ -50,7 +41,7 @@ def row_html(run: dict[str, Any], now: datetime) -> str:
         f'<span title="{esc(run.get("started_at") or run.get("created_at"))}">'
         f'{when(run.get("started_at") or run.get("created_at"), now)}</span>'
         f'<span>{run_duration(run, now)}</span>'
-        f'<span class="nbflow-mono" title="{esc(params)}">{esc(params)}</span>'
+        f'{clipped(params, css="nbflow-mono", hover=True)}'
         f'<span class="nbflow-muted">{esc(run.get("trigger"))}</span>'
         '</div>'
     )

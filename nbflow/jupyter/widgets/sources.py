@@ -43,6 +43,31 @@ def _version_notebook(backend: Any, run: dict[str, Any]) -> nbformat.NotebookNod
         return nbformat.reads(text, as_version=4)
 
 
+def cell_roles(backend: Any, run: dict[str, Any]) -> dict[int, str]:
+    """Which executed cells (by index) are not the flow's own code: ``parameters`` (the cell tagged so, the
+    defaults) and ``injected`` (the cell papermill adds with the run's parameters). Progress counts the
+    other cells, the ones a user wrote: a one-cell ``%%flow`` with parameters runs 3 cells, and is 1 cell.
+
+    From the flow version the run executed, by position, as papermill places its cell: it replaces a cell
+    tagged ``injected-parameters``, else goes right after the ``parameters`` cell, else first (every later
+    index then moves one down), and only when the run has parameters.
+    """
+    nb = _version_notebook(backend, run)
+    if nb is None:
+        return {}
+    tags = [set(cell.get("metadata", {}).get("tags") or ()) for cell in nb.cells]
+    param = next((i for i, t in enumerate(tags) if "parameters" in t), None)
+    injected = next((i for i, t in enumerate(tags) if "injected-parameters" in t), None)
+    roles: dict[int, str] = {}
+    if run.get("parameters"):
+        if injected is None:
+            injected = param + 1 if param is not None else 0
+        roles[injected] = "injected"
+    if param is not None:
+        roles[param] = "parameters"
+    return roles
+
+
 def failing_cell_source(backend: Any, run: dict[str, Any]) -> str | None:
     """The source of the cell ``run['error']`` names, or None if no cell or no notebook is known.
 
@@ -73,4 +98,4 @@ def notebook_html(run: dict[str, Any]) -> str | None:
         warnings.filterwarnings("ignore", message="Your element with mimetype", category=UserWarning)
         body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     return (f'<iframe class="nbflow-notebook-frame" srcdoc="{html.escape(body, quote=True)}" '
-            'style="width:100%; height:600px; border:1px solid #d1d5db"></iframe>')
+            'style="width:100%; height:600px; border:1px solid var(--jp-border-color2, #e0e0e0)"></iframe>')
