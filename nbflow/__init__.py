@@ -12,7 +12,7 @@ from typing import Any
 from nbflow.record import record
 from nbflow.version import __version__
 
-__all__ = ["__version__", "dashboard", "load_ipython_extension", "record", "secret", "watch"]
+__all__ = ["__version__", "dashboard", "load_ipython_extension", "record", "runs_frame", "secret", "watch"]
 
 
 def secret(name: str) -> str:
@@ -34,6 +34,14 @@ def watch(run_id: str, **options: Any) -> Any:
     from nbflow.jupyter.widgets import watch as _watch
 
     return _watch(run_id, **options)
+
+
+def runs_frame(flow: str | None = None, limit: int = 200, state: str | None = None, **options: Any) -> Any:
+    """The last runs (of ``flow``) as a pandas DataFrame, parameters and results as columns (see
+    nbflow.jupyter.frames); pandas is imported only here."""
+    from nbflow.jupyter.frames import runs_frame as _runs_frame
+
+    return _runs_frame(flow, limit, state, **options)
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -21,6 +21,7 @@ ROUTES = [
     ("GET", "/api/flows/{name}", "read", None),
     ("GET", "/api/runs", "read", None),
     ("GET", "/api/runs/count", "read", None),
+    ("GET", "/api/queue", "read", None),
     ("GET", "/api/runs/{run_id}", "read", None),
     ("GET", "/api/runs/{run_id}/cells", "read", None),
     ("GET", "/api/runs/{run_id}/logs", "read", None),

@@ -592,7 +592,10 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
 
     Four queries for any number of flows, not four per flow: the dashboard lists every flow at each refresh
     (100 flows: ~500 ms one by one, bench/big_history.py). The last run of each flow is one index seek on
-    ``run(flow_id, created_at)`` (a correlated subquery), however long the history."""
+    ``run(flow_id, created_at)`` (a correlated subquery), however long the history. "Last" is the first
+    run of the flow in the runs' one total order, newest first by (``created_at``, ``id``) as
+    ``nbflow.core.runs.list_runs`` lists them: runs created in one batch (a scheduler catch-up, the API's
+    group commit) share a ``created_at``, and ordering on it alone let the database pick any of them."""
     ids = [flow.id for flow in flows]
     if not ids:
         return []
@@ -601,7 +604,7 @@ def flow_documents(session: Session, flows: list[Flow]) -> list[dict[str, Any]]:
     # Not the notebook's source: a document has no use for it, and 100 real notebooks are megabytes a refresh.
     versions = {v.flow_id: v for v in session.execute(select(FlowVersion).options(defer(FlowVersion.source)).join(
         newest, (FlowVersion.flow_id == newest.c.flow_id) & (FlowVersion.version == newest.c.version))).scalars()}
-    last_id = select(Run.id).where(Run.flow_id == Flow.id).order_by(Run.created_at.desc()).limit(1)
+    last_id = select(Run.id).where(Run.flow_id == Flow.id).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
     last_ids = dict(session.execute(select(Flow.id, last_id.scalar_subquery()).where(Flow.id.in_(ids))).all())
     last_runs = {r.flow_id: r for r in session.execute(
         select(Run.flow_id, Run.id, Run.state, Run.state_name, Run.created_at)

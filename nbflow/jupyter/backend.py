@@ -40,6 +40,11 @@ class Backend(Protocol):
 
     def count_runs(self, *, flow: str | None = None, state: str | None = None) -> int: ...
 
+    def queue(self) -> dict[str, Any]:
+        """``{"pending", "running", "runners", "note"}``: runs waiting, runs running, live runners, and
+        ``note``, one line saying why PENDING runs will not start (no live runner), else None."""
+        ...
+
     def run(self, run_id: str) -> dict[str, Any]:
         """One run document, with ``cells``; ``run_id`` may be a unique prefix."""
         ...
@@ -250,6 +255,17 @@ class LocalBackend:
 
         return count_runs(self.store, flow=flow, state=state)
 
+    def queue(self) -> dict[str, Any]:
+        from nbflow.core.workers import queue_summary
+        from nbflow.services.autostart import NOT_SERVED
+        from nbflow.settings import get_settings
+
+        summary: dict[str, Any] = queue_summary(self.store, get_settings().lease_seconds)
+        waiting = summary["pending"]
+        summary["note"] = (f"{waiting} run{'s' if waiting != 1 else ''} waiting: {NOT_SERVED}"
+                           if waiting and not summary["runners"] else None)
+        return summary
+
     def run(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         from nbflow.core.runs import find_run, run_document
 
@@ -423,3 +439,16 @@ class RemoteBackend:
     @_remote
     def remove_schedule(self, flow: str, name: str = "default") -> None:
         self.client.remove_schedule(flow, name)
+
+    @_remote
+    def queue(self) -> dict[str, Any]:
+        """The server's queue (``GET /api/queue``). Its runs are run by its runners, never by one started
+        here: with runs waiting and none live, the note says where one must be started."""
+        from nbflow.client import _Request  # the client has no method for this route (yet)
+
+        summary: dict[str, Any] = self.client._call(_Request("GET", "/api/queue"))
+        waiting = summary["pending"]
+        summary["note"] = (f"{waiting} run{'s' if waiting != 1 else ''} waiting: no runner serves the nbflow "
+                           f"server at {self.client.url}; start `nbflow serve` (it runs one) or `nbflow worker` "
+                           "on the server's store" if waiting and not summary["runners"] else None)
+        return summary

@@ -4,19 +4,65 @@ They read and act through ``nbflow.jupyter.backend`` (the local store, or a ``nb
 ``NBFLOW_API_URL`` is set), never through SQL of their own, and refresh in a background thread
 (``nbflow.jupyter.widgets.refresh``) so the kernel stays free for the user's next cell. Stable CSS classes
 (``nbflow-runs-table``, ``nbflow-run-flow``, ``nbflow-cancel``...) mark the parts tests and styles rely on.
+
+A saved, exported or shared notebook has no kernel behind its widgets: both widgets add a static HTML
+snapshot of what they show to their display data (``_repr_mimebundle_``), next to the live widget's view,
+so nbconvert, GitHub or a notebook opened without its widget state shows the snapshot, not a repr.
 """
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import ipywidgets as widgets
 
+from nbflow.errors import NbflowError
 from nbflow.jupyter.widgets.badges import STYLE, error_text, esc
+from nbflow.jupyter.widgets.flow_view import FlowView
+from nbflow.jupyter.widgets.flows_table import HEADER as FLOWS_HEADER
 from nbflow.jupyter.widgets.flows_table import FlowsTable
 from nbflow.jupyter.widgets.refresh import Refresher
 from nbflow.jupyter.widgets.run_detail import TERMINAL, RunDetail
+from nbflow.jupyter.widgets.runs_table import HEADER as RUNS_HEADER
 from nbflow.jupyter.widgets.runs_table import RunsTable
+
+# How long an information line stays (an error stays until the next action).
+STATUS_SECONDS = 15.0
+
+
+def status_html(text: str, error: bool = False) -> str:
+    """A status line in the theme's colours (JupyterLab's variables; light fallbacks elsewhere)."""
+    if not text:
+        return ""
+    colour = "var(--jp-error-color1, #b91c1c)" if error else "var(--jp-ui-font-color1, #374151)"
+    return f'<span style="color:{colour}">{esc(text)}</span>'
+
+
+def queue_html(queue: dict[str, Any] | None) -> str:
+    """``2 pending · 1 running · 1 runner``; nothing when the backend cannot tell (an older server)."""
+    if queue is None:
+        return ""
+    runners = queue["runners"]
+    return (f'<span class="nbflow-muted">{queue["pending"]} pending · {queue["running"]} running · '
+            f'{runners} runner{"" if runners == 1 else "s"}</span>')
+
+
+def no_runner_html(note: str | None) -> str:
+    """The warning that PENDING runs will not start, with how to fix it; nothing when a runner is live."""
+    if not note:
+        return ""
+    return ('<div style="border-left:4px solid var(--jp-warn-color1, #d97706); padding:2px 8px; '
+            f'color:var(--jp-ui-font-color1, #111)">{esc(note)}</div>')
+
+
+def _queue(backend: Any) -> dict[str, Any] | None:
+    """The backend's queue, or None from a server without ``/api/queue`` (the line is left out)."""
+    try:
+        return backend.queue()
+    except NbflowError:
+        return None
 
 __all__ = ["Dashboard", "RunWatch", "dashboard", "watch"]
 
@@ -50,10 +96,19 @@ class Dashboard(_Live):
 
     def __init__(self, backend: Any, *, refresh: float | None = 2.0, page_size: int = 20) -> None:
         self.backend = backend
+        self.status_seconds = STATUS_SECONDS
+        self.queue = widgets.HTML()
+        self.queue.add_class("nbflow-queue")
+        self.no_runner = widgets.HTML()
+        self.no_runner.add_class("nbflow-no-runner")
         self.status = widgets.HTML()
         self.status.add_class("nbflow-status")
+        # What the status line says: (error, when, what it is about: the open run and its state, read at the
+        # first refresh after it was said; None until then).
+        self._said: tuple[bool, float, Any] | None = None
         self.flows = FlowsTable(backend, on_started=lambda run: self.open_run(run["id"]),
-                                on_change=self.request_refresh, say=self.say)
+                                on_change=self.request_refresh, say=self.say, on_chart=self.chart_flow)
+        self.flow_view = FlowView(backend, on_change=self.request_refresh)
         self.runs = RunsTable(backend, page_size=page_size, on_open=self.open_run, on_change=self.request_refresh)
         self.detail = RunDetail(backend, on_open=self.open_run, on_change=self.request_refresh)
         self.detail.layout.display = "none"
@@ -61,8 +116,8 @@ class Dashboard(_Live):
         self.refresher = Refresher(self._refresh, refresh, on_error=self._refresh_failed, name="nbflow-dashboard")
         super().__init__([
             widgets.HTML(STYLE + '<div class="nbflow-section" style="font-size:16px">nbflow</div>'),
-            self.status,
-            widgets.HTML('<div class="nbflow-section">Flows</div>'), self.flows,
+            self.queue, self.no_runner, self.status,
+            widgets.HTML('<div class="nbflow-section">Flows</div>'), self.flows, self.flow_view,
             widgets.HTML('<div class="nbflow-section">Runs</div>'), self.runs,
             self.detail,
         ])
@@ -79,40 +134,109 @@ class Dashboard(_Live):
         self.refresher.request()
 
     def open_run(self, run_id: str) -> None:
+        self.say("")  # a new action: the line about the last one goes
         self.detail.show(run_id)
         self.detail.layout.display = ""
         self.request_refresh()
 
+    def chart_flow(self, name: str) -> None:
+        """Show (or, for the flow shown, hide) the flow view of ``name`` under the flows table."""
+        self.flow_view.show(name)
+
     def say(self, text: str, error: bool = False) -> None:
-        colour = "#b91c1c" if error else "#374151"
-        self.status.value = f'<span style="color:{colour}">{esc(text)}</span>' if text else ""
+        """One line under the queue. Information replaces the last line and goes after ``status_seconds``
+        or once the run it is about changes state; an error stays until the next action says something."""
+        self._said = (error, time.monotonic(), None) if text else None
+        self.status.value = status_html(text, error)
+
+    def _subject(self) -> tuple[str | None, str | None]:
+        run = self.detail.run
+        return self.detail.run_id, run.get("state") if run else None
+
+    def _expire_status(self) -> None:
+        said = self._said
+        if said is None or said[0]:
+            return
+        error, at, about = said
+        if about is None:
+            self._said = (error, at, self._subject())
+        elif time.monotonic() - at >= self.status_seconds or about != self._subject():
+            self.say("")
 
     def _refresh(self) -> None:
         flows = self.backend.flows()
+        queue = _queue(self.backend)
         page = self.runs.fetch(tuple(f["name"] for f in flows))
         detail = self.detail.fetch()
+        charted = self.flow_view.fetch()
+        self.queue.value = queue_html(queue)
+        self.no_runner.value = no_runner_html(queue and queue.get("note"))
         self.flows.render(flows)
         self.runs.render(page)
         self.detail.render(detail)
+        self.flow_view.render(charted)
         if self._failing:
             self._failing = False
             self.say("")
+        self._expire_status()
 
     def _refresh_failed(self, exc: Exception) -> None:
         self._failing = True
         self.say(f"refresh failed (retrying): {error_text(exc)}", error=True)
 
+    # -- the static view ---------------------------------------------------------------------------------
+
+    def snapshot_html(self) -> str:
+        """What the dashboard shows, as plain HTML (no widgets, no script): for a notebook read without a
+        kernel. Made from the values on screen, so it costs no query."""
+        flows = "".join(box.children[0].value for box in self.flows.rows.children
+                        if isinstance(box, widgets.HBox)) or self.flows.empty.value
+        runs = "".join(f'<div style="display:flex; gap:8px"><code style="width:90px">{esc(box.children[0].description)}'
+                       f'</code>{box.children[1].value}</div>' for box in self.runs.rows.children)
+        view = ""
+        if self.flow_view.flow is not None:
+            view = self.flow_view.title.value + self.flow_view.duration.value + self.flow_view.result.value
+        detail = ('<div class="nbflow-section">Run</div>' + self.detail.header.value) if self.detail.run_id else ""
+        return (f'<div class="nbflow-snapshot nbflow-dashboard">{STYLE}'
+                '<div class="nbflow-section" style="font-size:16px">nbflow</div>'
+                f'{_snapshot_note()}{self.queue.value}{self.no_runner.value}{self.status.value}'
+                f'<div class="nbflow-section">Flows</div>{FLOWS_HEADER}{flows}{view}'
+                f'<div class="nbflow-section">Runs</div>{self.runs.page_label.value}'
+                f'<div style="display:flex; gap:8px"><span style="width:90px"></span>{RUNS_HEADER}</div>{runs}'
+                f'{detail}</div>')
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return _with_snapshot(super()._repr_mimebundle_(**kwargs), self.snapshot_html(),
+                              f"nbflow dashboard ({len(self.flows.names)} flows)")
+
+
+def _snapshot_note() -> str:
+    at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (f'<div class="nbflow-muted">A snapshot taken at {at}: run the cell again for the live view.</div>')
+
+
+def _with_snapshot(bundle: dict[str, Any] | None, snapshot: str, text: str) -> dict[str, Any]:
+    """ipywidgets' own display data (the live widget's view, which JupyterLab and Voila prefer) plus the
+    static snapshot as ``text/html`` and a one-line ``text/plain``, instead of the widget's repr."""
+    data = dict(bundle or {})
+    data["text/html"] = snapshot
+    data["text/plain"] = text
+    return data
+
 
 class RunWatch(_Live):
-    """One run's live detail; the refresh loop ends by itself once the run has ended."""
+    """One run's live detail; the refresh loop ends by itself once the run has ended. While the run is
+    PENDING and no runner will take it, a line above the detail says so and how to fix it."""
 
     def __init__(self, backend: Any, run_id: str, *, refresh: float | None = 0.5) -> None:
         self.backend = backend
         run = backend.run(run_id)  # an unknown id fails here, with the store's one-line error
         self.detail = RunDetail(backend, on_open=self._follow, on_change=self._wake)
         self.detail.show(run["id"])
+        self.no_runner = widgets.HTML()
+        self.no_runner.add_class("nbflow-no-runner")
         self.refresher = Refresher(self._refresh, refresh, on_error=self._refresh_failed, name="nbflow-watch")
-        super().__init__([widgets.HTML(STYLE), self.detail])
+        super().__init__([widgets.HTML(STYLE), self.no_runner, self.detail])
         self.add_class("nbflow-watch")
         if self.refresher.run_once():
             self.refresher.start()
@@ -123,6 +247,9 @@ class RunWatch(_Live):
     def _refresh(self) -> bool:
         self.detail.render(self.detail.fetch())
         run = self.detail.run
+        # Asked only while the run waits: a running or ended run has (had) its runner.
+        queue = _queue(self.backend) if run is not None and run.get("state") == "PENDING" else None
+        self.no_runner.value = no_runner_html(queue and queue.get("note"))
         return not (run is not None and run.get("state") in TERMINAL)
 
     def _follow(self, run_id: str) -> None:
@@ -138,6 +265,16 @@ class RunWatch(_Live):
 
     def _refresh_failed(self, exc: Exception) -> None:
         self.detail.say(f"refresh failed (retrying): {error_text(exc)}", error=True)
+
+    def snapshot_html(self) -> str:
+        return (f'<div class="nbflow-snapshot nbflow-watch">{STYLE}{_snapshot_note()}{self.no_runner.value}'
+                f'{self.detail.header.value}{self.detail.timeline.value}{self.detail.error.value}'
+                f'{self.detail.results.value}</div>')
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        run = self.detail.run or {}
+        return _with_snapshot(super()._repr_mimebundle_(**kwargs), self.snapshot_html(),
+                              f"nbflow run {self.detail.run_id} ({run.get('state', 'loading')})")
 
 
 def dashboard(backend: Any = None, refresh: float | None = 2.0, page_size: int = 20) -> Dashboard:

@@ -1,8 +1,10 @@
-"""The flows table: each flow's version, schedule, next run and last state, with Run and Pause buttons.
+"""The flows table: each flow's version, schedule, next run and last state, with Run, Pause and Chart.
 
 The buttons call the backend in the kernel's thread (one short write each) and then ask the dashboard
 for a refresh, which happens in the background; their outcome, or the one-line error, goes to the
-dashboard's status line.
+dashboard's status line. Run on a flow with parameters first opens the parameter form under the table,
+preset with the notebook's defaults (a flow without parameters runs at once); a value the backend refuses
+is shown in the form and creates no run. Chart opens the flow view (``flow_view``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from nbflow.jupyter.widgets.badges import badge, error_text, esc, when
+from nbflow.jupyter.widgets.parameter_form import ParameterForm
 
 ROW_WIDTH = "700px"  # the header and every row: their grid columns line up
 HEADER = (
@@ -50,22 +53,32 @@ def row_html(flow: dict[str, Any], now: datetime) -> str:
     )
 
 
+Row = tuple[widgets.HTML, widgets.Button, widgets.Button, widgets.HBox]
+
+
 class FlowsTable(widgets.VBox):
-    """One row per flow. ``on_started(run)`` receives the run the Run button created."""
+    """One row per flow. ``on_started(run)`` receives the run the Run button (or its form) created;
+    ``on_chart(name)`` opens the flow view of a flow."""
 
     def __init__(self, backend: Any, *, on_started: Callable[[dict[str, Any]], None],
-                 on_change: Callable[[], None], say: Callable[[str, bool], None]) -> None:
+                 on_change: Callable[[], None], say: Callable[[str, bool], None],
+                 on_chart: Callable[[str], None] | None = None) -> None:
         self.backend = backend
         self._on_started = on_started
         self._on_change = on_change
         self._say = say
+        self._on_chart = on_chart
         self._names: list[str] = []
         self._paused: dict[str, bool] = {}
-        self._pool: list[tuple[widgets.HTML, widgets.Button, widgets.Button, widgets.HBox]] = []
+        self._specs: dict[str, dict[str, Any]] = {}
+        self._pool: list[Row] = []
         self.rows = widgets.VBox()
         self.empty = widgets.HTML('<span class="nbflow-muted">No flows yet: register a notebook with '
                                   '<code>nbflow register</code> or a <code>%%flow</code> cell.</span>')
-        super().__init__([widgets.HTML(HEADER, layout=widgets.Layout(width=ROW_WIDTH)), self.rows])
+        self.form_flow: str | None = None  # the flow whose parameter form is open
+        self.form = widgets.VBox()
+        self.form.add_class("nbflow-run-form")
+        super().__init__([widgets.HTML(HEADER, layout=widgets.Layout(width=ROW_WIDTH)), self.rows, self.form])
         self.add_class("nbflow-flows-table")
 
     @property
@@ -86,29 +99,60 @@ class FlowsTable(widgets.VBox):
             self.rows.children = shown
         self._names = [f["name"] for f in flows]
         self._paused = {f["name"]: bool(f.get("paused")) for f in flows}
+        self._specs = {f["name"]: f.get("parameters") or {} for f in flows}
+        if self.form_flow is not None and self.form_flow not in self._specs:
+            self.close_form()  # the flow is gone
 
-    def _new_row(self, index: int) -> tuple[widgets.HTML, widgets.Button, widgets.Button, widgets.HBox]:
+    def _new_row(self, index: int) -> Row:
         html = widgets.HTML(layout=widgets.Layout(width=ROW_WIDTH))
         run = widgets.Button(description="Run", button_style="primary", icon="play",
                              layout=widgets.Layout(width="80px"))
         run.add_class("nbflow-run-flow")
         pause = widgets.Button(description="Pause", layout=widgets.Layout(width="90px"))
         pause.add_class("nbflow-pause-flow")
+        chart = widgets.Button(description="Chart", icon="line-chart", layout=widgets.Layout(width="90px"),
+                               tooltip="duration and results over the flow's last runs")
+        chart.add_class("nbflow-chart-flow")
         run.on_click(lambda _b, i=index: self._run(i))
         pause.on_click(lambda _b, i=index: self._toggle_pause(i))
-        box = widgets.HBox([html, run, pause])
+        chart.on_click(lambda _b, i=index: self._chart(i))
+        box = widgets.HBox([html, run, pause, chart])
         box.add_class("nbflow-flow-row")
         return html, run, pause, box
 
     def _run(self, index: int) -> None:
+        """Run at once, or open the form when the flow has parameters (a second click closes it)."""
         name = self._names[index]
-        try:
-            run = self.backend.trigger(name)
-        except Exception as exc:  # shown in the status line: a button never raises into the front-end
-            self._say(f"cannot run {name}: {error_text(exc)}", True)
+        spec = self._specs.get(name) or {}
+        if not spec:
+            try:
+                self._start(name, {})
+            except Exception as exc:  # shown in the status line: a button never raises into the front-end
+                self._say(f"cannot run {name}: {error_text(exc)}", True)
             return
+        if self.form_flow == name:
+            self.close_form()
+            return
+        self.form_flow = name
+        title = widgets.HTML(f'<div class="nbflow-section">Run {esc(name)} with</div>')
+        form = ParameterForm(spec, {}, on_submit=lambda values: self._start(name, values))
+        self.form.children = (title, form)
+
+    def close_form(self) -> None:
+        self.form_flow = None
+        self.form.children = ()
+
+    def _start(self, name: str, values: dict[str, Any]) -> None:
+        """Trigger; a refusal raises to the caller (the form shows it, the plain Run says it)."""
+        run = self.backend.trigger(name, values)
+        if self.form_flow == name:
+            self.close_form()
+        self._on_started(run)  # opens the run, a new action: the line below is about it
         self._say(f"started run {run['id'][:8]} of {name}", False)
-        self._on_started(run)
+
+    def _chart(self, index: int) -> None:
+        if self._on_chart is not None:
+            self._on_chart(self._names[index])
 
     def _toggle_pause(self, index: int) -> None:
         name = self._names[index]
