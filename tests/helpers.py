@@ -106,3 +106,41 @@ def until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condit
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}" + (f"; now: {show()}" if show else ""))
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a runner whose starter is gone waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def runner_pids() -> set[int]:
+    """The pids of the live runners of this process's store (NBFLOW_HOME / NBFLOW_DATABASE_URL)."""
+    from nbflow.core.workers import live_pids
+    from nbflow.settings import get_settings
+    from nbflow.store import open_store
+
+    return {pid for pid in live_pids(open_store(), get_settings().lease_seconds).values() if pid}
+
+
+def stop_runners(pids: set[int], timeout: float = 60) -> None:
+    """Stop background runners a test caused the way their announcement tells a user (``kill PID``) and
+    wait until they are gone; one that outlives ``timeout`` is killed with its session, and the test fails."""
+    import contextlib
+    import os
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        until(lambda: not any(alive(pid) for pid in pids), timeout=timeout,
+              what=f"the background runners {sorted(pids)} to stop on SIGTERM")
+    finally:
+        for pid in pids:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # it leads its session: its run processes go too

@@ -10,9 +10,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import NOTEBOOKS
-from helpers import nbflow
+from helpers import nbflow, runner_pids, stop_runners, until
 from nbclient import NotebookClient
 
+from nbflow.core.states import TERMINAL
 from nbflow.jupyter.backend import LocalBackend
 from nbflow.store import open_store
 
@@ -32,26 +33,35 @@ def stdout(cell: nbformat.NotebookNode) -> str:
 @pytest.mark.slow
 def test_quickstart_registers_runs_and_shows_the_dashboard(sqlite_env: dict[str, str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", sqlite_env["PATH"])  # `!nbflow worker` in the kernel, as in an activated venv
-    nb = execute(NOTEBOOKS / "quickstart.ipynb", NOTEBOOKS)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    text = [stdout(c) for c in code]
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-    flow_cell = next(i for i, c in enumerate(code) if c.source.startswith("%%flow greet"))
-    assert "flow greet v1: registered" in text[flow_cell]
-    assert "next run" in text[flow_cell] and "names defined in this notebook's session" in text[flow_cell]
-    assert any(WIDGET_MIME in o.get("data", {}) for o in code[flow_cell].outputs)  # the run's live progress
-    assert any(WIDGET_MIME in o.get("data", {}) for o in code[-1].outputs)  # the dashboard
+    """As a user runs it: autostart on, so its runs complete on the background runner it starts."""
+    monkeypatch.setenv("NBFLOW_AUTOSTART", "1")  # the kernel inherits it, and so does the runner
+    try:
+        nb = execute(NOTEBOOKS / "quickstart.ipynb", NOTEBOOKS)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        text = [stdout(c) for c in code]
+        assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+        flow_cell = next(i for i, c in enumerate(code) if c.source.startswith("%%flow clean_sales"))
+        assert "flow clean_sales v1: registered" in text[flow_cell]
+        assert "next run" in text[flow_cell] and "names defined in this notebook's session" in text[flow_cell]
+        assert "nbflow: started a background runner for" in text[flow_cell]
+        assert any(WIDGET_MIME in o.get("data", {}) for o in code[flow_cell].outputs)  # the run's live progress
+        dash_cell = next(c for c in code if "nbflow.dashboard()" in c.source)
+        assert sum(WIDGET_MIME in o.get("data", {}) for o in dash_cell.outputs) == 2  # progress, dashboard
 
-    backend = LocalBackend(open_store())
-    flow = backend.flow("greet")
-    assert (flow["kind"], flow["retries"], flow["timeout"]) == ("cell", 1, 300.0)
-    assert flow["schedules"][0]["spec"] == {"expr": "0 8 * * MON-FRI"}
-    runs = backend.runs(flow="greet")
-    assert [r["state"] for r in runs] == ["COMPLETED", "COMPLETED"]
-    assert runs[0]["result"]["message"] == "Hello, Ada! Hello, Ada! Hello, Ada!"
-    assert runs[1]["result"] == {"message": "Hello, Jupyter! Hello, Jupyter!", "length": 31}
-    assert f"run      {runs[0]['id']}" in text[-2] and "COMPLETED" in text[-2]
+        backend = LocalBackend(open_store())
+        flow = backend.flow("clean_sales")
+        assert (flow["kind"], flow["retries"]) == ("cell", 2)
+        assert flow["schedules"][0]["spec"] == {"expr": "0 7 * * MON-FRI"}
+        def ended() -> list[dict] | None:
+            runs = backend.runs(flow="clean_sales")
+            return runs if all(r["state"] in TERMINAL for r in runs) else None
+
+        runs = until(ended, timeout=120, what="the quickstart's runs to end")
+        assert [(r["state"], r["parameters"], r["result"]) for r in runs] == [
+            ("COMPLETED", {"region": "US", "days": 3}, {"rows": 126}), ("COMPLETED", {}, {"rows": 294})]
+        assert f"run      {runs[0]['id']}" in text[-1]
+    finally:
+        stop_runners(runner_pids())
 
 
 @pytest.mark.slow
