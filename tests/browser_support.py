@@ -343,7 +343,7 @@ def contrast_failures(page: Any, roots: str = ".nbflow-dashboard") -> list[str]:
 
 # What a reader sees of code: a monospace font (measured: ten 'i' as wide as ten 'M', whatever the CSS
 # says) and single spacing (successive text lines no further apart than 1.5 x the font size, measured on the
-# laid-out line boxes; a one-line element by its line-height).
+# laid-out line boxes; a one-line element, or one with blank lines, by its line-height as well).
 TYPE_JS = """
 (selectors) => {
   const ctx = document.createElement('canvas').getContext('2d');
@@ -375,7 +375,10 @@ TYPE_JS = """
       const tops = [...new Set([...range.getClientRects()].filter(r => r.width > 0 && r.height > 0)
                                  .map(r => Math.round(r.top)))].sort((a, b) => a - b);
       const gaps = tops.slice(1).map((t, i) => t - tops[i]).filter(g => g > size / 2);
-      const pitch = gaps.length ? Math.min(...gaps) : (s.lineHeight === 'normal' ? 0 : parseFloat(s.lineHeight));
+      const height = s.lineHeight === 'normal' ? 0 : parseFloat(s.lineHeight);
+      // Blank lines (code has them) leave wider gaps: then the line-height caps the pitch measured.
+      const blank = /\\n\\s*\\n/.test(el.innerText.trim());
+      const pitch = gaps.length ? Math.min(...gaps, blank && height ? height : Infinity) : height;
       if (pitch > 1.5 * size + 0.5)
         problems.push(`${what}: lines ${pitch.toFixed(1)}px apart for ${size}px text (line-height ${s.lineHeight})`);
     }
@@ -389,3 +392,33 @@ def type_problems(page: Any, selectors: list[str]) -> tuple[list[int], list[str]
     """How many visible elements each selector matched, and which are proportional or more than single-spaced."""
     found = page.evaluate(TYPE_JS, selectors)
     return found["checked"], found["problems"]
+
+
+# A table a person can read: every row's cells start where their column's header starts.
+COLUMNS_JS = """
+(tables) => {
+  const problems = [];
+  for (const sel of tables) {
+    const table = document.querySelector(sel);
+    const head = table && table.querySelector('.nbflow-head');
+    if (!head) { problems.push(`${sel}: no header row`); continue; }
+    const lefts = (row) => [...row.children].map(c => Math.round(c.getBoundingClientRect().left));
+    const names = [...head.children].map(c => c.textContent.trim());
+    const want = lefts(head);
+    for (const row of table.querySelectorAll('.nbflow-row:not(.nbflow-head)')) {
+      if (!row.checkVisibility()) continue;
+      lefts(row).forEach((x, i) => {
+        if (i < want.length && Math.abs(x - want[i]) > 2)
+          problems.push(`${sel} column "${names[i]}": header at x=${want[i]}, `
+                        + `row "${row.textContent.trim().slice(0, 30)}" at x=${x}`);
+      });
+    }
+  }
+  return problems;
+}
+"""
+
+
+def misaligned_columns(page: Any, tables: list[str]) -> list[str]:
+    """Cells of the dashboard's tables that do not start under their column's header."""
+    return page.evaluate(COLUMNS_JS, tables)

@@ -29,6 +29,7 @@ from browser_support import (
     chromium,
     contrast_failures,
     lab_open_and_run_all,
+    misaligned_columns,
     readme_jupyter_cells,
     screenshot_on_failure,
     type_problems,
@@ -109,6 +110,7 @@ def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: 
                 store.dispose()
 
                 page.locator(".nbflow-dashboard").scroll_into_view_if_needed()
+                page.screenshot(path=str(tmp_path / "lab.png"), full_page=True)
                 failures = contrast_failures(page, DASHBOARD_TEXT)
                 assert not failures, f"text below WCAG AA contrast in {theme}:\n" + "\n".join(failures)
     finally:
@@ -255,9 +257,9 @@ def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
                                        timeout=60_000)
                 page.click(".nbflow-run-error details summary")
                 checked, problems = type_problems(page, CODE)
-                missing = [sel for sel, n in zip(CODE, checked, strict=True) if not n]
-                assert not missing and not problems, \
-                    f"code not shown as code in Voila: missing {missing}; " + "\n".join(problems)
+                problems += [f"{sel}: not shown" for sel, n in zip(CODE, checked, strict=True) if not n]
+                problems += misaligned_columns(page, [".nbflow-flows-table", ".nbflow-runs-table"])
+                assert not problems, "what a reader sees in Voila is wrong:\n" + "\n".join(problems)
                 page.screenshot(path=str(tmp_path / "voila.png"), full_page=True)
     finally:
         processes.stop()
