@@ -422,3 +422,17 @@ COLUMNS_JS = """
 def misaligned_columns(page: Any, tables: list[str]) -> list[str]:
     """Cells of the dashboard's tables that do not start under their column's header."""
     return page.evaluate(COLUMNS_JS, tables)
+
+
+# A button whose label does not fit shows "Ch…": what it does is then a guess.
+CLIPPED_JS = """
+(roots) => [...document.querySelectorAll(roots)].flatMap(root => [...root.querySelectorAll('button')])
+  .filter(b => b.checkVisibility() && b.textContent.trim() && b.scrollWidth > b.clientWidth + 1)
+  .map(b => `button "${b.textContent.trim()}" (${[...b.classList].filter(c => c.startsWith('nbflow-')).join('.')}): `
+            + `label needs ${b.scrollWidth}px, has ${b.clientWidth}px`)
+"""
+
+
+def clipped_buttons(page: Any, roots: str = ".nbflow-dashboard") -> list[str]:
+    """Visible buttons under ``roots`` whose label is cut off."""
+    return sorted(set(page.evaluate(CLIPPED_JS, roots)))
