@@ -59,7 +59,8 @@ def look_problems(page: Any, code: list[str]) -> list[str]:
     """What a reader would stumble on: code not shown as code, tables whose columns drift, cut-off buttons."""
     checked, problems = type_problems(page, code)
     problems += [f"{sel}: not shown" for sel, n in zip(code, checked, strict=True) if not n]
-    return problems + misaligned_columns(page, TABLES) + clipped_buttons(page, DASHBOARD_TEXT)
+    problems += misaligned_columns(page, TABLES) + clipped_buttons(page, DASHBOARD_TEXT)
+    return list(dict.fromkeys(problems))  # the watch's run detail and the dashboard's may say the same
 
 
 def runs(store: Store) -> list[Run]:
@@ -138,13 +139,14 @@ def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: 
         processes.stop()
 
 
-# The flow whose log the Voila test watches: a line every 0.2 s until the test creates the file GO, then a
-# failure (a traceback to look at). Bounded, so that a test that died early leaves no endless run.
+# The flow whose log the Voila test watches: a line every 0.2 s until the test creates the file {go}, then a
+# failure (a traceback to look at). No parameters (its Run runs at once). Bounded, so that a test that died
+# early leaves no endless run.
 TAIL_CELLS = [
-    "import pathlib, time\ngo = pathlib.Path(GO)\ni = 0\n"
-    "while not go.exists() and i < 3000:\n    i += 1\n    print(f'line {i} of the live log', flush=True)\n"
+    "import pathlib, time\ngo = pathlib.Path({go!r})\ni = 0\n"
+    "while not go.exists() and i < 3000:\n    i += 1\n    print(f'line {{i}} of the live log', flush=True)\n"
     "    time.sleep(0.2)",
-    "raise RuntimeError(f'stopped after {i} lines')",
+    "raise RuntimeError(f'stopped after {{i}} lines')",
 ]
 # Samples the log's scroll container after every change to the run detail and every scroll, once laid out:
 # what a person sees between two refreshes is the last sample before the next lines arrive.
@@ -164,7 +166,6 @@ SAMPLER_JS = """
   document.addEventListener('scroll', later, true);
 }
 """
-LINES_JS = "() => document.querySelectorAll('.nbflow-run-detail .nbflow-log-scroll .nbflow-log-line').length"
 
 
 def settled(samples: list[dict[str, Any]], since: int) -> list[dict[str, Any]]:
@@ -172,12 +173,21 @@ def settled(samples: list[dict[str, Any]], since: int) -> list[dict[str, Any]]:
     last: dict[int, dict[str, Any]] = {}
     for s in samples[since:]:
         last[s["lines"]] = s
-    return [last[n] for n in sorted(last)[:-1] if last[n]["overflow"]]
+    return [last[n] for n in sorted(last)[:-1]]
 
 
-def more_lines(page: Any, than: int) -> int:
-    page.wait_for_function(f"() => ({LINES_JS})() >= {than}", timeout=30_000)
-    return page.evaluate(LINES_JS)
+def following(seen: list[dict[str, Any]]) -> bool:
+    """At the bottom after each refresh, with more lines than the box shows (else the bottom is the top)."""
+    return bool(seen) and all(s["bottom"] - s["top"] <= 2 for s in seen) and any(s["overflow"] for s in seen)
+
+
+def more_batches(page: Any, batches: int) -> int:
+    """Wait until ``batches`` more refreshes have each brought new lines; the index of the first sample since."""
+    mark = page.evaluate("window.nbflowSamples.length")
+    page.wait_for_function(
+        """([mark, batches]) => new Set(window.nbflowSamples.slice(mark).map(s => s.lines)).size > batches""",
+        arg=[mark, batches], timeout=60_000)
+    return mark
 
 
 def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
@@ -186,7 +196,7 @@ def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
     make_notebook(tmp_path, "etl", ["x = days * 2"], parameters="days = 7")
     register(store, tmp_path / "etl.ipynb")
     go = tmp_path / "go"
-    make_notebook(tmp_path, "tail", TAIL_CELLS, parameters=f"GO = {str(go)!r}")
+    make_notebook(tmp_path, "tail", [cell.format(go=str(go)) for cell in TAIL_CELLS])
     register(store, tmp_path / "tail.ipynb")
     pending = create_run(store, "etl", {"days": 3})
     dashboard = write_notebook(tmp_path / "dashboard.ipynb", ["import nbflow\nnbflow.dashboard(refresh=0.5)"])
@@ -228,10 +238,9 @@ def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
                 page.wait_for_function(
                     "() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');"
                     " return s.scrollHeight > s.clientHeight + 40; }", timeout=60_000)
-                mark = len(page.evaluate("window.nbflowSamples"))
-                more_lines(page, page.evaluate(LINES_JS) + 6)
+                mark = more_batches(page, 3)
                 seen = settled(page.evaluate("window.nbflowSamples"), mark)
-                assert len(seen) >= 2 and all(s["bottom"] - s["top"] <= 2 for s in seen), \
+                assert len(seen) >= 2 and following(seen), \
                     f"the log did not follow its newest line: {seen}"
 
                 # ... stays where the user scrolled to while lines keep arriving...
@@ -242,19 +251,17 @@ def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
                     "() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');"
                     " return s.scrollHeight - s.clientHeight - s.scrollTop > 40; }", timeout=10_000)
                 place = scroller.evaluate("s => s.scrollTop")
-                mark = len(page.evaluate("window.nbflowSamples"))
-                more_lines(page, page.evaluate(LINES_JS) + 6)
+                mark = more_batches(page, 2)
                 moved = [s for s in page.evaluate("window.nbflowSamples")[mark:] if abs(s["top"] - place) > 1]
                 assert not moved and abs(scroller.evaluate("s => s.scrollTop") - place) <= 1, \
                     f"the log moved away from where the user scrolled to ({place}px): {moved[:5]}"
 
                 # ... and follows again on request.
                 page.click(".nbflow-run-detail .nbflow-log-follow")
-                mark = len(page.evaluate("window.nbflowSamples"))
-                more_lines(page, page.evaluate(LINES_JS) + 6)
+                mark = more_batches(page, 2)
                 seen = settled(page.evaluate("window.nbflowSamples"), mark)
-                assert seen and all(s["bottom"] - s["top"] <= 2 for s in seen), \
-                    f"the log did not follow again after Follow: {seen}"
+                assert following(seen), \
+                    f"the log did not follow again after Follow: {page.evaluate('window.nbflowSamples')[mark:]}"
 
                 # The run fails: its source and traceback, like its log and parameters, read as code.
                 go.touch()
