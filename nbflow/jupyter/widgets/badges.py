@@ -66,13 +66,14 @@ STYLE = f"""
   border:0; border-radius:2px; }}
 {_ROOT} code {{ background:none; padding:0; color:inherit; }}
 .nbflow-timeline {{ font-size:12px; }}
-.nbflow-bar-row {{ display:grid; grid-template-columns: 130px 1fr 150px; gap:8px; align-items:center; height:20px;
+.nbflow-bar-row {{ display:grid; grid-template-columns: 180px 1fr 150px; gap:8px; align-items:center; height:20px;
   white-space:nowrap; }}
 .nbflow-bar-row > span {{ overflow:hidden; text-overflow:ellipsis; }}
 .nbflow-track {{ position:relative; height:14px; background:var(--jp-layout-color2, #eee); border-radius:3px; }}
 .nbflow-bar {{ position:absolute; top:0; height:14px; border-radius:3px; min-width:2px; }}
 .nbflow-slowest .nbflow-bar {{ outline:2px solid var(--jp-ui-font-color1, rgba(0,0,0,.87)); }}
 .nbflow-slowest, .nbflow-running-now {{ font-weight:700; }}
+.nbflow-run-header, .nbflow-error, .nbflow-detail-status {{ overflow-wrap:anywhere; }}
 .nbflow-error {{ border-left:4px solid var(--jp-error-color1, #d32f2f);
   background:var(--jp-rendermime-error-background, #fdd); padding:6px 10px; }}
 .nbflow-error summary {{ cursor:pointer; }}

@@ -41,6 +41,7 @@ from nbflow.jupyter.widgets.sources import cell_roles, failing_cell_source, note
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 LOG_LINES = 300  # shown (the newest); the download has them all, and so does the output notebook
+UNTIL_RENDER = "(until the next render)"  # no state has this name
 ROLE_NAMES = {"parameters": "parameters", "injected": "injected parameters"}
 
 
@@ -69,6 +70,12 @@ def cell_name(cell: dict[str, Any], roles: dict[int, str]) -> str:
     return f"cell {cell['index']}" + (f" ({ROLE_NAMES[role]})" if role else "")
 
 
+def cells_done(cells: list[dict[str, Any]], roles: dict[int, str]) -> tuple[int, int]:
+    """(ended, all) of the cells the user wrote (``roles`` names the others)."""
+    own = [c for c in cells if c["index"] not in roles]
+    return sum(1 for c in own if c.get("state") not in ("PENDING", "RUNNING")), len(own)
+
+
 def progress_text(run: dict[str, Any], cells: list[dict[str, Any]], roles: dict[int, str], now: datetime) -> str:
     """Where a live run is, in words: ``running cell 3 · 12s · 1 of 3 cells done``; ``no cell has started
     yet`` before the first cell; nothing once the run has ended (the timeline says the rest)."""
@@ -78,16 +85,15 @@ def progress_text(run: dict[str, Any], cells: list[dict[str, Any]], roles: dict[
     running = next((c for c in cells if c.get("state") == "RUNNING"), None)
     if running is None and not any(c.get("started_at") for c in cells):
         return "no cell has started yet"
-    own = [c for c in cells if c["index"] not in roles]
-    done = sum(1 for c in own if c.get("state") not in ("PENDING", "RUNNING"))
-    parts = [f"{done} of {len(own)} cells done"]
+    done, total = cells_done(cells, roles)
+    parts = [f"{done} of {total} cells done"]
     if running is not None:
         parts.insert(0, f"running {cell_name(running, roles)} · {seconds(cell_seconds(running, now))}")
     return " · ".join(parts)
 
 
 def header_html(run: dict[str, Any], now: datetime, progress: str = "") -> str:
-    message = (f' <span class="nbflow-muted">{clipped(run["state_message"], 200)}</span>'
+    message = (f' <span class="nbflow-muted">{clipped(run["state_message"])}</span>'
                if run.get("state_message") else "")
     cells = [
         ("created", when(run.get("created_at"), now)), ("started", when(run.get("started_at"), now)),
@@ -110,7 +116,7 @@ def timeline_html(cells: list[dict[str, Any]], now: datetime, roles: dict[int, s
     its time so far, and says so when it already took longer than any finished cell)."""
     roles = roles or {}
     if not cells:
-        return '<span class="nbflow-muted">No cell has started yet.</span>'
+        return ""  # the header says "no cell has started yet"
     starts = [parse_time(c.get("started_at")) for c in cells]
     durations = [cell_seconds(c, now) for c in cells]
     timed = [(s, d) for s, d in zip(starts, durations, strict=True) if s is not None and d is not None]
@@ -140,7 +146,7 @@ def timeline_html(cells: list[dict[str, Any]], now: datetime, roles: dict[int, s
             f'<span title="{esc(name)}">{esc(name)}</span><div class="nbflow-track">{bar}</div>'
             f'<span title="{esc(state)}">{esc(label)}{" · slowest" if cell["index"] == slowest else ""}</span></div>'
         )
-    own = sum(1 for c in cells if c["index"] not in roles)
+    own = cells_done(cells, roles)[1]
     summary = f"{own} cell{'s' if own != 1 else ''}"
     if len(cells) > own:
         summary += f" (+ {len(cells) - own} parameters cell{'s' if len(cells) - own != 1 else ''})"
@@ -298,11 +304,11 @@ class RunDetail(widgets.VBox):
         self.progress.layout.display = "none"
 
     def say(self, text: str, error: bool = False, *, about: dict[str, Any] | None = None) -> None:
-        """A status line about ``about`` (a run document an action answered) or the run on screen. It lasts
-        while that run is on screen in that state: a render that finds the run changed (another run, or
-        the state moved on, e.g. "run X is cancelling" once it is CANCELLED) clears it."""
-        subject = about or self._run
-        self._said = None if not text else (subject["id"], subject.get("state")) if subject else (self._run_id, None)
+        """A status line. With ``about`` (a run document: what an action answered, or the run on screen) it
+        lasts while that run is on screen in that state: a render that finds another run or another state
+        clears it ("run X is cancelling" goes once it is CANCELLED). Without, it lasts until the next
+        render (a refresh error goes once a refresh works)."""
+        self._said = None if not text else (about["id"], about.get("state")) if about else (self._run_id, UNTIL_RENDER)
         self.status.value = status_html(text, error)
 
     # -- refresh --------------------------------------------------------------------------------------
@@ -341,12 +347,11 @@ class RunDetail(widgets.VBox):
         cells = run.get("cells") or []
         roles = data.roles
         self.header.value = header_html(run, now, progress_text(run, cells, roles, now))
-        own = [c for c in cells if c["index"] not in roles]
-        done = sum(1 for c in own if c.get("state") not in ("PENDING", "RUNNING"))
-        self.progress.max = max(len(own), 1)
+        done, total = cells_done(cells, roles)
+        self.progress.max = max(total, 1)
         self.progress.value = done
-        self.progress.description = f"{done}/{len(own)} cells"
-        self.progress.layout.display = "none" if ended or not own else ""
+        self.progress.description = f"{done}/{total} cells"
+        self.progress.layout.display = "none" if ended or not total else ""
         self.timeline.value = timeline_html(cells, now, roles) if cells else ""  # none yet: the header says so
         self.error.value = error_html(run, data.cell_source)
         self.results.value = results_html(run.get("result"))
@@ -367,7 +372,7 @@ class RunDetail(widgets.VBox):
         try:
             return call()
         except Exception as exc:  # shown under the buttons: a click never raises into the front-end
-            self.say(f"cannot {verb}: {error_text(exc)}", error=True)
+            self.say(f"cannot {verb}: {error_text(exc)}", error=True, about=self._run)
             return None
 
     def _cancel(self) -> None:
@@ -416,6 +421,6 @@ class RunDetail(widgets.VBox):
         try:
             rendered = notebook_html(run)
         except Exception as exc:
-            self.say(f"cannot show the notebook: {error_text(exc)}", error=True)
+            self.say(f"cannot show the notebook: {error_text(exc)}", error=True, about=self._run)
             return
         self.notebook_view.value = rendered or '<span class="nbflow-muted">No output notebook yet.</span>'
