@@ -23,14 +23,14 @@ SQLite: see migration 0006), ``recount`` rebuilds them from ``run``.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, literal, select, text, union_all
 from sqlalchemy.orm import Session
 
 from nbflow.store import Store
-from nbflow.store.models import RunCount, RunCountDelta, Worker
+from nbflow.store.models import RunCount, RunCountDelta, Worker, utcnow
 
 # A read that sums more delta rows than this compacts them (bounds the cost of the next reads when the
 # leader's pass is far off or no runner leads, e.g. runs created by ``nbflow trigger`` with no worker).
@@ -84,6 +84,13 @@ def queue(session: Session, *, runners_seen_since: datetime) -> dict[str, int]:
     live = select(func.count()).select_from(Worker).where(Worker.last_seen_at >= runners_seen_since).scalar_subquery()
     waiting, running, runners = session.execute(select(total("PENDING"), total("RUNNING", "CANCELLING"), live)).one()
     return {"pending": int(waiting), "running": int(running), "runners": int(runners)}
+
+
+def queue_summary(store: Store, lease_seconds: float) -> dict[str, int]:
+    """``{"pending", "running", "runners"}`` with the registry's lease rule (``nbflow.core.workers``: a runner
+    seen within a lease is live): the dashboard's queue line and ``GET /api/queue``."""
+    with store.read() as session:
+        return queue(session, runners_seen_since=utcnow() - timedelta(seconds=lease_seconds))
 
 
 def pending(session: Session) -> int:

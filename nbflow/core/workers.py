@@ -110,12 +110,3 @@ def live_pids(store: Store, lease_seconds: float) -> dict[str, int | None]:
     with store.read() as session:
         return dict(session.execute(select(Worker.id, Worker.pid).where(Worker.last_seen_at >= cutoff)).all())
 
-
-def queue_summary(store: Store, lease_seconds: float) -> dict[str, int]:
-    """``{"pending", "running", "runners"}``: runs waiting, runs running, live runners (the lease rule of
-    ``live_pids``). The dashboard's queue line and ``GET /api/queue``; one cheap statement
-    (``nbflow.core.counts.queue``)."""
-    from nbflow.core import counts
-
-    with store.read() as session:
-        return counts.queue(session, runners_seen_since=utcnow() - timedelta(seconds=lease_seconds))

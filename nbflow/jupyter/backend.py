@@ -256,7 +256,7 @@ class LocalBackend:
         return count_runs(self.store, flow=flow, state=state)
 
     def queue(self) -> dict[str, Any]:
-        from nbflow.core.workers import queue_summary
+        from nbflow.core.counts import queue_summary
         from nbflow.services.autostart import NOT_SERVED
         from nbflow.settings import get_settings
 

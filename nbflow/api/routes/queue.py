@@ -2,7 +2,7 @@
 
 What the notebook dashboard's queue line shows ("3 pending · 1 running · 1 runner") when it works through
 a server (``NBFLOW_API_URL``): the counts are the counters the database keeps and the runners the workers
-table's live rows (``nbflow.core.workers.queue_summary``), so a refresh costs the same whatever the history.
+table's live rows (``nbflow.core.counts.queue_summary``), so a refresh costs the same whatever the history.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import Field
 from nbflow.api.auth import READ
 from nbflow.api.routes import quick_read, store_of
 from nbflow.api.schemas import Document
-from nbflow.core.workers import queue_summary
+from nbflow.core.counts import queue_summary
 from nbflow.settings import get_settings
 
 router = APIRouter(tags=["runs"])

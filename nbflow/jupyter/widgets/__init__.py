@@ -103,9 +103,9 @@ class Dashboard(_Live):
         self.no_runner.add_class("nbflow-no-runner")
         self.status = widgets.HTML()
         self.status.add_class("nbflow-status")
-        # What the status line says: (error, when, what it is about: the open run and its state, read at the
-        # first refresh after it was said; None until then).
-        self._said: tuple[bool, float, Any] | None = None
+        # What the status line says: (error, when, the run it is about or None, that run's state as the
+        # first refresh after it was said saw it, None until then).
+        self._said: tuple[bool, float, str | None, str | None] | None = None
         self.flows = FlowsTable(backend, on_started=lambda run: self.open_run(run["id"]),
                                 on_change=self.request_refresh, say=self.say, on_chart=self.chart_flow)
         self.flow_view = FlowView(backend, on_change=self.request_refresh)
@@ -143,25 +143,23 @@ class Dashboard(_Live):
         """Show (or, for the flow shown, hide) the flow view of ``name`` under the flows table."""
         self.flow_view.show(name)
 
-    def say(self, text: str, error: bool = False) -> None:
-        """One line under the queue. Information replaces the last line and goes after ``status_seconds``
-        or once the run it is about changes state; an error stays until the next action says something."""
-        self._said = (error, time.monotonic(), None) if text else None
+    def say(self, text: str, error: bool = False, about: str | None = None) -> None:
+        """One line under the queue. Information replaces the last line and goes after ``status_seconds``,
+        or once the run it is ``about`` (an id) changes state; an error stays until the next action."""
+        self._said = (error, time.monotonic(), about, None) if text else None
         self.status.value = status_html(text, error)
-
-    def _subject(self) -> tuple[str | None, str | None]:
-        run = self.detail.run
-        return self.detail.run_id, run.get("state") if run else None
 
     def _expire_status(self) -> None:
         said = self._said
         if said is None or said[0]:
             return
-        error, at, about = said
-        if about is None:
-            self._said = (error, at, self._subject())
-        elif time.monotonic() - at >= self.status_seconds or about != self._subject():
+        error, at, about, seen = said
+        run = self.detail.run if about is not None and self.detail.run_id == about else None
+        state = run.get("state") if run else None
+        if time.monotonic() - at >= self.status_seconds or (seen is not None and state != seen):
             self.say("")
+        elif seen is None and state is not None:
+            self._said = (error, at, about, state)
 
     def _refresh(self) -> None:
         flows = self.backend.flows()

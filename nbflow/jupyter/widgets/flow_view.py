@@ -164,9 +164,8 @@ class FlowView(widgets.VBox):
         options = [(k, k) for k in keys] or [("no numeric result", "")]
         if list(self.result_key.options) != options:
             keep = self.result_key.value if self.result_key.value in keys else (keys[0] if keys else "")
-            with self.result_key.hold_trait_notifications():
-                self.result_key.options = options
-                self.result_key.value = keep
+            self.result_key.options = options  # selects the first option...
+            self.result_key.value = keep  # ...so the chosen result is chosen again
         self._draw()
 
     def _draw(self) -> None:

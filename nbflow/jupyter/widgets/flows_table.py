@@ -61,7 +61,7 @@ class FlowsTable(widgets.VBox):
     ``on_chart(name)`` opens the flow view of a flow."""
 
     def __init__(self, backend: Any, *, on_started: Callable[[dict[str, Any]], None],
-                 on_change: Callable[[], None], say: Callable[[str, bool], None],
+                 on_change: Callable[[], None], say: Callable[..., None],
                  on_chart: Callable[[str], None] | None = None) -> None:
         self.backend = backend
         self._on_started = on_started
@@ -148,7 +148,7 @@ class FlowsTable(widgets.VBox):
         if self.form_flow == name:
             self.close_form()
         self._on_started(run)  # opens the run, a new action: the line below is about it
-        self._say(f"started run {run['id'][:8]} of {name}", False)
+        self._say(f"started run {run['id'][:8]} of {name}", False, run["id"])
 
     def _chart(self, index: int) -> None:
         if self._on_chart is not None:
