@@ -220,7 +220,12 @@ def test_readme_examples_run_as_written_and_their_runs_complete(user_env: Path) 
 def test_jupyter_md_examples_run_as_written_and_their_runs_complete(user_env: Path) -> None:
     runnable, nb = execute(JUPYTER_MD, user_env)
     said = "".join(text(c) for c in nb.cells)
-    assert "flow clean_sales v1: registered" in said and "working directory " + str(user_env) in said
+    assert "working directory " + str(user_env) in said
+    # What the page says the %%flow cell prints: its lines without a date or a path, word for word.
+    sample = next(b.source for b in blocks(JUPYTER_MD) if b.section.startswith("`%%flow`") and b.lang == "text")
+    assert sample.splitlines()[:2] == ["flow clean_sales v1: registered",
+                                       "parameters: region: str = 'EU' (sales region), days: int = 7"]
+    assert all(line in said.splitlines() for line in sample.splitlines()[:2]), said
     dashboard = next(c for b, c in zip(runnable, nb.cells, strict=True) if "nbflow.dashboard()" in b.source)
     assert widgets(dashboard) == 1
     one_runner_started(nb)
