@@ -8,6 +8,7 @@
 - Voila: a PENDING run is cancelled and a flow run from the dashboard's buttons; the live log follows the
   newest line, stays where the user scrolled to, and follows again on request; code, logs and tracebacks are
   monospace and single-spaced whatever Voila's own CSS says.
+- In both: the tables' columns line up under their headers and no button label is cut off.
 
 Chromium is a system package (``.ci/run`` installs it); Playwright never downloads a browser here. A
 missing ``/usr/bin/chromium`` fails these tests: they are never skipped. Each server's processes, and the
@@ -247,9 +248,12 @@ def test_dashboard_in_voila_runs_cancels_follows_logs_and_shows_code_as_code(
                 scroller = page.locator(".nbflow-run-detail .nbflow-log-scroll")
                 scroller.hover()
                 page.mouse.wheel(0, -120)
-                page.wait_for_function(
-                    "() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');"
-                    " return s.scrollHeight - s.clientHeight - s.scrollTop > 40; }", timeout=10_000)
+                page.wait_for_function(  # up, and still (a wheel may scroll smoothly, over several frames)
+                    """() => { const s = document.querySelector('.nbflow-run-detail .nbflow-log-scroll');
+                               const still = window.nbflowTop === s.scrollTop;
+                               window.nbflowTop = s.scrollTop;
+                               return still && s.scrollHeight - s.clientHeight - s.scrollTop > 40; }""",
+                    polling=100, timeout=10_000)
                 place = scroller.evaluate("s => s.scrollTop")
                 mark = more_batches(page, 2)
                 moved = [s for s in page.evaluate("window.nbflowSamples")[mark:] if abs(s["top"] - place) > 1]
