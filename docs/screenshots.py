@@ -70,7 +70,7 @@ def main() -> None:
         voila = processes.voila(notebook, env)
         lab = processes.lab(work, env, DARK)
         with chromium(work) as browser:
-            page = browser.new_page(viewport={"width": 1100, "height": 700}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 1100, "height": 1600}, device_scale_factor=1)
             page.goto(voila, wait_until="domcontentloaded", timeout=120_000)
             page.wait_for_selector(".nbflow-runs-table button.nbflow-open-run", timeout=120_000)
             page.locator(".nbflow-dashboard").screenshot(path=str(IMAGES / "dashboard.png"))
