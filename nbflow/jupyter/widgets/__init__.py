@@ -7,7 +7,8 @@ They read and act through ``nbflow.jupyter.backend`` (the local store, or a ``nb
 
 A saved, exported or shared notebook has no kernel behind its widgets: both widgets add a static HTML
 snapshot of what they show to their display data (``_repr_mimebundle_``), next to the live widget's view,
-so nbconvert, GitHub or a notebook opened without its widget state shows the snapshot, not a repr.
+so nbconvert, GitHub and other viewers without a kernel show the snapshot, not a repr (JupyterLab and
+Voila prefer the live widget's view).
 """
 
 from __future__ import annotations
