@@ -405,10 +405,11 @@ COLUMNS_JS = """
     const lefts = (row) => [...row.children].map(c => Math.round(c.getBoundingClientRect().left));
     const names = [...head.children].map(c => c.textContent.trim());
     const want = lefts(head);
+    const told = new Set();  // one line per column: the first row that drifts
     for (const row of table.querySelectorAll('.nbflow-row:not(.nbflow-head)')) {
       if (!row.checkVisibility()) continue;
       lefts(row).forEach((x, i) => {
-        if (i < want.length && Math.abs(x - want[i]) > 2)
+        if (i < want.length && Math.abs(x - want[i]) > 2 && !told.has(i) && told.add(i))
           problems.push(`${sel} column "${names[i]}": header at x=${want[i]}, `
                         + `row "${row.textContent.trim().slice(0, 30)}" at x=${x}`);
       });

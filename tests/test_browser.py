@@ -92,7 +92,7 @@ def run_from_dashboard(page: Any, store: Store, flow: str, values: dict[str, str
 @pytest.mark.parametrize("theme", [LIGHT, DARK])
 def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: Path) -> None:
     """A new user's path: the README's cells in a fresh folder, Run all, the runs complete with nothing
-    started by hand; then a Run from the dashboard; every text readable in this theme."""
+    started by hand; then a Run from the dashboard; every text readable in this theme, a failed run's too."""
     project = tmp_path / "project"
     project.mkdir()
     write_notebook(project / "example.ipynb", readme_jupyter_cells(ROOT / "README.md"))
@@ -129,12 +129,22 @@ def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: 
                 new = runs(store)[2]
                 days = 2 if filled else 7
                 assert (new.state, new.trigger, new.result.get("rows")) == ("COMPLETED", "manual", 42 * days)
+
+                # A failed run too, so that its error box and traceback are read in this theme: a flow added to
+                # the folder's store shows up in the dashboard, whose Run runs it.
+                make_notebook(project, "broken", ["print('about to fail')", "raise ValueError('no data')"])
+                register(store, project / "broken.ipynb")
+                page.wait_for_selector(".nbflow-dashboard .nbflow-flow-row:has-text('broken')", timeout=30_000)
+                broken, _ = run_from_dashboard(page, store, "broken", {})
+                page.wait_for_selector(f".nbflow-dashboard .nbflow-run-header:has-text('{broken.id}') "
+                                       ".nbflow-state-failed", timeout=90_000)
+                page.click(".nbflow-dashboard .nbflow-run-error details summary")
                 store.dispose()
 
                 page.locator(".nbflow-dashboard").scroll_into_view_if_needed()
                 page.screenshot(path=str(tmp_path / "lab.png"), full_page=True)
                 problems = [f"contrast: {f}" for f in contrast_failures(page, DASHBOARD_TEXT)]
-                problems += look_problems(page, CODE)
+                problems += look_problems(page, CODE + FAILURE_CODE)
                 assert not problems, f"what a reader sees in JupyterLab ({theme}) is wrong:\n" + "\n".join(problems)
     finally:
         processes.stop()
