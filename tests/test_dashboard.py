@@ -282,12 +282,12 @@ def test_an_information_line_expires_an_error_stays_until_the_next_action(env: S
         session.execute(update(Flow).where(Flow.name == "plain").values(name="renamed"))
     flow_row(dash, "plain").children[2].click()
     error = dash.status.value
-    assert text(error).startswith("cannot resume plain: no flow named 'plain'") and "jp-error-color1" in error
+    assert text(error).startswith("cannot resume plain: no flow named 'plain'") and "nbflow-status-error" in error
     dash.refresh()
     dash.refresh()
     assert dash.status.value == error  # an error outlives the refreshes and the time
     flow_row(dash, "renamed").children[1].click()  # the next action
-    assert text(dash.status.value).startswith("started run ") and "jp-ui-font-color1" in dash.status.value
+    assert text(dash.status.value).startswith("started run ") and "nbflow-status-info" in dash.status.value
 
 
 # -- the flow view ----------------------------------------------------------------------------------------

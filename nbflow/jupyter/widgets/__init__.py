@@ -20,7 +20,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from nbflow.errors import NbflowError
-from nbflow.jupyter.widgets.badges import STYLE, error_text, esc
+from nbflow.jupyter.widgets.badges import STYLE, error_text, esc, status_html
 from nbflow.jupyter.widgets.flow_view import FlowView
 from nbflow.jupyter.widgets.flows_table import HEADER as FLOWS_HEADER
 from nbflow.jupyter.widgets.flows_table import FlowsTable
@@ -31,14 +31,6 @@ from nbflow.jupyter.widgets.runs_table import RunsTable
 
 # How long an information line stays (an error stays until the next action).
 STATUS_SECONDS = 15.0
-
-
-def status_html(text: str, error: bool = False) -> str:
-    """A status line in the theme's colours (JupyterLab's variables; light fallbacks elsewhere)."""
-    if not text:
-        return ""
-    colour = "var(--jp-error-color1, #b91c1c)" if error else "var(--jp-ui-font-color1, #374151)"
-    return f'<span style="color:{colour}">{esc(text)}</span>'
 
 
 def queue_html(queue: dict[str, Any] | None) -> str:

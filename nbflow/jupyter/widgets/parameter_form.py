@@ -22,7 +22,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from nbflow.jupyter.widgets.badges import error_text, esc
+from nbflow.jupyter.widgets.badges import error_text, esc, status_html
 
 JS_SAFE_INT = 2**53 - 1  # a larger int in an IntText would be rounded by the browser's float64
 
@@ -94,5 +94,4 @@ class ParameterForm(widgets.VBox):
         try:
             self._on_submit(self.values())
         except Exception as exc:  # the one precise line of the check that refused it; a click never raises
-            self.message.value = ('<span class="nbflow-form-error" style="color:var(--jp-error-color1, #b91c1c)">'
-                                  f'{esc(error_text(exc))}</span>')
+            self.message.value = f'<span class="nbflow-form-error">{status_html(error_text(exc), True)}</span>'
