@@ -114,6 +114,10 @@ def test_readme_example_runs_in_jupyterlab_and_reads_well(theme: str, tmp_path: 
                 page.wait_for_function(
                     "() => document.querySelectorAll('.nbflow-dashboard .nbflow-run-row .nbflow-state-completed')"
                     ".length === 2", timeout=90_000)
+                # What the README says the user reads: the flow registered, and the one line about the runner.
+                outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+                for said in ("flow clean_sales v1: registered", "nbflow: started a background runner for"):
+                    assert any(said in text for text in outputs), f"no output says {said!r}: {outputs}"
                 store = Store(database)
                 done = runs(store)
                 assert [(r.state, r.result.get("rows")) for r in done] == [("COMPLETED", 42 * 7), ("COMPLETED", 42 * 3)]
