@@ -226,10 +226,15 @@ def test_a_notebook_edited_between_triggers_is_read_again_even_with_the_same_sta
     """The parsed notebook is cached by (mtime_ns, size), but a file modified less than RACY_SECONDS
     before it was read is read again: an edit in the same second, same size, is never missed."""
     import os
+    import time
 
     api = sqlite_api
     api.post("/api/flows", json={"path": "hello.ipynb"})
     path = root / "hello.ipynb"
+    # The file's mtime a minute ahead: its first read is "racy" however long this machine takes to get
+    # there (with the write's own mtime, a loaded machine could pass RACY_SECONDS first and rightly trust it).
+    ahead = time.time_ns() + 60 * 10**9
+    os.utime(path, ns=(ahead, ahead))
     first = api.post("/api/flows/hello/runs", json={"parameters": {}})
     assert (first.status_code, first.json()["flow_version"]) == (201, 1)
     before = os.stat(path)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("nbflow.core",)),
     ("execution", ("nbflow.execution",)),
     ("services", ("nbflow.services",)),
-    ("surfaces", ("nbflow.api", "nbflow.cli", "nbflow.jupyter", "nbflow.client", "nbflow")),
+    ("surfaces", ("nbflow.api", "nbflow.cli", "nbflow.jupyter", "nbflow.mcp", "nbflow.client", "nbflow")),
 ]
 
 
@@ -150,7 +150,7 @@ def test_no_upward_import() -> None:
 
 
 def test_every_package_says_what_it_may_import() -> None:
-    for package in ("store", "core", "execution", "services", "api", "cli", "jupyter"):
+    for package in ("store", "core", "execution", "services", "api", "cli", "jupyter", "mcp"):
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
         assert doc, f"nbflow/{package}/__init__.py has no docstring"
 

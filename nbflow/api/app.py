@@ -92,7 +92,8 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        yield
+        async with app.state.mcp.running():  # the MCP session manager's task group
+            yield
         app.state.group_commit.close()  # answer the triggers queued, then stop the writer thread
 
     app = FastAPI(
@@ -103,6 +104,10 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app.state.group_commit = GroupCommit(app.state.store)
     app.state.services = services or services_of(scheduler, runner)
     app.state.api_workers = api_workers
+    from nbflow.mcp.http import McpEndpoint  # here: nbflow.mcp.http imports this package's auth
+
+    app.state.mcp = McpEndpoint(app.state.store)
+    app.add_route("/mcp", app.state.mcp, include_in_schema=False)  # the MCP tools (docs/agents.md)
     errors.install(app)
     app.include_router(health.router, prefix="/api")
     for module in (flows, runs, queue, schedules, secrets, hooks, keys):

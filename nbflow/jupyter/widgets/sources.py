@@ -1,46 +1,31 @@
 """What a run detail shows from notebooks: the failing cell's source and the rendered output notebook.
 
-The failing cell is found by its nbformat id, which papermill keeps: in the output notebook
-(``output_path``, what ran, injected parameters included), else in the flow version the run executed (a
-run that died before papermill first saved its output).
+How the failing cell is found is ``nbflow.core.diagnose``'s (shared with ``nbflow mcp``'s diagnosis);
+this module gives it the widgets' backend, local or remote.
 """
 
 from __future__ import annotations
 
 import html
 import warnings
-from pathlib import Path
 from typing import Any
 
-import nbformat
+from nbflow.core import diagnose
 
 
-def output_notebook(run: dict[str, Any]) -> nbformat.NotebookNode | None:
-    path = run.get("output_path")
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return nbformat.read(path, as_version=4)
-    except Exception:  # half-written or not a notebook: treated as not there yet
-        return None
+def output_notebook(run: dict[str, Any]) -> Any:
+    return diagnose.read_notebook(run.get("output_path"))
 
 
-def _cell_by_id(nb: nbformat.NotebookNode, cell_id: str) -> str | None:
-    return next((cell.source for cell in nb.cells if cell.get("id") == cell_id), None)
-
-
-def _version_notebook(backend: Any, run: dict[str, Any]) -> nbformat.NotebookNode | None:
+def _version_notebook(backend: Any, run: dict[str, Any]) -> Any:
+    """The notebook of the flow version the run executed, or None when it is gone (deleted since) or a
+    remote backend cannot tell."""
     from nbflow.errors import NbflowError
 
     try:
-        text = backend.flow_source(run["flow"], run["flow_version"])
-    except NbflowError:  # the flow or version was deleted since
+        return diagnose.parse_notebook_text(backend.flow_source(run["flow"], run["flow_version"]))
+    except NbflowError:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nbformat.reads(text, as_version=4)
 
 
 def cell_roles(backend: Any, run: dict[str, Any]) -> dict[int, str]:
@@ -69,21 +54,11 @@ def cell_roles(backend: Any, run: dict[str, Any]) -> dict[int, str]:
 
 
 def failing_cell_source(backend: Any, run: dict[str, Any]) -> str | None:
-    """The source of the cell ``run['error']`` names, or None if no cell or no notebook is known.
-
-    By the cell's id first: papermill adds markdown cells (an error banner at the top, an anchor before
-    the failing cell) to the output notebook it saves after a failure, so there the index is off.
-    """
-    error = run.get("error") or {}
-    index, cell_id = error.get("cell_index"), error.get("cell_id")
-    nb = output_notebook(run)
-    if cell_id:
-        found = _cell_by_id(nb, cell_id) if nb is not None else None
-        version = _version_notebook(backend, run) if found is None else None
-        return found if version is None else _cell_by_id(version, cell_id)
-    if nb is not None and index is not None and 0 <= index < len(nb.cells):
-        return nb.cells[index].source
-    return None
+    """The source of the cell ``run['error']`` names, or None if no cell or no notebook is known
+    (``nbflow.core.diagnose.failing_cell_source``, with the version's notebook from ``backend``, which may
+    be remote)."""
+    return diagnose.failing_cell_source(run.get("error"), run.get("output_path"),
+                                        lambda: _version_notebook(backend, run))
 
 
 def notebook_html(run: dict[str, Any]) -> str | None:
