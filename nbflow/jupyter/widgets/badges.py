@@ -53,11 +53,15 @@ STYLE = f"""
 {_ROOT} {{ color:var(--jp-ui-font-color1, rgba(0,0,0,.87)); }}
 .nbflow-row {{ display:grid; align-items:center; gap:8px; font-size:12px; line-height:20px; min-height:26px; }}
 .nbflow-row > span {{ overflow:hidden; text-overflow:ellipsis; white-space:nowrap; min-width:0; }}
-.nbflow-run-row > .widget-html {{ flex:1 1 auto; min-width:0; overflow:hidden; }}
+.nbflow-run-row > .widget-html {{ flex:1 1 0%; min-width:0; overflow:hidden; }}
+/* ipywidgets gives HTML content the 28px line-height of a control row: right beside buttons, double-spaced
+   for text that wraps. */
+.nbflow-status .widget-html-content, .nbflow-no-runner .widget-html-content, .nbflow-queue .widget-html-content,
+.nbflow-detail-status .widget-html-content, .nbflow-run-notebook .widget-html-content {{ line-height:1.45; }}
 .nbflow-head {{ font-weight:600; color:var(--jp-ui-font-color1, rgba(0,0,0,.87));
   border-bottom:1px solid var(--jp-border-color1, #bdbdbd); }}
 .nbflow-runs-grid {{ grid-template-columns: 120px 110px 100px 80px minmax(0, 1fr) 70px; }}
-.nbflow-flows-grid {{ grid-template-columns: minmax(140px, 1fr) 40px 200px 110px 110px; }}
+.nbflow-flows-grid {{ grid-template-columns: minmax(100px, 1fr) 40px 200px 110px 110px; }}
 {_ROOT} .nbflow-muted {{ color:var(--jp-ui-font-color2, rgba(0,0,0,.54)); }}
 {_ROOT} .nbflow-mono, {_ROOT} code, {_ROOT} pre {{ font-family:{MONO_FONT};
   font-size:var(--jp-code-font-size, 13px); line-height:var(--jp-code-line-height, 1.3077); }}

@@ -18,7 +18,19 @@ import ipywidgets as widgets
 from nbflow.jupyter.widgets.badges import badge, error_text, esc, when
 from nbflow.jupyter.widgets.parameter_form import ParameterForm
 
-ROW_WIDTH = "700px"  # the header and every row: their grid columns line up
+# Each row is its text (a grid) and then its buttons; the header row is the header's text and blank boxes as
+# wide as those buttons. So the two texts always get the same width, however wide the output area is, and
+# their grid columns line up; below MIN_WIDTH the row scrolls sideways instead of squeezing the buttons.
+BUTTON_WIDTHS = {"run": "80px", "pause": "90px", "chart": "100px"}
+MIN_WIDTH = "600px"
+
+
+def _text_layout() -> widgets.Layout:
+    return widgets.Layout(flex="1 1 0%", min_width=MIN_WIDTH)
+
+
+def _button_layout(which: str) -> widgets.Layout:
+    return widgets.Layout(width=BUTTON_WIDTHS[which], flex="0 0 auto")
 HEADER = (
     '<div class="nbflow-row nbflow-flows-grid nbflow-head"><span>flow</span><span>ver.</span>'
     '<span>schedule</span><span>next run</span><span>last run</span></div>'
@@ -78,7 +90,9 @@ class FlowsTable(widgets.VBox):
         self.form_flow: str | None = None  # the flow whose parameter form is open
         self.form = widgets.VBox()
         self.form.add_class("nbflow-run-form")
-        super().__init__([widgets.HTML(HEADER, layout=widgets.Layout(width=ROW_WIDTH)), self.rows, self.form])
+        header = widgets.HBox([widgets.HTML(HEADER, layout=_text_layout()),
+                               *(widgets.HTML(layout=_button_layout(which)) for which in BUTTON_WIDTHS)])
+        super().__init__([header, self.rows, self.form])
         self.add_class("nbflow-flows-table")
 
     @property
@@ -104,13 +118,12 @@ class FlowsTable(widgets.VBox):
             self.close_form()  # the flow is gone
 
     def _new_row(self, index: int) -> Row:
-        html = widgets.HTML(layout=widgets.Layout(width=ROW_WIDTH))
-        run = widgets.Button(description="Run", button_style="primary", icon="play",
-                             layout=widgets.Layout(width="80px"))
+        html = widgets.HTML(layout=_text_layout())
+        run = widgets.Button(description="Run", button_style="primary", icon="play", layout=_button_layout("run"))
         run.add_class("nbflow-run-flow")
-        pause = widgets.Button(description="Pause", layout=widgets.Layout(width="90px"))
+        pause = widgets.Button(description="Pause", layout=_button_layout("pause"))
         pause.add_class("nbflow-pause-flow")
-        chart = widgets.Button(description="Chart", icon="line-chart", layout=widgets.Layout(width="90px"),
+        chart = widgets.Button(description="Chart", icon="line-chart", layout=_button_layout("chart"),
                                tooltip="duration and results over the flow's last runs")
         chart.add_class("nbflow-chart-flow")
         run.on_click(lambda _b, i=index: self._run(i))

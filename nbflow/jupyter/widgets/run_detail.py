@@ -255,6 +255,7 @@ class RunDetail(widgets.VBox):
         self.logs_box = widgets.VBox([widgets.HTML('<div class="nbflow-section">Logs</div>'), self.logs],
                                      layout=widgets.Layout(display="none"))
         self.notebook = widgets.HTML()
+        self.notebook.add_class("nbflow-run-notebook")
         self.notebook_view = widgets.HTML()
         self.status = widgets.HTML()
         self.status.add_class("nbflow-detail-status")

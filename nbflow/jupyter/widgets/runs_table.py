@@ -86,7 +86,9 @@ class RunsTable(widgets.VBox):
         self.state_filter.observe(self._filter_changed, names="value")
         self.prev_button.on_click(lambda _: self._page(-1))
         self.next_button.on_click(lambda _: self._page(+1))
-        header = widgets.HBox([widgets.HTML(layout=widgets.Layout(width="90px")), widgets.HTML(HEADER)])
+        # The header's HTML and every row's take the same share of the same width: their grids' columns line up.
+        header = widgets.HBox([widgets.HTML(layout=widgets.Layout(width="90px")),
+                               widgets.HTML(HEADER, layout=widgets.Layout(flex="1 1 0%", min_width="0"))])
         super().__init__([
             widgets.HBox([self.flow_filter, self.state_filter, self.prev_button, self.next_button,
                           self.page_label]),
@@ -173,7 +175,7 @@ class RunsTable(widgets.VBox):
         button = widgets.Button(layout=widgets.Layout(width="90px"))
         button.add_class("nbflow-open-run")
         button.on_click(lambda _b, i=index: self._open(i))
-        html = widgets.HTML()
+        html = widgets.HTML(layout=widgets.Layout(flex="1 1 0%", min_width="0"))
         box = widgets.HBox([button, html])
         box.add_class("nbflow-run-row")
         return button, html, box
