@@ -423,6 +423,7 @@ class Feed:
         self._thread: threading.Thread | None = None
         self.watchers_started = 0  # threads started over the feed's life (one at a time)
         self.polls = 0
+        self.resyncs = 0  # subscribers that overflowed and caught up through the store
         self.holding = False  # events held behind a PostgreSQL id gap: poll again soon
 
     @property
@@ -489,6 +490,7 @@ class Feed:
                     await sub.ready.wait()
                     sub.ready.clear()
                     if sub.overflowed:
+                        self.resyncs += 1
                         catch_up = self.resync(sub)
                         continue
                     batch = list(sub.queue)
