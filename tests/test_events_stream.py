@@ -211,8 +211,10 @@ def test_client_watch_resumes_a_dropped_connection_and_the_async_client_streams_
         async with AsyncClient(live) as nb:
             return [e async for e in nb.watch(run_id, kinds=["state", "log"])]
 
-    # filtered by kind, with the same ids: resuming a filtered stream skips what was filtered out
-    assert asyncio.run(watch_async()) == [e for e in whole if e["kind"] in ("state", "log")]
+    # filtered by kind: the same events; their ids keep no cell positions (short, whatever runs)
+    streamed = asyncio.run(watch_async())
+    assert [{**e, "id": None} for e in streamed] == [{**e, "id": None} for e in whole if e["kind"] in ("state", "log")]
+    assert all("_" not in e["id"] for e in streamed) and any("_" in e["id"] for e in whole)
 
 
 # -- the global stream: filters, validation, keys ------------------------------------------------------
@@ -263,8 +265,8 @@ def test_global_stream_filters_validates_and_needs_a_read_key(sqlite_env, root):
         refused(422, "invalid_request", {"run": "not-a-run!"})
         refused(404, "flow_not_found", {"flow": "nope"})
         refused(404, "run_not_found", {"run": "ffffffff"})
-        assert "Last-Event-ID" in refused(422, "invalid_event_id", headers={"Last-Event-ID": "1.x"})
-        refused(422, "invalid_event_id", headers={"Last-Event-ID": "1.2_" + "z" * 32 + ".0."})
+        assert "last-event-id" in refused(422, "invalid_request", headers={"Last-Event-ID": "1.x"}).lower()
+        refused(422, "invalid_request", headers={"Last-Event-ID": "1.2_" + "z" * 32 + ".0."})
         answer = httpx.get(f"{url}/api/runs/{uuid.uuid4()}/events")
         assert (answer.status_code, answer.json()["error"]["code"]) == (404, "run_not_found")
 

@@ -28,6 +28,7 @@ router = APIRouter(tags=["events"])
 
 HEARTBEAT_ENV = "NBFLOW_EVENTS_HEARTBEAT"
 HEARTBEAT = 15.0
+MAX_EVENT_ID = 16_000  # what fits in a request header (uvicorn's limit is 16 KiB)
 KINDS_PATTERN = rf"^({'|'.join(KINDS)})(,({'|'.join(KINDS)}))*$"
 STREAM = {200: {"content": {"text/event-stream": {}},
                 "description": "Server-Sent Events: `event:` the kind, `data:` a JSON document, `id:` a cursor "
@@ -36,8 +37,10 @@ STREAM = {200: {"content": {"text/event-stream": {}},
 Kinds = Annotated[str | None, Query(
     max_length=200, pattern=KINDS_PATTERN,
     description=f"Comma-separated kinds of events: {', '.join(KINDS)} (default: all)")]
+# An id as ``Cursor.encode`` writes it: ``STATE.LOG`` then ``_RUNHEX.CELL.RESULT`` per run in flight.
+EVENT_ID_PATTERN = r"^[0-9]{1,18}\.[0-9]{1,18}(_[0-9a-f]{32}\.[0-9]{1,18}\.[0-9a-f]{0,16})*$"
 LastEventId = Annotated[str | None, Header(
-    alias="Last-Event-ID", max_length=640_000,
+    alias="Last-Event-ID", max_length=MAX_EVENT_ID, pattern=EVENT_ID_PATTERN,
     description="The id of the last event received: resume right after it")]
 
 
