@@ -108,40 +108,6 @@ def _blocked(events: list[tuple]) -> bool:
 
 # -- a run's stream: live, complete, resumed exactly ---------------------------------------------------
 
-def test_a_run_stream_is_complete_and_resumes_after_a_disconnect_without_loss_or_duplicates(live, runner, tmp_path):
-    run_id, go = _talk(tmp_path)
-    pings: list[str] = []
-    # A run stream starts at the run's beginning; disconnect while the run waits, after a heartbeat.
-    before = stream(live, f"/api/runs/{run_id}/events", stop=lambda e: _blocked(e) and pings, pings=pings)
-    assert pings and pings[0].startswith(":")
-    go.touch()
-    until(lambda: _state(run_id) == "COMPLETED", 60, "the run to complete")  # events happen while away
-    after = stream(live, f"/api/runs/{run_id}/events", headers={"Last-Event-ID": before[-1][0]})
-    whole = stream(live, f"/api/runs/{run_id}/events")
-    assert before + after == whole
-    assert len({event_id for event_id, _, _ in whole}) == len(whole)
-
-    kinds = [k for _, k, _ in whole]
-    states = [d["state"] for _, k, d in whole if k == "state"]
-    assert states == ["PENDING", "RUNNING", "COMPLETED"] and kinds[-1] == "state" and whole[-1][2]["final"]
-    texts = [d["text"] for _, k, d in whole if k == "log" and d["stream"] == "stdout"]
-    assert texts == ["first\n", "after go\n", "last\n"]
-    ends = [(d["cell_index"], d["state"]) for _, k, d in whole if k == "cell_end"]
-    starts = [d["cell_index"] for _, k, d in whole if k == "cell_start"]
-    assert starts == [i for i, _ in ends] and len(starts) == 5  # parameters, injected, 3 cells
-    assert {s for _, s in ends} == {"COMPLETED"}
-    results = [d["results"] for _, k, d in whole if k == "result"]
-    assert results == [{"answer": 42}]
-    # the order a person reads: a cell starts, prints, ends; the run's end comes last
-    first_cell = starts[2]
-    order = [(k, d.get("cell_index")) for _, k, d in whole if d.get("cell_index") == first_cell]
-    assert order == [("cell_start", first_cell), ("log", first_cell), ("cell_end", first_cell)]
-    assert kinds.index("result") < len(kinds) - 1
-
-    only = stream(live, f"/api/runs/{run_id}/events", params={"kinds": "state,result"})
-    assert [(k, d) for _, k, d in only] == [(k, d) for _, k, d in whole if k in ("state", "result")]
-
-
 class CuttingProxy:
     """A TCP proxy in front of the server that can cut every connection through it (a network drop)."""
 
@@ -187,25 +153,57 @@ class CuttingProxy:
         self.cut()
 
 
-def test_client_watch_resumes_a_dropped_connection_and_the_async_client_streams_too(live, runner, tmp_path):
+def test_run_streams_are_complete_and_resume_after_a_disconnect_without_loss_or_duplicates(live, runner, tmp_path):
     run_id, go = _talk(tmp_path)
+    other, other_go = _talk(tmp_path)  # followed by Client.watch through a proxy that cuts the connection
+    pings: list[str] = []
+    # A run stream starts at the run's beginning; disconnect while the run waits, after a heartbeat.
+    before = stream(live, f"/api/runs/{run_id}/events", stop=lambda e: _blocked(e) and pings, pings=pings)
+    assert pings and pings[0].startswith(":")
+    go.touch()
+
     proxy = CuttingProxy(live)
     got: list[dict] = []
     try:
         with Client(proxy.url) as nb:
-            for event in nb.watch(run_id):
+            for event in nb.watch(other):
                 got.append(event)
-                if event["kind"] == "cell_start" and not go.exists() and \
+                if event["kind"] == "cell_start" and not other_go.exists() and \
                         any(e["kind"] == "log" and e["text"] == "first\n" for e in got):
                     proxy.cut()  # mid-run: the stream breaks here and the client reconnects by itself
-                    go.touch()
+                    other_go.touch()
     finally:
         proxy.close()
     watched = [r for r in proxy.requests if b"/events" in r]
     assert len(watched) >= 2 and b"last-event-id: " in watched[-1].lower()
     with Client(live) as nb:
-        whole = list(nb.watch(run_id))
-    assert got == whole and whole[-1]["state"] == "COMPLETED"
+        assert got == list(nb.watch(other)) and got[-1]["state"] == "COMPLETED"
+
+    until(lambda: _state(run_id) == "COMPLETED", 60, "the run to complete")  # events happen while away
+    after = stream(live, f"/api/runs/{run_id}/events", headers={"Last-Event-ID": before[-1][0]})
+    whole = stream(live, f"/api/runs/{run_id}/events")
+    assert before + after == whole
+    assert len({event_id for event_id, _, _ in whole}) == len(whole)
+
+    kinds = [k for _, k, _ in whole]
+    states = [d["state"] for _, k, d in whole if k == "state"]
+    assert states == ["PENDING", "RUNNING", "COMPLETED"] and kinds[-1] == "state" and whole[-1][2]["final"]
+    texts = [d["text"] for _, k, d in whole if k == "log" and d["stream"] == "stdout"]
+    assert texts == ["first\n", "after go\n", "last\n"]
+    ends = [(d["cell_index"], d["state"]) for _, k, d in whole if k == "cell_end"]
+    starts = [d["cell_index"] for _, k, d in whole if k == "cell_start"]
+    assert starts == [i for i, _ in ends] and len(starts) == 5  # parameters, injected, 3 cells
+    assert {s for _, s in ends} == {"COMPLETED"}
+    results = [d["results"] for _, k, d in whole if k == "result"]
+    assert results == [{"answer": 42}]
+    # the order a person reads: a cell starts, prints, ends; the run's end comes last
+    first_cell = starts[2]
+    order = [(k, d.get("cell_index")) for _, k, d in whole if d.get("cell_index") == first_cell]
+    assert order == [("cell_start", first_cell), ("log", first_cell), ("cell_end", first_cell)]
+    assert kinds.index("result") < len(kinds) - 1
+
+    only = stream(live, f"/api/runs/{run_id}/events", params={"kinds": "state,result"})
+    assert [(k, d) for _, k, d in only] == [(k, d) for _, k, d in whole if k in ("state", "result")]
 
     async def watch_async() -> list[dict]:
         async with AsyncClient(live) as nb:
@@ -213,8 +211,13 @@ def test_client_watch_resumes_a_dropped_connection_and_the_async_client_streams_
 
     # filtered by kind: the same events; their ids keep no cell positions (short, whatever runs)
     streamed = asyncio.run(watch_async())
-    assert [{**e, "id": None} for e in streamed] == [{**e, "id": None} for e in whole if e["kind"] in ("state", "log")]
-    assert all("_" not in e["id"] for e in streamed) and any("_" in e["id"] for e in whole)
+    with Client(live) as nb:
+        watched_all = list(nb.watch(run_id))
+    assert [(k, d) for _, k, d in whole] == [(e["kind"], {k: v for k, v in e.items() if k != "id"})
+                                             for e in watched_all]
+    assert [{**e, "id": None} for e in streamed] == [
+        {**e, "id": None} for e in watched_all if e["kind"] in ("state", "log")]
+    assert all("_" not in e["id"] for e in streamed) and any("_" in e["id"] for e in watched_all)
 
 
 # -- the global stream: filters, validation, keys ------------------------------------------------------

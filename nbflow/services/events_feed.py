@@ -228,12 +228,13 @@ def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: tuple[in
         q = q.where(Log.id <= upto[1])
     log_rows = session.execute(q.order_by(Log.id).limit(page)).all()
     more = len(state_rows) == page or len(log_rows) == page
+    logs_cut = len(log_rows) == page
 
     states: list[Event] = []
     for r in state_rows:
         final = r.to_state in TERMINAL and r.state == r.to_state and r.run_attempt == r.attempt
-        if final and more:
-            break  # the run's end comes after the rest of its events: next read
+        if final and logs_cut:
+            break  # a run's end comes after its log lines, some of which are in the next page
         states.append(Event("state", r.run_id, r.flow_id, r.id, {
             "kind": "state", "run_id": str(r.run_id), "flow": r.name, "attempt": r.attempt, "at": _iso(r.at),
             "state": r.to_state, "state_name": r.to_name, "from_state": r.from_state, "message": r.message,
@@ -386,7 +387,6 @@ class Feed:
         self._lock = threading.Lock()
         self._subscribers: set[Subscriber] = set()
         self._cursor: Cursor | None = None  # the watcher's: what it has fanned out; None while idle
-        self._gaps: dict[str, list[_Gap]] = {"state": [], "log": []}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -407,7 +407,6 @@ class Feed:
             if self._cursor is None:
                 with self.store.read() as session:
                     self._cursor = current_cursor(session)
-                self._gaps = {"state": [], "log": []}
             sub = Subscriber(flt, loop)
             self._subscribers.add(sub)
             now = self._cursor.copy(flt.flow_id, flt.run_id)
@@ -470,8 +469,9 @@ class Feed:
                         continue  # kept out of the cursor too: a stream without them keeps short ids
                     if not cursor.advance(event):
                         continue
-                    ended = ended or (until_final and event.final)
-                    if event.kind in flt.kinds:
+                    final = until_final and event.final
+                    ended = ended or final
+                    if event.kind in flt.kinds or final:  # a run's stream always ends with its final state
                         yield event, cursor.encode()
                 if ended:
                     return
@@ -500,6 +500,7 @@ class Feed:
                                         args=(self._wake, stop, (WAKE_CHANNEL, EVENTS_CHANNEL)))
             listener.start()
         every = POLL_POSTGRESQL if self.postgresql else POLL_SQLITE
+        gaps: dict[str, list[_Gap]] = {"state": [], "log": []}  # this thread's: a new watcher starts afresh
         backoff = Backoff()
         logged: set[str] = set()
         while not stop.is_set():
@@ -510,7 +511,7 @@ class Feed:
             try:
                 more = True
                 while more and not stop.is_set():
-                    more = self._poll(stop)
+                    more = self._poll(stop, gaps)
                 report_up(self.store, read_only=True)
                 backoff.reset()
             except Exception as exc:
@@ -524,16 +525,16 @@ class Feed:
         if listener is not None:
             listener.join(5)
 
-    def _poll(self, stop: threading.Event) -> bool:
+    def _poll(self, stop: threading.Event, gaps: dict[str, list[_Gap]]) -> bool:
         with self._lock:
             cursor = self._cursor.copy() if self._cursor is not None else None
         if cursor is None:
             return False
         with self.store.read() as session:
-            before = _xip(session) if self.postgresql and (self._gaps["state"] or self._gaps["log"]) else None
+            before = _xip(session) if self.postgresql and (gaps["state"] or gaps["log"]) else None
             events, more = read_events(session, cursor, Filter())
             if self.postgresql:
-                events = self._hold_gaps(session, events, cursor, before)
+                events = self._hold_gaps(session, events, cursor, gaps, before)
         self.polls += 1
         with self._lock:
             if stop.is_set() or self._cursor is None:
@@ -546,7 +547,7 @@ class Feed:
                     sub.push(fresh)
         return more
 
-    def _hold_gaps(self, session: Session, events: list[Event], cursor: Cursor,
+    def _hold_gaps(self, session: Session, events: list[Event], cursor: Cursor, all_gaps: dict[str, list[_Gap]],
                    before: frozenset[int] | None) -> list[Event]:
         """Keep back the state and log events above an id not yet visible that a transaction open when the
         gap was seen may still commit (see the module docstring); they are read again next time. A gap is
@@ -556,7 +557,7 @@ class Feed:
         after: frozenset[int] | None = None
         now = time.monotonic()
         for kind, mark in (("state", cursor.state), ("log", cursor.log)):
-            gaps = self._gaps[kind]
+            gaps = all_gaps[kind]
             over = [g for g in gaps if (before is not None and g.in_flight.isdisjoint(before))
                     or now - g.since >= GAP_HOLD_MAX]
             gaps[:] = [g for g in gaps if g not in over]

@@ -28,6 +28,7 @@ router = APIRouter(tags=["events"])
 
 HEARTBEAT_ENV = "NBFLOW_EVENTS_HEARTBEAT"
 HEARTBEAT = 15.0
+SEND_TIMEOUT = 60.0
 MAX_EVENT_ID = 16_000  # what fits in a request header (uvicorn's limit is 16 KiB)
 KINDS_PATTERN = rf"^({'|'.join(KINDS)})(,({'|'.join(KINDS)}))*$"
 STREAM = {200: {"content": {"text/event-stream": {}},
@@ -68,8 +69,10 @@ def _stream(request: Request, flt: Filter, since: Cursor | None, *, until_final:
         async for event, cursor in events:
             yield ServerSentEvent(data=event.json(), event=event.kind, id=cursor)
 
-    return EventSourceResponse(sent(), ping=heartbeat(), headers={"Cache-Control": "no-store",
-                                                                  "X-Accel-Buffering": "no"})
+    # A client that reads nothing for SEND_TIMEOUT seconds is disconnected (it can resume): its queue
+    # meanwhile is dropped, never the others' (``events_feed.Subscriber``).
+    return EventSourceResponse(sent(), ping=heartbeat(), send_timeout=SEND_TIMEOUT,
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 def _flow_id(store: object, name: str) -> int:
