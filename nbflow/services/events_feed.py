@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -206,12 +206,13 @@ def _run_filter(query: Any, column: Any, flt: Filter) -> Any:
     return query
 
 
-def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: tuple[int, int] | None = None,
+def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: Cursor | None = None,
                 page: int = PAGE) -> tuple[list[Event], bool]:
     """The events after ``cursor`` that match ``flt`` (all kinds: the caller keeps the cursor with
     every one and shows those of ``flt.kinds``), in the order they happened, and whether there is more
-    (read again from the advanced cursor). ``upto``: the state and log ids not to read past (the
-    watcher's, whose gaps a subscriber catching up must not jump). Does not move ``cursor``."""
+    (read again from the advanced cursor). ``upto``: read nothing past it (the watcher's cursor: a
+    subscriber catching up reads what the watcher has fanned out, the rest comes from its queue, so it
+    never jumps a gap the watcher waits on). Read in one snapshot (``snapshot``). Does not move ``cursor``."""
     q = (select(RunStateEvent.id, RunStateEvent.run_id, RunStateEvent.from_state, RunStateEvent.to_state,
                 RunStateEvent.to_name, RunStateEvent.attempt, RunStateEvent.at, RunStateEvent.message,
                 Run.flow_id, Flow.name, Run.state, Run.attempt.label("run_attempt"))
@@ -219,13 +220,13 @@ def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: tuple[in
          .where(RunStateEvent.id > cursor.state))
     q = _run_filter(q, RunStateEvent.run_id, flt)
     if upto is not None:
-        q = q.where(RunStateEvent.id <= upto[0])
+        q = q.where(RunStateEvent.id <= upto.state)
     state_rows = session.execute(q.order_by(RunStateEvent.id).limit(page)).all()
     q = (select(Log.id, Log.run_id, Log.attempt, Log.at, Log.stream, Log.cell_index, Log.text, Run.flow_id, Flow.name)
          .join(Run, Run.id == Log.run_id).join(Flow, Flow.id == Run.flow_id).where(Log.id > cursor.log))
     q = _run_filter(q, Log.run_id, flt)
     if upto is not None:
-        q = q.where(Log.id <= upto[1])
+        q = q.where(Log.id <= upto.log)
     log_rows = session.execute(q.order_by(Log.id).limit(page)).all()
     more = len(state_rows) == page or len(log_rows) == page
     logs_cut = len(log_rows) == page
@@ -244,7 +245,7 @@ def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: tuple[in
         "log_id": r.id, "stream": r.stream, "cell_index": r.cell_index, "text": r.text},
         (_ts(r.at) or 0.0, 2)) for r in log_rows]
 
-    per_run = _cells_and_results(session, cursor, flt, {e.run_id for e in states})
+    per_run = _cells_and_results(session, cursor, flt, {e.run_id for e in states}, upto)
     latest: dict[uuid.UUID, float] = {}
     for e in logs:
         latest[e.run_id] = max(latest.get(e.run_id, 0.0), e.key[0])
@@ -262,8 +263,8 @@ def read_events(session: Session, cursor: Cursor, flt: Filter, *, upto: tuple[in
     return list(heapq.merge(states, logs, *cells, results, key=lambda e: e.key)), more
 
 
-def _cells_and_results(session: Session, cursor: Cursor, flt: Filter,
-                       changed: set[uuid.UUID]) -> list[tuple[list[Event], Event | None]]:
+def _cells_and_results(session: Session, cursor: Cursor, flt: Filter, changed: set[uuid.UUID],
+                       upto: Cursor | None = None) -> list[tuple[list[Event], Event | None]]:
     """Cell and result events of the runs that may have some: those running, those whose state just
     changed (a run can start and end between two reads), those the cursor holds."""
     if flt.run_id is not None:
@@ -276,7 +277,7 @@ def _cells_and_results(session: Session, cursor: Cursor, flt: Filter,
     if not ids:
         return []
     runs = {r.id: r for r in session.execute(
-        select(Run.id, Run.flow_id, Run.result, Flow.name).join(Flow, Flow.id == Run.flow_id)
+        select(Run.id, Run.flow_id, Run.result, Run.state, Flow.name).join(Flow, Flow.id == Run.flow_id)
         .where(Run.id.in_(ids))).all()}
     if flt.flow_id is not None:
         runs = {k: r for k, r in runs.items() if r.flow_id == flt.flow_id}
@@ -284,6 +285,7 @@ def _cells_and_results(session: Session, cursor: Cursor, flt: Filter,
         cursor.runs.pop(gone, None)
     if not runs:
         return []
+    limits = _limits(session, runs, upto)
     after = [and_(CellRun.run_id == r, CellRun.id >= cursor.runs[r].cell // 2) if r in cursor.runs
              else CellRun.run_id == r for r in runs]
     rows = session.execute(
@@ -297,16 +299,19 @@ def _cells_and_results(session: Session, cursor: Cursor, flt: Filter,
     for run_id, run in runs.items():
         pos = cursor.runs.get(run_id)
         done = pos.cell if pos is not None else 0
+        limit, result_upto = limits.get(run_id, (None, None))
         events: list[Event] = []
         when = 0.0
         for c in by_run.get(run_id, []):
             base = {"run_id": str(run_id), "flow": run.name, "attempt": c.attempt, "cell_index": c.cell_index,
                     "cell_id": c.cell_id}
+            if limit is not None and 2 * c.id > limit:
+                break
             if c.started_at is not None and 2 * c.id > done:
                 when = _ts(c.started_at) or when
                 events.append(Event("cell_start", run_id, run.flow_id, 2 * c.id,
                                     {"kind": "cell_start", **base, "at": _iso(c.started_at)}, (when, 1)))
-            if c.state in _CELL_ENDED and 2 * c.id + 1 > done:
+            if c.state in _CELL_ENDED and 2 * c.id + 1 > done and (limit is None or 2 * c.id + 1 <= limit):
                 when = _ts(c.ended_at) or when  # a cell SKIPPED has no end time: the one before's
                 error = {"ename": c.error.get("ename"), "evalue": c.error.get("evalue")} \
                     if isinstance(c.error, dict) else None
@@ -317,12 +322,44 @@ def _cells_and_results(session: Session, cursor: Cursor, flt: Filter,
                     "execution_count": c.execution_count, "duration": duration, "error": error}, (when, 3)))
         result = None
         found = digest(run.result)
+        if result_upto is not None and found != result_upto:
+            found = pos.result if pos is not None else ""  # not fanned out yet: it comes from the queue
         if found != (pos.result if pos is not None else ""):
             result = Event("result", run_id, run.flow_id, 0, {
                 "kind": "result", "run_id": str(run_id), "flow": run.name, "results": run.result or {}},
                 (0.0, 4), digest=found)
         out.append((events, result))
     return out
+
+
+def _limits(session: Session, runs: dict[uuid.UUID, Any], upto: Cursor | None
+            ) -> dict[uuid.UUID, tuple[int | None, str | None]]:
+    """For a read ``upto`` the watcher's cursor: each run's last cell position and result digest the
+    watcher has fanned out (None: no limit). A run it holds no position for has had none of its cells
+    fanned out, unless the watcher is past the run's end (it forgets a run there, or started after it)."""
+    if upto is None:
+        return {}
+    out: dict[uuid.UUID, tuple[int | None, str | None]] = {
+        r: (upto.runs[r].cell, upto.runs[r].result) for r in runs if r in upto.runs}
+    ended = [r for r, run in runs.items() if r not in upto.runs and run.state in TERMINAL]
+    last = dict(session.execute(select(RunStateEvent.run_id, func.max(RunStateEvent.id))
+                                .where(RunStateEvent.run_id.in_(ended)).group_by(RunStateEvent.run_id)).all()) \
+        if ended else {}
+    for r in runs:
+        if r not in out and not (r in last and last[r] <= upto.state):
+            out[r] = (0, "")
+    return out
+
+
+@contextlib.contextmanager
+def snapshot(store: Store) -> Iterator[Session]:
+    """A read session that sees one snapshot of the database in all its statements: the events of a
+    transaction (a cell's end and its log lines) are all in one read or all in the next. SQLite's read
+    transactions are that already; PostgreSQL's need REPEATABLE READ."""
+    with store.read() as session:
+        if store.dialect == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session
 
 
 def current_cursor(session: Session, flt: Filter = Filter()) -> Cursor:
@@ -344,6 +381,7 @@ class _Gap:
     last: int
     in_flight: frozenset[int]  # transactions in progress when it was seen: one of them may fill it
     since: float
+    poll: int  # the watcher's poll that saw it
 
 
 def _xip(session: Session) -> frozenset[int]:
@@ -405,7 +443,7 @@ class Feed:
         subscriber reads the store's "now" and starts the watcher."""
         with self._lock:
             if self._cursor is None:
-                with self.store.read() as session:
+                with snapshot(self.store) as session:
                     self._cursor = current_cursor(session)
             sub = Subscriber(flt, loop)
             self._subscribers.add(sub)
@@ -427,19 +465,18 @@ class Feed:
                 self._cursor = None
                 self._thread = None
 
-    def marks(self) -> tuple[int, int]:
+    def position(self) -> Cursor:
+        """What the watcher has fanned out: a subscriber catching up reads up to it, its queue has the rest."""
         with self._lock:
-            cursor = self._cursor
-            return (cursor.state, cursor.log) if cursor is not None else (0, 0)
+            return self._cursor.copy() if self._cursor is not None else Cursor()
 
-    def resync(self, sub: Subscriber) -> tuple[int, int]:
-        """Empty an overflowed queue; the marks to catch up to through the store."""
+    def resync(self, sub: Subscriber) -> Cursor:
+        """Empty an overflowed queue; what to catch up to through the store."""
         with self._lock:
             sub.queue.clear()
             sub.overflowed = False
             sub.ready.clear()
-            cursor = self._cursor
-            return (cursor.state, cursor.log) if cursor is not None else (0, 0)
+            return self._cursor.copy() if self._cursor is not None else Cursor()
 
     async def follow(self, flt: Filter, since: Cursor | None, *, until_final: bool = False
                      ) -> AsyncIterator[tuple[Event, str]]:
@@ -449,7 +486,7 @@ class Feed:
         sub, now = await asyncio.to_thread(self.subscribe, flt, loop)
         try:
             cursor = since if since is not None else now
-            catch_up: tuple[int, int] | None = self.marks() if since is not None else None
+            catch_up: Cursor | None = self.position() if since is not None else None
             while True:
                 if catch_up is not None:
                     batch = await asyncio.to_thread(self._read_until, cursor, flt, catch_up)
@@ -478,13 +515,13 @@ class Feed:
         finally:
             self.unsubscribe(sub)
 
-    def _read_until(self, cursor: Cursor, flt: Filter, upto: tuple[int, int]) -> list[Event]:
-        """A subscriber catching up: everything after its cursor up to the watcher's marks, in pages
-        (on a copy of the cursor: the caller advances its own as it sends)."""
+    def _read_until(self, cursor: Cursor, flt: Filter, upto: Cursor) -> list[Event]:
+        """A subscriber catching up: everything after its cursor up to the watcher's, in pages (on a copy
+        of the cursor: the caller advances its own as it sends)."""
         cursor = cursor.copy()
         out: list[Event] = []
         while True:
-            with self.store.read() as session:
+            with snapshot(self.store) as session:
                 events, more = read_events(session, cursor, flt, upto=upto)
             for event in events:
                 cursor.advance(event)
@@ -530,12 +567,12 @@ class Feed:
             cursor = self._cursor.copy() if self._cursor is not None else None
         if cursor is None:
             return False
-        with self.store.read() as session:
-            before = _xip(session) if self.postgresql and (gaps["state"] or gaps["log"]) else None
+        with snapshot(self.store) as session:
+            in_flight = _xip(session) if self.postgresql else None  # first: the snapshot's own
             events, more = read_events(session, cursor, Filter())
-            if self.postgresql:
-                events = self._hold_gaps(session, events, cursor, gaps, before)
         self.polls += 1
+        if in_flight is not None:
+            events = self._hold_gaps(events, cursor, gaps, in_flight)
         with self._lock:
             if stop.is_set() or self._cursor is None:
                 return False
@@ -547,38 +584,31 @@ class Feed:
                     sub.push(fresh)
         return more
 
-    def _hold_gaps(self, session: Session, events: list[Event], cursor: Cursor, all_gaps: dict[str, list[_Gap]],
-                   before: frozenset[int] | None) -> list[Event]:
-        """Keep back the state and log events above an id not yet visible that a transaction open when the
-        gap was seen may still commit (see the module docstring); they are read again next time. A gap is
-        held for one poll at least: a transaction that committed between the read and the snapshot after
-        it is seen by the next read."""
+    def _hold_gaps(self, events: list[Event], cursor: Cursor, gaps: dict[str, list[_Gap]],
+                   in_flight: frozenset[int]) -> list[Event]:
+        """The events up to the first state or log event above an id this snapshot cannot see that a
+        transaction in progress may still commit (see the module docstring); the rest are read again next
+        time. A gap is given up once none of the transactions in progress when it was seen still is, and
+        not in the poll that saw it (an insert takes its id a moment before its transaction's id)."""
         held: dict[str, int] = {}
-        after: frozenset[int] | None = None
-        now = time.monotonic()
         for kind, mark in (("state", cursor.state), ("log", cursor.log)):
-            gaps = all_gaps[kind]
-            over = [g for g in gaps if (before is not None and g.in_flight.isdisjoint(before))
-                    or now - g.since >= GAP_HOLD_MAX]
-            gaps[:] = [g for g in gaps if g not in over]
+            known = gaps[kind]
+            over = [g for g in known if g.poll < self.polls and (g.in_flight.isdisjoint(in_flight)
+                                                              or time.monotonic() - g.since >= GAP_HOLD_MAX)]
+            known[:] = [g for g in known if g not in over]
             expected = mark + 1
             for position in sorted(e.position for e in events if e.kind == kind):
                 if position > expected and not any(g.first <= expected <= g.last for g in over):
-                    if not any(g.first <= expected <= g.last for g in gaps):
-                        if after is None:
-                            after = _xip(session)
-                        gaps.append(_Gap(expected, position - 1, after, now))
+                    if not any(g.first <= expected <= g.last for g in known):
+                        known.append(_Gap(expected, position - 1, in_flight, time.monotonic(), self.polls))
                     held[kind] = expected
                     break
                 expected = position + 1
-        if "log" in held:  # a run's end waits for its log lines
-            finals = [e.position for e in events if e.final]
-            if finals:
-                held["state"] = min(held.get("state", finals[0]), min(finals))
         self.holding = bool(held)
-        if not held:
-            return events
-        return [e for e in events if not (e.kind in held and e.position >= held[e.kind])]
+        for i, event in enumerate(events):  # in the order they happened: nothing after a held event goes
+            if event.kind in held and event.position >= held[event.kind]:
+                return events[:i]
+        return events
 
 
 _feeds: dict[str, Feed] = {}
@@ -603,7 +633,7 @@ def local_events(store: Store, run_id: uuid.UUID, *, poll: float = 0.25,
     stop = stop or threading.Event()
     while True:
         try:
-            with store.read() as session:
+            with snapshot(store) as session:
                 events, more = read_events(session, cursor, flt)
         except Exception as exc:
             if not is_unavailable(exc):
