@@ -40,7 +40,8 @@ Kinds = Annotated[str | None, Query(
     description=f"Comma-separated kinds of events: {', '.join(KINDS)} (default: all)")]
 # An id as ``Cursor.encode`` writes it: ``STATE.LOG`` then ``_RUNHEX.CELL.RESULT`` per run in flight.
 EVENT_ID_PATTERN = r"^[0-9]{1,18}\.[0-9]{1,18}(_[0-9a-f]{32}\.[0-9]{1,18}\.[0-9a-f]{0,16})*$"
-LastEventId = Annotated[str | None, Header(
+# ``str``, not ``str | None``: the schema must not offer null, which a header could only carry as "null".
+LastEventId = Annotated[str, Header(
     alias="Last-Event-ID", max_length=MAX_EVENT_ID, pattern=EVENT_ID_PATTERN,
     description="The id of the last event received: resume right after it")]
 
@@ -97,7 +98,7 @@ async def events(
     run: Annotated[str | None, Query(max_length=36, pattern=r"^[0-9a-fA-F-]{4,36}$",
                                      description="Only this run (a unique id prefix works too)")] = None,
     kinds: Kinds = None,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId = "",
 ) -> EventSourceResponse:
     """Without ``Last-Event-ID``, from now on. The stream never ends by itself; heartbeats keep it open."""
     store = store_of(request)
@@ -115,7 +116,7 @@ async def run_events(
     run_id: str,
     request: Request,
     kinds: Kinds = None,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId = "",
 ) -> EventSourceResponse:
     """From the run's beginning (or after ``Last-Event-ID``); the stream ends after the run's final state
     event, at once for a run that has already ended."""
