@@ -39,7 +39,7 @@ Kinds = Annotated[str | None, Query(
     max_length=200, pattern=KINDS_PATTERN,
     description=f"Comma-separated kinds of events: {', '.join(KINDS)} (default: all)")]
 # An id as ``Cursor.encode`` writes it: ``STATE.LOG`` then ``_RUNHEX.CELL.RESULT`` per run in flight.
-EVENT_ID_PATTERN = r"^[0-9]{1,18}\.[0-9]{1,18}(_[0-9a-f]{32}\.[0-9]{1,18}\.[0-9a-f]{0,16})*$"
+EVENT_ID_PATTERN = r"^([0-9]{1,18}\.[0-9]{1,18}(_[0-9a-f]{32}\.[0-9]{1,18}\.[0-9a-f]{0,16})*)?$"  # empty: none
 # ``str``, not ``str | None``: the schema must not offer null, which a header could only carry as "null".
 LastEventId = Annotated[str, Header(
     alias="Last-Event-ID", max_length=MAX_EVENT_ID, pattern=EVENT_ID_PATTERN,
