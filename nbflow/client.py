@@ -293,7 +293,7 @@ class Client:
                             return
                     raise httpx.RemoteProtocolError("the stream ended before the run did")
             except (httpx.TransportError, ApiError) as exc:
-                if isinstance(exc, ApiError) and exc.code != "unreachable":
+                if isinstance(exc, ApiError) and exc.status not in (0, 503):  # 503: the database is away
                     raise
                 failures += 1
                 if failures > reconnects:
@@ -416,7 +416,7 @@ class AsyncClient:
                             return
                     raise httpx.RemoteProtocolError("the stream ended before the run did")
             except (httpx.TransportError, ApiError) as exc:
-                if isinstance(exc, ApiError) and exc.code != "unreachable":
+                if isinstance(exc, ApiError) and exc.status not in (0, 503):  # 503: the database is away
                     raise
                 failures += 1
                 if failures > reconnects:

@@ -67,7 +67,7 @@ from nbflow.core.states import TERMINAL, StateType
 from nbflow.store import Store
 from nbflow.store.database import EVENTS_CHANNEL, WAKE_CHANNEL
 from nbflow.store.models import CellRun, Flow, Log, Run, RunStateEvent
-from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up
+from nbflow.store.retry import Backoff, is_unavailable, report_down, report_up, retrying
 
 log = logging.getLogger("nbflow.events")
 
@@ -78,6 +78,7 @@ POLL_SQLITE = 0.25  # seconds between the watcher's polls on SQLite
 POLL_POSTGRESQL = 1.0  # the fallback on PostgreSQL, for writes that send no NOTIFY
 HOLD_POLL = 0.05  # seconds to the next poll while a gap holds events back
 GAP_HOLD_MAX = 30.0  # seconds a PostgreSQL id gap is waited for at most (a transaction open that long)
+CATCH_UP_PATIENCE = 60.0  # seconds a subscriber catching up waits out an outage
 _CELL_ENDED = ("COMPLETED", "FAILED", "SKIPPED")
 _IN_FLIGHT = (StateType.RUNNING.value, StateType.CANCELLING.value)
 _PER_RUN = ("cell_start", "cell_end", "result")  # the kinds whose positions the cursor keeps per run
@@ -520,9 +521,16 @@ class Feed:
         of the cursor: the caller advances its own as it sends)."""
         cursor = cursor.copy()
         out: list[Event] = []
-        while True:
+
+        def read() -> tuple[list[Event], bool]:
             with snapshot(self.store) as session:
-                events, more = read_events(session, cursor, flt, upto=upto)
+                return read_events(session, cursor, flt, upto=upto)
+
+        while True:
+            # An outage is waited out (the stream sends heartbeats meanwhile), up to a limit: past it the
+            # stream ends and its client resumes later from its last id.
+            events, more = retrying(read, self.store, what="catching up a run event stream",
+                                    give_up_after=CATCH_UP_PATIENCE, read_only=True)
             for event in events:
                 cursor.advance(event)
             out.extend(events)
