@@ -17,7 +17,8 @@ import httpx
 import pytest
 from helpers import make_notebook, run_cli, serve_api, start, until
 from sqlalchemy import event as sa_event
-from sqlalchemy import insert, text
+from sqlalchemy import insert
+from test_outage import pg  # noqa: F401  (a PostgreSQL database of the test's own, to cut off)
 
 from nbflow.client import AsyncClient, Client
 from nbflow.core.flows import register
@@ -372,18 +373,28 @@ def test_postgresql_id_gaps_are_waited_for_not_skipped(nbflow_env, root):
                                                    "after the rollback\n"]
         slow.close()
         quick.close()
-        with store.engine.connect() as conn:  # the watcher's connections die (a restart): it carries on
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
-            conn.commit()
-        more: list = []
-        thread = threading.Thread(target=lambda: more.extend(stream(
+    finally:
+        server.stop()
+
+
+def test_the_watcher_rides_out_a_postgresql_outage(pg, root):  # noqa: F811  (the fixture imported above)
+    database, _env = pg
+    store = open_store()
+    server = serve_api(store)
+    feed = events_feed.feed(store)
+    try:
+        got: list = []
+        thread = threading.Thread(target=lambda: got.extend(stream(
             server.url, "/api/events", params={"kinds": "state"}, stop=lambda e: len(e) >= 1)))
         thread.start()
         until(lambda: feed.subscribers == 1, 10, "the subscriber")
-        request_cancel(store, str(run.id))
-        thread.join(30)
-        assert [d["state"] for _, _, d in more] == ["CANCELLED"]
+        database.cut()
+        until(lambda: feed.failed_polls > 0, 20, "the watcher to meet the outage")
+        database.allow()
+        run = create_run(store, "boom")
+        thread.join(60)
+        assert [(d["run_id"], d["state"]) for _, _, d in got] == [(str(run.id), "PENDING")]
+        assert feed.watchers_started == 1  # the same watcher, not a new one
     finally:
         server.stop()
 

@@ -431,6 +431,7 @@ class Feed:
         self._thread: threading.Thread | None = None
         self.watchers_started = 0  # threads started over the feed's life (one at a time)
         self.polls = 0
+        self.failed_polls = 0  # polls an outage (or a bug) stopped: retried after a backoff
         self.resyncs = 0  # subscribers that overflowed and caught up through the store
         self.holding = False  # events held behind a PostgreSQL id gap: poll again soon
 
@@ -560,6 +561,7 @@ class Feed:
                 report_up(self.store, read_only=True)
                 backoff.reset()
             except Exception as exc:
+                self.failed_polls += 1
                 if is_unavailable(exc):
                     report_down(self.store, exc, "watching run events")
                 elif type(exc).__name__ not in logged:
