@@ -335,12 +335,10 @@ def test_many_subscribers_share_one_watcher_and_a_slow_one_resyncs(nbflow_env, r
         server.stop()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite writes one transaction at a time
 def test_postgresql_id_gaps_are_waited_for_not_skipped(nbflow_env, root):
     store = open_store()
-    if store.dialect != "postgresql":
-        # SQLite writes one transaction at a time: an id is visible in the order it was taken.
-        assert store.dialect == "sqlite"
-        return
+    assert store.dialect == "postgresql"
     server = serve_api(store)
     feed = events_feed.feed(store)
     run = create_run(store, "boom")
