@@ -21,12 +21,17 @@ order, are start then end of each row by id: position ``2 * id`` (start) and ``2
 number per run in flight. Results are a digest of the run's result document. A client that sends the last
 id it got back as ``Last-Event-ID`` gets exactly what came after it: nothing twice, nothing lost. An entry
 for a run leaves the cursor with the run's final state event, so ids stay short: a run stream's id holds
-one run, a global stream's the runs in flight.
+one run, a global stream's the runs in flight (none if it leaves out cells and results).
+
+Each read sees one snapshot (``snapshot``): a transaction's events (a cell's end and its log lines) are
+all in one read or all in the next, and within a read they are interleaved in the order they happened,
+each kind in its own id order. A run's final state event comes after everything else of the run.
 
 On PostgreSQL, ids are taken when a row is inserted but become visible when its transaction commits, so a
 lower id can appear after a higher one. The watcher never passes such a gap until the transactions that
-were in flight when it saw the gap have ended (``pg_current_snapshot``): a rolled-back insert holds the
-stream for one poll, a slow commit until it commits. SQLite writes one transaction at a time: no gaps.
+were in flight when it saw the gap have ended (``pg_current_snapshot``); what happened after the held
+event waits with it. A rolled-back insert (``execute.prepare`` makes some) holds the stream for a poll or
+two, a slow commit until it commits. SQLite writes one transaction at a time: no gaps.
 
 One watcher per process
 -----------------------
@@ -37,8 +42,12 @@ writes; a slow poll as the fallback) or, on SQLite, polls every ``POLL_SQLITE`` 
 somebody listens. A database outage is waited out (``nbflow.store.retry``): subscribers get nothing but
 heartbeats meanwhile, then everything from their cursors.
 
+A subscriber that starts behind (a ``Last-Event-ID``, a run's stream from its beginning) first reads from
+the store up to the watcher's cursor, then takes its queue, skipping what its cursor already has: the
+same events in the same order as if it had been there all along.
+
 Slow consumers: each subscriber has a bounded queue (``QUEUE_EVENTS``). The watcher never waits for one:
-a queue that would overflow is emptied and its subscriber resynchronises from its own cursor through the
+a queue that would overflow is emptied and its subscriber catches up from its own cursor through the
 store (``Feed.follow``), so it loses nothing and blocks nobody.
 """
 
