@@ -489,6 +489,13 @@ class Feed:
             sub.ready.clear()
             return self._cursor.copy() if self._cursor is not None else Cursor()
 
+    def take(self, sub: Subscriber) -> list[Event]:
+        """What the watcher has queued for ``sub`` (under the lock it fills the queue with)."""
+        with self._lock:
+            batch = list(sub.queue)
+            sub.queue.clear()
+            return batch
+
     async def follow(self, flt: Filter, since: Cursor | None, *, until_final: bool = False
                      ) -> AsyncIterator[tuple[Event, str]]:
         """The events of ``flt`` after ``since`` (None: from now), each with its id, live; with
@@ -509,8 +516,7 @@ class Feed:
                         self.resyncs += 1
                         catch_up = self.resync(sub)
                         continue
-                    batch = list(sub.queue)
-                    sub.queue.clear()
+                    batch = self.take(sub)
                 ended = False
                 for event in batch:
                     if event.kind not in flt.kinds and event.kind in _PER_RUN:
