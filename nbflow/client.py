@@ -315,6 +315,43 @@ class Client:
         """Revoke ``name``: the next request with it gets 401. Revoking a revoked key succeeds again."""
         self._call(_Request("DELETE", f"/api/keys/{_segment(name)}"))
 
+    # -- live events (Server-Sent Events) ---------------------------------------------------------------
+    def watch(self, run_id: str, *, kinds: list[str] | None = None, last_event_id: str | None = None,
+              reconnects: int | None = None) -> Iterator[dict[str, Any]]:
+        """The run's events as they happen (``GET /api/runs/{id}/events``), from its beginning or after
+        ``last_event_id``, until its final state event: dicts with ``kind`` (state, cell_start, cell_end,
+        log, result) and ``id`` (pass it back as ``last_event_id`` to resume). A dropped connection is
+        resumed where it broke (``Last-Event-ID``): nothing lost, nothing twice; ``reconnects`` failures
+        in a row raise ``ApiError`` (``unreachable``)."""
+        request = _watch_request(run_id, kinds)
+        reconnects = WATCH_RECONNECTS if reconnects is None else reconnects
+        last, failures = last_event_id, 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                if not self._checked:
+                    _check_version(self._send(HEALTH), self.url)
+                    self._checked = True
+                with self._http.stream("GET", request.path, params=request.params, headers=headers,
+                                       timeout=_watch_timeout(self._http.timeout)) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        _result(request, response)
+                    for event in _sse_events(response.iter_lines()):
+                        failures, last = 0, event["id"]
+                        yield event
+                        if event.get("final"):
+                            return
+                    raise httpx.RemoteProtocolError("the stream ended before the run did")
+            except (httpx.TransportError, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in (0, 503):  # 503: the database is away
+                    raise
+                failures += 1
+                if failures > reconnects:
+                    raise ApiError(0, "unreachable", f"lost the event stream of run {run_id} from {self.url}: "
+                                                     f"{exc}") from None
+                time.sleep(min(WATCH_BACKOFF * 2 ** (failures - 1), 5.0))
+
 
 class AsyncClient:
     """``Client`` for asyncio programs: the same methods, awaited (``runs`` is an async iterator)."""
@@ -402,3 +439,90 @@ class AsyncClient:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"run {run_id} is still {run['state']} after {timeout:g}s")
             await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    # -- live events (Server-Sent Events) ---------------------------------------------------------------
+    async def watch(self, run_id: str, *, kinds: list[str] | None = None, last_event_id: str | None = None,
+                    reconnects: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """``Client.watch`` as an async iterator: ``async for event in nb.watch(run_id)``."""
+        request = _watch_request(run_id, kinds)
+        reconnects = WATCH_RECONNECTS if reconnects is None else reconnects
+        last, failures = last_event_id, 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                if not self._checked:
+                    _check_version(await self._send(HEALTH), self.url)
+                    self._checked = True
+                async with self._http.stream("GET", request.path, params=request.params, headers=headers,
+                                             timeout=_watch_timeout(self._http.timeout)) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        _result(request, response)
+                    parser = _SseParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures, last = 0, event["id"]
+                        yield event
+                        if event.get("final"):
+                            return
+                    raise httpx.RemoteProtocolError("the stream ended before the run did")
+            except (httpx.TransportError, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in (0, 503):  # 503: the database is away
+                    raise
+                failures += 1
+                if failures > reconnects:
+                    raise ApiError(0, "unreachable", f"lost the event stream of run {run_id} from {self.url}: "
+                                                     f"{exc}") from None
+                await asyncio.sleep(min(WATCH_BACKOFF * 2 ** (failures - 1), 5.0))
+
+
+# -- live events: Server-Sent Events ---------------------------------------------------------------------
+
+WATCH_RECONNECTS = 10  # failed reconnections in a row before watch gives up
+WATCH_BACKOFF = 0.25  # seconds before the first reconnection; doubled each failure, at most 5
+WATCH_READ_TIMEOUT = 60.0  # the server sends a heartbeat every 15 s: silence this long is a dead connection
+
+
+def _watch_request(run_id: str, kinds: list[str] | None) -> _Request:
+    return _Request("GET", f"/api/runs/{_segment(run_id)}/events",
+                    params=_params(kinds=",".join(kinds) if kinds else None))
+
+
+def _watch_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
+    return httpx.Timeout(timeout.connect, read=WATCH_READ_TIMEOUT, write=timeout.write, pool=timeout.pool)
+
+
+class _SseParser:
+    """Server-Sent Events, line by line: an event is its ``data`` (JSON) with ``id`` added; comments
+    (the heartbeats) and fields nbflow does not send are skipped."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        if line == "":
+            data, event_id = self._data, self._id
+            self._data, self._id = [], None
+            if not data or event_id is None:
+                return None
+            return {**json.loads("\n".join(data)), "id": event_id}
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "id":
+            self._id = value
+        return None
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    parser = _SseParser()
+    for line in lines:
+        event = parser.feed(line)
+        if event is not None:
+            yield event

@@ -28,6 +28,8 @@ ROUTES = [
     ("GET", "/api/runs/{run_id}/logs", "read", None),
     ("GET", "/api/runs/{run_id}/result", "read", None),
     ("GET", "/api/runs/{run_id}/notebook", "read", None),
+    ("GET", "/api/runs/{run_id}/events", "read", None),
+    ("GET", "/api/events", "read", None),
     ("GET", "/api/schedules", "read", None),
     ("GET", "/api/schedules/{flow}/{name}", "read", None),
     ("POST", "/api/flows/{name}/runs", "trigger", {"parameters": {}}),
@@ -56,7 +58,9 @@ OPEN = {("GET", "/api/health"), ("POST", "/api/hooks/{token}")}
 
 
 def concrete(template: str) -> str:
-    return template.format(name="hello", flow="hello", run_id=RUN, webhook_id=1, notification_id=1)
+    # /api/events of a run that does not exist: 404 once the key is accepted, not a stream that never ends
+    query = f"?run={RUN}" if template == "/api/events" else ""
+    return template.format(name="hello", flow="hello", run_id=RUN, webhook_id=1, notification_id=1) + query
 
 
 @pytest.fixture

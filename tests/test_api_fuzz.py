@@ -145,7 +145,9 @@ def _allowed(check: str, label: str, response: Any) -> tuple[str, str] | None:
 def run_all_checks(url: str, key: str, known: dict[str, list[str]]) -> Outcome:
     """``st run --checks all --phases examples,coverage,fuzzing,stateful`` against ``url``, through the
     engine the CLI drives, with a fixed seed; path parameters are drawn from ``known`` names too."""
-    schema = schemathesis.openapi.from_url(f"{url}/api/openapi.json")
+    # The live event streams (GET /api/events, /api/runs/{id}/events) never end by themselves while a run
+    # is in flight, and the engine reads whole bodies: test_events_stream.py tests their validation.
+    schema = schemathesis.openapi.from_url(f"{url}/api/openapi.json").exclude(path_regex=r"/events$")
     config = schema.config
     config.update(headers={"Authorization": f"Bearer {key}"}, base_url=url, request_timeout=30)
     config.checks.update(included_check_names=["all"])

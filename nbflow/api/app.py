@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nbflow.api import errors
 from nbflow.api.fastpath import FastPath
 from nbflow.api.group_commit import GroupCommit
-from nbflow.api.routes import flows, health, hooks, keys, queue, runs, schedules, secrets
+from nbflow.api.routes import events, flows, health, hooks, keys, queue, runs, schedules, secrets
 from nbflow.store import Store, open_store
 from nbflow.version import __version__
 
@@ -110,7 +110,7 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app.add_route("/mcp", app.state.mcp, include_in_schema=False)  # the MCP tools (docs/agents.md)
     errors.install(app)
     app.include_router(health.router, prefix="/api")
-    for module in (flows, runs, queue, schedules, secrets, hooks, keys):
+    for module in (flows, runs, queue, schedules, secrets, hooks, keys, events):
         # every other route validates its input, may need a key (400: two Authorization headers) and reads
         # the database
         app.include_router(module.router, prefix="/api", responses=errors.documented(400, 401, 403, 422, 503))

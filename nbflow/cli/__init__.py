@@ -19,7 +19,7 @@ stays fast.
 
 from __future__ import annotations
 
-from nbflow.cli import db, flows, hooks, keys, limits, mcp, runs, schedules, workers  # noqa: F401  (registers the commands)
+from nbflow.cli import db, flows, hooks, keys, limits, mcp, runs, schedules, watch, workers  # noqa: F401  (registers the commands)
 from nbflow.cli.common import cli
 
 __all__ = ["cli", "main"]

@@ -43,6 +43,7 @@ from nbflow.execution import containment
 from nbflow.record import RECORD_MIME
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
+from nbflow.store.database import announce_events
 from nbflow.store.models import CellRun, Flow, FlowVersion, Log, Run, RunStateEvent, utcnow
 from nbflow.store.retry import Backoff, is_unavailable, retrying
 
@@ -327,6 +328,7 @@ class RunRecorder:
         """Write ``batch`` in the caller's transaction. Rows are this attempt's (``attempt`` in every key),
         and what is the run's own (its result, its log size) is written only while the run is still in
         this attempt: late writes of an attempt that was reaped and retried never touch the new one."""
+        announce_events(session)  # PostgreSQL: the live event streams' watchers read it at once
         if batch.start:
             self._write_start(session)
         # Rows as Core INSERTs, not ORM objects: a fraction of the CPU, on a process whose main thread runs

@@ -173,21 +173,23 @@ class Store:
         with contextlib.suppress(ValueError):
             self._listeners.remove(event)
 
-    def notifications(self, event: threading.Event, stop: threading.Event) -> None:
+    def notifications(self, event: threading.Event, stop: threading.Event,
+                      channels: tuple[str, ...] | None = None) -> None:
         """Set ``event`` whenever another process commits queued work, until ``stop`` is set.
         Call it in a thread of its own.
 
         PostgreSQL: ``LISTEN`` on a connection of its own, for as long as this runs, so runners on any
         machine wake. SQLite: a FIFO of ours in ``<database>.wake/``, which every process committing
         queued work on this database pokes (``_poke_local_listeners``), so ``nbflow trigger`` wakes a
-        local ``nbflow serve`` at once. Polling stays as the fallback either way.
+        local ``nbflow serve`` at once. Polling stays as the fallback either way. ``channels``: the
+        PostgreSQL channels to listen on (``WAKE_CHANNEL``; the event streams add ``EVENTS_CHANNEL``).
         """
         if self.dialect == "postgresql":
-            self._listen_postgresql(event, stop)
+            self._listen_postgresql(event, stop, channels or (WAKE_CHANNEL,))
         elif self._wake_dir() is not None:
             self._listen_fifo(event, stop)
 
-    def _listen_postgresql(self, event: threading.Event, stop: threading.Event) -> None:
+    def _listen_postgresql(self, event: threading.Event, stop: threading.Event, channels: tuple[str, ...]) -> None:
         """LISTEN until ``stop``; reconnect with capped backoff (``nbflow.store.retry``) while the database
         is away: polling covers the runners meanwhile. Never ends on an error: an unexpected one is
         logged once and retried like an outage."""
@@ -199,7 +201,8 @@ class Store:
             try:
                 with self.engine.connect() as conn:
                     try:
-                        conn.exec_driver_sql(f"LISTEN {WAKE_CHANNEL}")
+                        for channel in channels:
+                            conn.exec_driver_sql(f"LISTEN {channel}")
                         conn.commit()
                         raw = conn.connection.driver_connection
                         report_up(self)
@@ -363,6 +366,8 @@ class Store:
 
 _WAKE = "nbflow_wake"
 WAKE_CHANNEL = "nbflow_runs"
+_ANNOUNCED = "nbflow_announced"
+EVENTS_CHANNEL = "nbflow_events"  # a run's cells, logs or results changed (the live event streams)
 
 
 def wake_runners(session: Session) -> None:
@@ -374,6 +379,17 @@ def wake_runners(session: Session) -> None:
     session.info[_WAKE] = True
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
+
+
+def announce_events(session: Session) -> None:
+    """Say that this transaction writes what the live event streams show (a run's cells, log lines,
+    results): on PostgreSQL a ``NOTIFY`` (once per transaction, delivered only if it commits) wakes each
+    API process's event watcher (``nbflow.services.events_feed``) at once. SQLite's watchers poll."""
+    if session.info.get(_ANNOUNCED):
+        return
+    session.info[_ANNOUNCED] = True
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {EVENTS_CHANNEL}"))
 
 
 def _schema_revision(engine: Engine) -> str | None:
