@@ -181,6 +181,26 @@ def test_autostart_off_leaves_the_run_pending_and_says_why(sqlite_env: dict[str,
     assert not (get_settings().home / autostart.LOG_NAME).exists()
 
 
+def test_cli_retry_starts_a_runner_like_trigger(autostart_env: dict[str, str], tmp_path: Path) -> None:
+    """`nbflow retry` of a run that was cancelled while nothing served the store: the retry is run."""
+    nb = make_notebook(tmp_path, "hello", ["x = 1"])
+    off = {**autostart_env, "NBFLOW_AUTOSTART": "0"}
+    queued = nbflow(off, tmp_path, "trigger", nb, "--json")
+    run_id = json.loads(queued.stdout)["id"]
+    assert nbflow(off, tmp_path, "cancel", run_id).returncode == 0
+    started: set[int] = set()
+    try:
+        again = nbflow(autostart_env, tmp_path, "retry", run_id, "--json")
+        assert again.returncode == 0, again.stderr
+        started.update(int(p) for _, p in ANNOUNCED.findall(again.stderr))
+        assert len(started) == 1, again.stderr
+        retried = json.loads(again.stdout)
+        assert retried["parent_run_id"] == run_id
+        wait(lambda: run_state(retried["id"]) == "COMPLETED", "the retried run to complete")
+    finally:
+        kill_all(started | runner_pids())
+
+
 def test_remote_mode_never_autostarts(autostart_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NBFLOW_API_URL", "http://127.0.0.1:9")
     assert autostart.ensure_runner(open_store()) is None

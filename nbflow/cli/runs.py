@@ -224,15 +224,22 @@ def cancel(run_id: str, as_json: bool) -> None:
 @handle_errors
 def retry(run_id: str, as_json: bool) -> None:
     """Queue an ended run again, as a new run of the flow's current version with the same parameters
-    (the new run's parent is RUN_ID). A run that has not ended is refused: cancel it first."""
+    (the new run's parent is RUN_ID). A run that has not ended is refused: cancel it first.
+
+    As for `nbflow trigger`, with no live runner for the store one is started in the background."""
     from nbflow.core.runs import retry_run, run_document
 
     with _remote() as nb:
         if nb is not None:
             doc = nb.retry(run_id)
         else:
+            from nbflow.services.autostart import ensure_runner
+
             store = _store()
             run_ = retry_run(store, run_id)
+            note = ensure_runner(store)
+            if note:
+                click.echo(note, err=True)
             with store.read() as session:
                 doc = run_document(session, session.get(type(run_), run_.id))
     if as_json:
