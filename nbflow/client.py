@@ -30,7 +30,7 @@ import httpx
 
 from nbflow.settings import get_settings
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # nbflow.api.schemas.API_VERSION of the server it was written for
 DEFAULT_URL = "http://127.0.0.1:8765"
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
