@@ -255,7 +255,7 @@ class Runner:
                             .values(heartbeat_at=utcnow())
                         )
                     if not self._unlisted:
-                        workers.beat(session, self.worker_id, self.labels)
+                        workers.beat(session, self.worker_id, self.labels, self.slots)
             except Exception as exc:  # the next beat tries again
                 self._loop_error(exc, "renewing leases")
                 delay = backoff.next()
@@ -322,7 +322,7 @@ class Runner:
         not count as idle time."""
         self.store.listen(self.wake)
         try:  # a database that is down at start-up is waited for, like one that goes down later
-            retrying(lambda: workers.register(self.store, self.worker_id, self.labels), self.store,
+            retrying(lambda: workers.register(self.store, self.worker_id, self.labels, self.slots), self.store,
                      what="registering the worker", stop=self.draining)
             retrying(self.pool.start, self.store, what="starting the kernel pool", stop=self.draining,
                      read_only=True)
@@ -380,7 +380,8 @@ class Runner:
             self._loop_error(exc, "leaving the registry")
         with self._beat_lock:
             self._unlisted = False  # the next beat (a quarter lease) lists it again; register now for sure
-        self._attempt("registering the worker", lambda: workers.register(self.store, self.worker_id, self.labels))
+        self._attempt("registering the worker",
+                      lambda: workers.register(self.store, self.worker_id, self.labels, self.slots))
         return False
 
     def request_stop(self) -> None:
