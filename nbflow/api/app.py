@@ -98,7 +98,7 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app = FastAPI(
         title="nbflow", version=__version__, summary="Trigger, watch and manage notebook runs.",
         openapi_url="/api/openapi.json", docs_url="/api/docs", redoc_url=None, lifespan=lifespan,
-        **observability.native_telemetry_off(),
+        **observability.fastapi_options(),
     )
     app.state.store = store or open_store()
     app.state.group_commit = GroupCommit(app.state.store)

@@ -26,13 +26,18 @@ UNMATCHED = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def native_telemetry_off() -> dict[str, Any]:
-    """FastAPI's arguments that turn its own request spans off where it has them (newer versions create
-    them whenever a tracer provider is set): they would double the spans made here, on every version."""
+def fastapi_options() -> dict[str, Any]:
+    """FastAPI's arguments for the app, and, when tracing is on, tracing set up now: a misconfiguration
+    (no SDK, an unknown exporter) stops the server at its start, not at its first request.
+
+    FastAPI's own request spans (newer versions create them whenever a tracer provider is set) are turned
+    off where it has them: they would double the spans made here, which every FastAPI version gets."""
     import inspect
 
     from fastapi import FastAPI
 
+    if tracing.enabled():
+        tracing.tracer()
     return {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
 
 

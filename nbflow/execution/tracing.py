@@ -79,15 +79,29 @@ def flush(timeout_millis: int = 5000) -> None:
         provider.force_flush(timeout_millis)
 
 
-def _configure() -> dict[str, Any]:
+def check() -> None:
+    """Fail now (``InvalidSetting``) if tracing is on but could not work, without setting anything up: for
+    a process that only starts others that trace (a runner), so that it says so once, at its start."""
+    if enabled():
+        _sdk()
+        _exporter_classes()
+
+
+def _sdk() -> None:
     try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        import opentelemetry.sdk.trace  # noqa: F401
     except ImportError:
         raise InvalidSetting("tracing is on (NBFLOW_OTEL or OTEL_* variables) but OpenTelemetry's SDK is not "
                              "installed: pip install 'nbflow-orchestrator[otel]', or set NBFLOW_OTEL=0") from None
+
+
+def _configure() -> dict[str, Any]:
+    _sdk()
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
     from nbflow.version import __version__
 
     current = trace.get_tracer_provider()
@@ -100,13 +114,13 @@ def _configure() -> dict[str, Any]:
     provider = TracerProvider(resource=Resource.create(attributes))
     if path := os.environ.get(FILE_ENV):
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(path)))
-    for exporter in _standard_exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    for exporter in _exporter_classes():
+        provider.add_span_processor(BatchSpanProcessor(exporter()))
     trace.set_tracer_provider(provider)
     return {"tracer": provider.get_tracer(SCOPE, __version__), "provider": provider}
 
 
-def _standard_exporters() -> list[Any]:
+def _exporter_classes() -> list[Any]:
     """The exporters ``OTEL_TRACES_EXPORTER`` names, as OpenTelemetry's own auto-configuration picks them.
     Unset: ``otlp``, OpenTelemetry's default, unless ``NBFLOW_OTEL_FILE`` is set (then the file alone)."""
     from importlib.metadata import entry_points
@@ -126,7 +140,7 @@ def _standard_exporters() -> list[Any]:
         if not found:
             raise InvalidSetting(f"OTEL_TRACES_EXPORTER: no span exporter named {name!r} is installed "
                                  "(the otel extra brings 'otlp' over HTTP; 'console' is built in)")
-        exporters.append(found[0].load()())
+        exporters.append(found[0].load())
     return exporters
 
 

@@ -25,7 +25,10 @@ The metrics (docs/observability.md has the table):
   from its slot to RUNNING. They are fed by the state events written since this process started (read
   forward by id: an index range, never the whole table), so they start at zero with the process, as
   any Prometheus histogram does, and their buckets only grow. On PostgreSQL the read stays
-  ``PG_LAG_SECONDS`` behind (ids are handed out before commit, so a newer id can commit first).
+  ``PG_LAG_SECONDS`` behind (ids are handed out before commit, so a newer id can commit first). On
+  SQLite, if retention deletes the newest events (every run pruned), their ids are handed out again:
+  the read follows the table back, and an attempt that ended between the prune and the next scrape
+  may go uncounted.
   No flow label: buckets times flows is the cardinality this module is careful about.
 * ``nbflow_schedule_lateness_seconds``: how far past due the most overdue active schedule is: 0 while
   the scheduler keeps up; growing when no scheduler runs or it falls behind.
@@ -82,9 +85,12 @@ class StoreCollector(Collector):
     """The store's metrics (see the module docstring). One per API process: it keeps what makes the
     counters and histograms monotonic (the finished counts seen, the event cursor)."""
 
-    def __init__(self, store: Store, lease_seconds: float) -> None:
+    def __init__(self, store: Store, lease_seconds: float, *, max_flows: int = MAX_FLOWS,
+                 cache_seconds: float = CACHE_SECONDS) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
+        self.max_flows = max_flows
+        self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._finished: dict[tuple[str, str], tuple[int, int]] = {}  # series -> (count read, count reported)
@@ -100,7 +106,7 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # concurrent scrapes: one reads, the others use what it read
             snap = self._snapshot
-            if snap is None or time.monotonic() - snap.at >= CACHE_SECONDS:
+            if snap is None or time.monotonic() - snap.at >= self.cache_seconds:
                 snap = self._snapshot = self._read()
             finished = {key: reported for key, (_, reported) in self._finished.items()}
         runs = GaugeMetricFamily("nbflow_runs", "Runs in each state now (the counts the database keeps)",
@@ -109,7 +115,7 @@ class StoreCollector(Collector):
             runs.add_metric([state.value], snap.by_state.get(state.value, 0))
         yield runs
         total = CounterMetricFamily("nbflow_runs_finished", "Runs that ended, by flow and end state "
-                                    f"(flows beyond the first {MAX_FLOWS} as flow=\"{OTHER}\")",
+                                    f"(flows beyond the first {self.max_flows} as flow=\"{OTHER}\")",
                                     labels=["flow", "state"])
         for (flow, state), n in sorted(finished.items()):
             total.add_metric([flow, state], n)
@@ -136,7 +142,7 @@ class StoreCollector(Collector):
         with self.store.read() as session:
             by_state = counts.by_state(session)
             per_flow = counts.by_flow_and_state(session, _TERMINAL)
-            names = dict(session.execute(select(Flow.id, Flow.name).order_by(Flow.id).limit(MAX_FLOWS)).all())
+            names = dict(session.execute(select(Flow.id, Flow.name).order_by(Flow.id).limit(self.max_flows)).all())
             cutoff = now - timedelta(seconds=self.lease_seconds)
             runners, slots = session.execute(
                 select(func.count(), func.coalesce(func.sum(Worker.slots), 0)).where(Worker.last_seen_at >= cutoff)
@@ -167,8 +173,11 @@ class StoreCollector(Collector):
 
     def _read_events(self, session: Any, now: datetime) -> None:
         """Feed the histograms with the RUNNING and end events written since the last read."""
-        if self._cursor is None:  # the first scrape: from now on
-            self._cursor = session.execute(select(func.coalesce(func.max(RunStateEvent.id), 0))).scalar_one()
+        top = session.execute(select(func.coalesce(func.max(RunStateEvent.id), 0))).scalar_one()
+        if self._cursor is None or top < self._cursor:
+            # The first scrape: from now on. Or retention deleted the newest events and SQLite hands their
+            # ids out again: follow the table back (an attempt that ended since the prune may be missed).
+            self._cursor = top
             return
         began = aliased(RunStateEvent)  # the attempt's RUNNING event: through the index on (run_id, id)
         started = (select(func.max(began.at))

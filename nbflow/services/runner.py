@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from nbflow.core import counts, states, workers
-from nbflow.execution import launcher
+from nbflow.execution import launcher, tracing
 from nbflow.execution.executors.base import Executor
 from nbflow.execution.executors.local import LocalExecutor
 from nbflow.execution.pool import KernelPool
@@ -176,6 +176,7 @@ class Runner:
                  labels: Sequence[str] = (), executor: Executor | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        tracing.check()  # its run processes trace: a tracing set-up that cannot work stops the runner now
         self.store = store
         self.slots = slots
         self.poll_interval = poll_interval
