@@ -35,7 +35,7 @@ def registry_for(store: Store) -> tuple[CollectorRegistry, object]:
     """A registry of the app's own (not prometheus_client's global one: two apps in one process, as in
     the tests, must not share series): the store's metrics, this process's CPU and memory, and the
     request latency histogram, returned for ``nbflow.api.observability.Observe``."""
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry(auto_describe=False)  # True would read the store now, to learn the names
     registry.register(StoreCollector(store, get_settings().lease_seconds))
     ProcessCollector(registry=registry)
     return registry, request_histogram(registry)
