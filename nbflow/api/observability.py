@@ -81,13 +81,14 @@ class Observe:
     def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
         self.app = app
         self.histogram = histogram
+        self.tracing = tracing.enabled()  # once, when the app is built: not a look-up per request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
-        span = _server_span(scope) if tracing.enabled() else None
+        span = _server_span(scope) if self.tracing else None
         status = 500  # the answer if the app raises before it starts one
         answered: float | None = None
 
