@@ -649,6 +649,8 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
 
 def _execute(store: Store, recorder: RunRecorder, run: Run, version: FlowVersion, flow: Flow, kernel: Kernel,
              progress: Any) -> str:
+    """``run_attempt``'s work once the run is loaded: apart, so that tracing wraps it when on and costs
+    nothing when off."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill import execute_notebook
     from papermill.exceptions import PapermillExecutionError
