@@ -88,8 +88,8 @@ def test_a_worker_s_runs_show_in_the_scrape(sqlite_env, tmp_path):
         assert value(samples, "nbflow_oldest_queued_run_age_seconds") == 0
 
         for run_id in runs:  # GET /api/runs/{id}: answered by the fast path, still labelled by its route
-            assert httpx.get(f"{server.url}/api/runs/{run_id}").status_code == 200
-        httpx.get(f"{server.url}/no/such/{uuid.uuid4()}")
+            assert httpx.get(f"{server.url}/api/runs/{run_id}", timeout=30).status_code == 200
+        httpx.get(f"{server.url}/no/such/{uuid.uuid4()}", timeout=30)
         latency = scrape(server.url)
         assert value(latency, "nbflow_api_request_duration_seconds_count", method="GET",
                      route="/api/runs/{run_id}", status="200") == 3

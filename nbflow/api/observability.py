@@ -3,7 +3,7 @@
 ``Observe`` is the outermost ASGI middleware, so it sees every request: those the fast path answers
 (``nbflow.api.fastpath``), those refused before routing (a body too large), and the routes. Latency is
 labelled by the route's *template* (``/api/runs/{run_id}``), never the raw path: a label per run id
-would grow Prometheus' series without bound. A request no route matches is ``route="unmatched"``.
+would grow Prometheus' series without bound. A request no route handled is ``route="unmatched"``.
 
 Latency is the time to the response's headers: for a JSON answer that is the whole request, and an
 event stream (which stays open for minutes) is measured by how fast it started, not by how long it
@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nbflow.api.fastpath import _RUN, _TRIGGER
 from nbflow.execution import tracing
 
 UNMATCHED = "unmatched"
@@ -47,34 +47,33 @@ def request_histogram(registry: CollectorRegistry) -> Histogram:
                      buckets=LATENCY_BUCKETS, registry=registry)
 
 
+# The requests the fast path answers never reach the router: their templates (nbflow.api.fastpath's patterns).
+_FAST = ((_RUN, "/api/runs/{run_id}"), (_TRIGGER, "/api/flows/{name}/runs"))
+
+
 def route_of(scope: Scope) -> str:
-    """The template of the route that handled (or would have handled) the request.
+    """The template of the route that handled the request; ``unmatched`` when no route did (none matched,
+    or the request was refused before routing, as a body too large is).
 
     The route routing chose knows its template, but not always whole: FastAPI 0.16x routes through the
     router an ``include_router`` made, and ``scope["route"]`` is then the route without its prefix
-    (``/runs/{run_id}``). The prefix is the part of the path before what the route matched. A request
-    answered before routing (the fast path, a refused body) is matched against the OpenAPI document's
-    paths."""
+    (``/runs/{run_id}``). The prefix is the part of the path before what the route matched. Nothing here
+    builds a table of all routes (FastAPI's OpenAPI document would: a second of CPU under load, on the
+    event loop)."""
+    path = scope["path"]
     route = scope.get("route")
     regex, template = getattr(route, "path_regex", None), getattr(route, "path_format", None)
     if regex is not None and template is not None:
-        path, start = scope["path"], 0
+        start = 0
         while start != -1:
             if regex.match(path[start:]):
                 return path[:start] + template
             start = path.find("/", start + 1)
-    for regex, template in _documented(scope["app"]):
-        if regex.match(scope["path"]):
-            return template
+    elif route is None:
+        for pattern, fast in _FAST:
+            if pattern.fullmatch(path):
+                return fast
     return UNMATCHED
-
-
-def _documented(app: Any) -> list[tuple[Any, str]]:
-    """The app's documented path templates, compiled once."""
-    table = getattr(app.state, "route_templates", None)
-    if table is None:
-        table = app.state.route_templates = [(compile_path(path)[0], path) for path in app.openapi()["paths"]]
-    return table
 
 
 class Observe:
