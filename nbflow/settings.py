@@ -59,6 +59,10 @@ class Settings:
     # Run means run: a trigger from the CLI or Jupyter with no live runner starts one (nbflow.services.autostart).
     autostart: bool = True
     autostart_idle: float = DEFAULT_AUTOSTART_IDLE
+    # OpenTelemetry traces (docs/observability.md): NBFLOW_OTEL=1/0 forces them on/off, else the OTEL_*
+    # variables decide; NBFLOW_OTEL_FILE appends each span to a file. nbflow.execution.tracing reads them.
+    otel: bool | None = None
+    otel_file: Path | None = None
 
     @property
     def runs_dir(self) -> Path:
@@ -85,6 +89,8 @@ def get_settings() -> Settings:
         debug=_flag("NBFLOW_DEBUG", False), autostart=_flag("NBFLOW_AUTOSTART", True),
         autostart_idle=_number("NBFLOW_AUTOSTART_IDLE", DEFAULT_AUTOSTART_IDLE, minimum=MIN_AUTOSTART_IDLE,
                                maximum=MAX_AUTOSTART_IDLE),
+        otel=_flag("NBFLOW_OTEL", False) if _raw("NBFLOW_OTEL") is not None else None,
+        otel_file=_optional_path("NBFLOW_OTEL_FILE"),
     )
 
 
@@ -117,6 +123,11 @@ def _number(name: str, default: float | None, *, minimum: float, maximum: float,
         value = raw[:40]  # not a number: checks.number says so, with the bounds
     return checks.number(value, field=name, error=InvalidSetting, minimum=minimum, maximum=maximum,
                          integer=integer)
+
+
+def _optional_path(name: str) -> Path | None:
+    value = _text(name, checks.MAX_PATH_LENGTH)
+    return Path(value).expanduser().resolve() if value is not None else None
 
 
 def _flag(name: str, default: bool) -> bool:

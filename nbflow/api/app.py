@@ -17,10 +17,10 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nbflow.api import errors
+from nbflow.api import errors, observability
 from nbflow.api.fastpath import FastPath
 from nbflow.api.group_commit import GroupCommit
-from nbflow.api.routes import events, flows, health, hooks, keys, queue, runs, schedules, secrets
+from nbflow.api.routes import events, flows, health, hooks, keys, metrics, queue, runs, schedules, secrets
 from nbflow.store import Store, open_store
 from nbflow.version import __version__
 
@@ -99,6 +99,7 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app = FastAPI(
         title="nbflow", version=__version__, summary="Trigger, watch and manage notebook runs.",
         openapi_url="/api/openapi.json", docs_url="/api/docs", redoc_url=None, lifespan=lifespan,
+        **observability.fastapi_options(),
     )
     app.state.store = store or open_store()
     app.state.group_commit = GroupCommit(app.state.store)
@@ -110,10 +111,13 @@ def create_app(store: Store | None = None, *, scheduler: Any = None, runner: Any
     app.add_route("/mcp", app.state.mcp, include_in_schema=False)  # the MCP tools (docs/agents.md)
     errors.install(app)
     app.include_router(health.router, prefix="/api")
+    app.state.metrics, latency = metrics.registry_for(app.state.store)
+    app.include_router(metrics.router, responses=errors.documented(400, 401, 403))  # /metrics, for Prometheus
     for module in (flows, runs, queue, schedules, secrets, hooks, keys, events):
         # every other route validates its input, may need a key (400: two Authorization headers) and reads
         # the database
         app.include_router(module.router, prefix="/api", responses=errors.documented(400, 401, 403, 422, 503))
     app.add_middleware(FastPath)  # inside BodyLimit, which refuses a body too large before it is read
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(observability.Observe, histogram=latency)  # outermost: times (and traces) every request
     return app

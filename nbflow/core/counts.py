@@ -93,6 +93,16 @@ def queue_summary(store: Store, lease_seconds: float) -> dict[str, int]:
         return queue(session, runners_seen_since=utcnow() - timedelta(seconds=lease_seconds))
 
 
+def by_flow_and_state(session: Session, states: list[str]) -> dict[tuple[int, str], int]:
+    """Runs per (flow id, state) for ``states``, zeros left out: one small query (``/metrics``)."""
+    both = union_all(select(RunCount.flow_id, RunCount.state, RunCount.n).where(RunCount.state.in_(states)),
+                     select(RunCountDelta.flow_id, RunCountDelta.state, RunCountDelta.n)
+                     .where(RunCountDelta.state.in_(states))).subquery()
+    rows = session.execute(select(both.c.flow_id, both.c.state, func.sum(both.c.n))
+                           .group_by(both.c.flow_id, both.c.state)).all()
+    return {(flow_id, state): int(n) for flow_id, state, n in rows if n}
+
+
 def pending(session: Session) -> int:
     """Delta rows not yet folded into ``run_count``."""
     return int(session.execute(select(func.count()).select_from(RunCountDelta)).scalar_one())

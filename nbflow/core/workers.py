@@ -52,19 +52,20 @@ def parse_labels(text: str | None) -> list[str]:
 # -- the registry ----------------------------------------------------------------------------------------
 
 
-def register(store: Store, worker_id: str, labels: Sequence[str]) -> None:
+def register(store: Store, worker_id: str, labels: Sequence[str], slots: int | None = None) -> None:
     """Record a runner at its start (a restarted process has a new id)."""
     with store.write() as session:
         session.merge(Worker(id=worker_id, host=socket.gethostname(), pid=os.getpid(), labels=list(labels),
-                             started_at=utcnow(), last_seen_at=utcnow()))
+                             started_at=utcnow(), last_seen_at=utcnow(), slots=slots))
 
 
-def beat(session: Session, worker_id: str, labels: Sequence[str]) -> None:
+def beat(session: Session, worker_id: str, labels: Sequence[str], slots: int | None = None) -> None:
     """Renew ``last_seen_at`` with the lease beat. A row the reaper forgot while we could not beat (a long
     database outage) comes back."""
     seen = session.execute(update(Worker).where(Worker.id == worker_id).values(last_seen_at=utcnow()))
     if seen.rowcount == 0:
-        session.add(Worker(id=worker_id, host=socket.gethostname(), pid=os.getpid(), labels=list(labels)))
+        session.add(Worker(id=worker_id, host=socket.gethostname(), pid=os.getpid(), labels=list(labels),
+                           slots=slots))
 
 
 def unregister(store: Store, worker_id: str) -> None:

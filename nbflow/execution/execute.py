@@ -39,7 +39,7 @@ from sqlalchemy import insert, select, update
 
 from nbflow.core import states
 from nbflow.core.secrets import Redactor
-from nbflow.execution import containment
+from nbflow.execution import containment, tracing
 from nbflow.record import RECORD_MIME
 from nbflow.settings import get_settings
 from nbflow.store import Store, open_store
@@ -95,6 +95,7 @@ class RunRecorder:
         self.failed_cell: tuple[int, str | None, dict[str, Any]] | None = None
         self.clean_exit = False
         self.input_label: str | None = None
+        self.trace: tracing.AttemptTrace | None = None  # the attempt's spans, when tracing is on
         # What the writer has yet to write, guarded by _lock: the start, new cell rows, cell updates
         # (in order), results and log lines.
         self._lock = threading.Lock()
@@ -223,6 +224,8 @@ class RunRecorder:
         if cell.get("cell_type") != "code":
             return
         self.current_cell = index
+        if self.trace is not None:
+            self.trace.cell_start(index, cell.get("id"))
         with self._lock:
             self._cell_updates.append((index, {"state": "RUNNING", "started_at": utcnow()}))
         self._kick()
@@ -246,6 +249,8 @@ class RunRecorder:
             else:
                 state = "FAILED"
                 self.failed_cell = (index, cell.get("id"), error)
+        if self.trace is not None:
+            self.trace.cell_end(index, state, error)
         with self._lock:
             self._collect_results(cell)
             self._cell_updates.append((index, {"state": state, "ended_at": utcnow(),
@@ -549,6 +554,8 @@ def prepare() -> None:
         store = None
     if store is not None:
         _compile_statements(store)
+    if tracing.enabled():
+        tracing.tracer()  # the SDK's imports and the exporters' set-up, before the run too
     # nbformat compiles its JSON-schema validator on first use (~30 ms): not on a run's clock (a no-op in a
     # process forked by the fork server, which did it once: nbflow.execution.forkserver).
     nbformat.reads(nbformat.writes(nbformat.v4.new_notebook()), as_version=4)
@@ -624,16 +631,33 @@ def _state_of(store: Store, run_id: uuid.UUID) -> str:
 def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> str:
     """Execute one attempt of a PENDING run with ``kernel`` (started, maybe not yet ready); returns
     the state the attempt left it in."""
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-    from papermill import execute_notebook
-    from papermill.exceptions import PapermillExecutionError
-
     store = _open_store()
     loaded = _load_attempt(store, run_id)
     if loaded is None:
         return _state_of(store, run_id)
     run, version, flow = loaded
     recorder = RunRecorder(store, run_id, run.attempt, run.log_bytes, get_settings().log_limit_bytes)
+    recorder.trace = tracing.AttemptTrace.start(run_id=str(run_id), flow=flow.name, version=version.version,
+                                                attempt=run.attempt, trigger=run.trigger)
+    if recorder.trace is None:  # tracing off: nothing else to do
+        return _execute(store, recorder, run, version, flow, kernel, progress)
+    state = "STOPPED"  # the supervisor stopped the attempt (cancel, timeout, shutdown): it writes the state
+    try:
+        state = _execute(store, recorder, run, version, flow, kernel, progress)
+    finally:
+        recorder.trace.end(state, recorder.failed_cell[2] if recorder.failed_cell else None)
+    return state
+
+
+def _execute(store: Store, recorder: RunRecorder, run: Run, version: FlowVersion, flow: Flow, kernel: Kernel,
+             progress: Any) -> str:
+    """``run_attempt``'s work once the run is loaded: apart, so that tracing wraps it when on and costs
+    nothing when off."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill import execute_notebook
+    from papermill.exceptions import PapermillExecutionError
+
+    run_id = recorder.run_id
     recorder.start()
     recorder.log("system", f"attempt {run.attempt} of {run.max_attempts}: flow {flow.name} v{version.version}, "
                            f"kernel {run.kernel_name} ({'warm' if kernel.warm else 'cold'}), pid {os.getpid()}",
@@ -651,6 +675,8 @@ def run_attempt(run_id: uuid.UUID, *, kernel: Kernel, progress: Any = False) -> 
     try:
         kernel.ready()
         kernel.chdir(cwd)
+        if recorder.trace is not None:  # the notebook's own spans join the attempt's trace
+            kernel.set_env(tracing.carrier(recorder.trace.span))
         execute_notebook(
             nb, str(output), parameters=run.parameters, engine_name=ENGINE_NAME, kernel_name=run.kernel_name,
             progress_bar=progress, cwd=str(cwd), stdout_file=LogStream(recorder, "stdout"),

@@ -154,6 +154,11 @@ class Kernel:
         self.kc.execute(f"__import__('os').chdir({path!r})", silent=True, store_history=False)
         self.cwd = path
 
+    def set_env(self, values: dict[str, str]) -> None:
+        """Set environment variables in the kernel (a warm kernel was started before its run was known): a
+        silent execution sent without waiting, like ``chdir``, so the first cell already sees them."""
+        self.kc.execute(f"__import__('os').environ.update({values!r})", silent=True, store_history=False)
+
     def warm_up(self, timeout: float = READY_TIMEOUT) -> None:
         """Execute a silent ``pass`` and wait for it: a fresh IPython kernel's first execution pays
         one-time costs (lazy imports and set-up on its execute path) that would otherwise land on the

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from nbflow.core import counts, states, workers
-from nbflow.execution import launcher
+from nbflow.execution import launcher, tracing
 from nbflow.execution.executors.base import Executor
 from nbflow.execution.executors.local import LocalExecutor
 from nbflow.execution.pool import KernelPool
@@ -176,6 +176,7 @@ class Runner:
                  labels: Sequence[str] = (), executor: Executor | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        tracing.check()  # its run processes trace: a tracing set-up that cannot work stops the runner now
         self.store = store
         self.slots = slots
         self.poll_interval = poll_interval
@@ -255,7 +256,7 @@ class Runner:
                             .values(heartbeat_at=utcnow())
                         )
                     if not self._unlisted:
-                        workers.beat(session, self.worker_id, self.labels)
+                        workers.beat(session, self.worker_id, self.labels, self.slots)
             except Exception as exc:  # the next beat tries again
                 self._loop_error(exc, "renewing leases")
                 delay = backoff.next()
@@ -322,7 +323,7 @@ class Runner:
         not count as idle time."""
         self.store.listen(self.wake)
         try:  # a database that is down at start-up is waited for, like one that goes down later
-            retrying(lambda: workers.register(self.store, self.worker_id, self.labels), self.store,
+            retrying(lambda: workers.register(self.store, self.worker_id, self.labels, self.slots), self.store,
                      what="registering the worker", stop=self.draining)
             retrying(self.pool.start, self.store, what="starting the kernel pool", stop=self.draining,
                      read_only=True)
@@ -380,7 +381,8 @@ class Runner:
             self._loop_error(exc, "leaving the registry")
         with self._beat_lock:
             self._unlisted = False  # the next beat (a quarter lease) lists it again; register now for sure
-        self._attempt("registering the worker", lambda: workers.register(self.store, self.worker_id, self.labels))
+        self._attempt("registering the worker",
+                      lambda: workers.register(self.store, self.worker_id, self.labels, self.slots))
         return False
 
     def request_stop(self) -> None:

@@ -34,7 +34,7 @@ log = logging.getLogger("nbflow.store")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration. tests/test_store.py checks it against Alembic's head, so it cannot drift;
 # keeping it here lets every process skip loading the migration scripts when the schema is current.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 BUSY_TIMEOUT_ENV = "NBFLOW_SQLITE_BUSY_TIMEOUT_MS"
 

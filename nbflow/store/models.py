@@ -401,6 +401,8 @@ class Worker(Base):
     labels: Mapped[list[str]] = mapped_column(JSONType, default=list)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Runs it executes at once (``--slots``): /metrics' free slots. Null for a runner that did not say.
+    slots: Mapped[int | None] = mapped_column(Integer)
 
 
 class Leader(Base):
