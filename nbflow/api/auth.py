@@ -26,7 +26,7 @@ from nbflow.api.errors import DuplicateAuthorization, Forbidden, Unauthorized
 from nbflow.api.routes import quick_read
 from nbflow.store import Store
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from `nbflow keys create NAME --scope SCOPE`.")
+BEARER = HTTPBearer(auto_error=False, description="An API key from `nbflow keys create NAME --scope SCOPE`.")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def require(needed: str) -> Callable[..., Awaitable[Caller]]:
     """
 
     async def dependency(request: Request,
-                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> Caller:
         return await quick_read(request.app.state.store, authorize, request, credentials, needed)
 
     return dependency

@@ -32,8 +32,8 @@ from nbflow.api.routes import quick_read
 from nbflow.api.schemas import TriggerRequest
 from nbflow.core.runs import RunRequest, run_detail
 
-_RUN = re.compile(r"/api/runs/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
-_TRIGGER = re.compile(r"/api/flows/([^/]+)/runs")
+RUN_PATH = re.compile(r"/api/runs/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+TRIGGER_PATH = re.compile(r"/api/flows/([^/]+)/runs")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -48,11 +48,11 @@ class FastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["query_string"]:
             method, path = scope["method"], scope["path"]
-            if method == "GET" and (match := _RUN.fullmatch(path)):
+            if method == "GET" and (match := RUN_PATH.fullmatch(path)):
                 with contextlib.suppress(_Declined):
                     await self._run(scope, match.group(1), send)
                     return
-            elif method == "POST" and (match := _TRIGGER.fullmatch(path)):
+            elif method == "POST" and (match := TRIGGER_PATH.fullmatch(path)):
                 body = await self._trigger_body(scope, receive)
                 if body is not None:
                     if body:  # an empty body means the defaults: the route knows that case

@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nbflow.api.fastpath import _RUN, _TRIGGER
+from nbflow.api.fastpath import RUN_PATH, TRIGGER_PATH
 from nbflow.execution import tracing
 
 UNMATCHED = "unmatched"
@@ -48,7 +48,7 @@ def request_histogram(registry: CollectorRegistry) -> Histogram:
 
 
 # The requests the fast path answers never reach the router: their templates (nbflow.api.fastpath's patterns).
-_FAST = ((_RUN, "/api/runs/{run_id}"), (_TRIGGER, "/api/flows/{name}/runs"))
+_FAST = ((RUN_PATH, "/api/runs/{run_id}"), (TRIGGER_PATH, "/api/flows/{name}/runs"))
 
 
 def route_of(scope: Scope) -> str:

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from nbflow.api.auth import DUPLICATE, _bearer, check, is_loopback
+from nbflow.api.auth import BEARER, DUPLICATE, check, is_loopback
 from nbflow.api.errors import Unauthorized
 from nbflow.api.observability import request_histogram
 from nbflow.api.routes import quick_read
@@ -52,7 +52,7 @@ def may_scrape(store: Store, token: str | None, host: str | None) -> None:
 
 
 async def scraper(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
     if len(request.headers.getlist("authorization")) > 1:
         raise DUPLICATE
     store = request.app.state.store
