@@ -15,6 +15,7 @@ from nbflow import checks
 from nbflow.checks import MAX_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from nbflow.core.states import StateType
 from nbflow.errors import NbflowError
+from nbflow.services.webhooks import SEGMENT_CHARS
 
 # The REST API's version (``GET /api/health``); a client refuses a server of another major version.
 API_VERSION = "1.1"
@@ -159,7 +160,7 @@ class SecretRequest(Body):
 
 # A webhook maps a parameter (a Python identifier) to a dotted path of the body's fields.
 MAPPING_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-FIELD_PATH = r"^[^.\s\x00]+(\.[^.\s\x00]+)*$"
+FIELD_PATH = rf"^{SEGMENT_CHARS}+(\.{SEGMENT_CHARS}+)*$"
 MappingName = Annotated[str, Field(max_length=checks.MAX_NAME_LENGTH, pattern=MAPPING_NAME)]
 FieldPath = Annotated[str, Field(max_length=checks.MAX_PATH_LENGTH, pattern=FIELD_PATH)]
 Mapping = Annotated[dict[MappingName, FieldPath], Field(max_length=checks.MAX_ITEMS), WithJsonSchema({
