@@ -21,7 +21,7 @@ import pytest
 from helpers import make_notebook, nbflow
 from nbclient import NotebookClient
 
-from nbflow.core.workers import live_pids
+from nbflow.core.workers import list_workers, live_pids
 from nbflow.services import autostart
 from nbflow.settings import get_settings
 from nbflow.store import open_store
@@ -86,10 +86,11 @@ def test_trigger_starts_one_runner_that_runs_it_and_leaves_when_idle(autostart_e
         started.add(pid)
         assert home == str(get_settings().home) and f"kill {pid}" in first.stderr
         run_id = json.loads(first.stdout)["id"]
-        wait(lambda: run_state(run_id) == "COMPLETED", "the first run to complete")
-
-        listed = json.loads(nbflow(autostart_env, tmp_path, "workers", "--json").stdout)["workers"]
+        # Listed while it is sure to be alive (before its run ends: afterwards it may idle out at once on a
+        # loaded machine), as `nbflow workers` lists it.
+        listed = wait(lambda: list_workers(open_store(), get_settings().lease_seconds), "the runner to register")
         assert [(w["pid"], w["id"].split(":")[0]) for w in listed] == [(pid, "autostart")]
+        wait(lambda: run_state(run_id) == "COMPLETED", "the first run to complete")
 
         # Trigger again at once (the runner stays for 2 s of idleness; if it is leaving right now, the
         # trigger starts a new one: either way the run completes, and no two runners ever overlap).

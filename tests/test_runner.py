@@ -133,10 +133,9 @@ def test_cancel_a_running_run_under_a_worker_kills_its_kernel(nbflow_env, tmp_pa
                                                          CellRun.state == "RUNNING")).first():
                     break
             time.sleep(0.1)
-        t0 = time.monotonic()
         assert nbflow(nbflow_env, tmp_path, "cancel", run_id).returncode == 0
-        wait_for_state(run_id, "CANCELLED", timeout=20)
-        assert time.monotonic() - t0 < 15
+        # Well before the cell's 120 s sleep ends: the kernel was stopped, not waited for.
+        wait_for_state(run_id, "CANCELLED", timeout=60)
         with store.read() as session:
             run = session.get(Run, uuid.UUID(run_id))
             assert [e["to"] for e in history(session, run)][-2:] == ["CANCELLING", "CANCELLED"]
