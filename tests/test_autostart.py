@@ -18,10 +18,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from helpers import make_notebook, nbflow
+from helpers import alive, make_notebook, nbflow, runner_pids
 from nbclient import NotebookClient
 
-from nbflow.core.workers import list_workers, live_pids
+from nbflow.core.workers import list_workers
 from nbflow.services import autostart
 from nbflow.settings import get_settings
 from nbflow.store import open_store
@@ -39,24 +39,11 @@ def wait(condition: Callable[[], object], what: str, timeout: float = 120) -> ob
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie (a reparented child may wait a moment for its reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def kill_all(pids: set[int]) -> None:
     for pid in pids:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # the runner leads its session: its run processes go too
-
-
-def runner_pids() -> set[int]:
-    return {pid for pid in live_pids(open_store(), get_settings().lease_seconds).values() if pid}
 
 
 def run_state(run_id: str) -> str:
